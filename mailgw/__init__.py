@@ -1,0 +1,1 @@
+"""mailgw: a mail gateway on Twisted."""

@@ -1,0 +1,1 @@
+"""Users, credentials checkers and the twisted.cred realm."""

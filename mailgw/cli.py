@@ -1,0 +1,40 @@
+"""`mailgw`: the admin command.
+
+    mailgw check [--config PATH]          validate the configuration, start nothing
+    mailgw users add|passwd|delete|list   manage the users file (passwords from a prompt or stdin)
+
+Each subcommand lives next to what it manages; this module only dispatches.
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: mailgw COMMAND [--config PATH] ...
+
+commands:
+  check                      validate the configuration and exit (non-zero on error)
+  users add ADDRESS          create a user (password from a prompt, or one line on stdin)
+  users passwd ADDRESS       change a password
+  users delete ADDRESS       remove a user
+  users list                 list users
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "check":
+        from mailgw.config import check_main
+        return check_main(rest)
+    if command == "users":
+        from mailgw.auth.admin import users_main
+        return users_main(rest)
+    print(f"mailgw: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Typed, frozen configuration objects.
+
+`mailgw.config.load(path)` builds these from TOML; nothing else constructs them
+except tests. Every component receives the part it needs; nothing is global.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Listener roles and what each one means.
+ROLE_RELAY = "relay"              # port 25: inbound for local domains, relay for trusted/authenticated
+ROLE_SUBMISSION = "submission"    # port 587: STARTTLS, then AUTH required (RFC 6409)
+ROLE_SUBMISSIONS = "submissions"  # port 465: implicit TLS, AUTH required (RFC 8314 §3.3)
+ROLE_POP3 = "pop3"                # issue 4
+ROLE_POP3S = "pop3s"
+ROLE_IMAP = "imap"                # issue 5
+ROLE_IMAPS = "imaps"
+SMTP_ROLES = (ROLE_RELAY, ROLE_SUBMISSION, ROLE_SUBMISSIONS)
+ALL_ROLES = SMTP_ROLES + (ROLE_POP3, ROLE_POP3S, ROLE_IMAP, ROLE_IMAPS)
+IMPLICIT_TLS_ROLES = (ROLE_SUBMISSIONS, ROLE_POP3S, ROLE_IMAPS)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    role: str            # one of ALL_ROLES
+    endpoint: str        # Twisted server endpoint string, e.g. "tcp:25:interface=0.0.0.0"
+    name: str            # unique, for logs; defaults to the role
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path    # PEM chain (leaf first); generated self-signed if `generated`
+    private_key: Path    # PEM key
+    generated: bool      # True when no certificate was configured: make one on first start
+    min_version: str     # "TLSv1.2" or "TLSv1.3"
+
+
+@dataclass(frozen=True)
+class SMTPLimits:
+    max_message_size: int          # octets; SIZE advertised, 552 above it
+    max_recipients: int            # per transaction, >= 100 (RFC 5321 §4.5.3.1.8); then 452
+    max_command_line: int          # octets incl. CRLF, base before extension allowances (RFC 5321 §4.5.3.1.4: 512)
+    max_text_line: int             # octets incl. CRLF in DATA (RFC 5321 §4.5.3.1.6: 1000)
+    max_commands_before_mail: int  # HELO/NOOP/RSET/VRFY/... before the first MAIL
+    max_errors: int                # error replies in a session before 421 and close
+    command_timeout: float         # seconds idle waiting for a command (RFC 5321 §4.5.3.2.7: >= 5 min)
+    data_timeout: float            # seconds idle inside DATA (RFC 5321 §4.5.3.2.6: 3 min per block)
+    session_timeout: float         # seconds, total session time
+    max_connections: int           # per listener, all clients
+    max_connections_per_ip: int    # per listener, per client address
+    auth_failure_delay: float      # seconds added per consecutive failed login from an address
+    max_auth_failures: int         # failed AUTH in one session before 421 and close
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str                          # our FQDN: greeting, Received, EHLO
+    local_domains: frozenset[str]          # lower-case, exact match only
+    trusted_networks: tuple[Network, ...]  # may relay without AUTH on the relay role
+    postmaster: str                        # mailbox that receives postmaster@<each local domain>
+    recipient_delimiter: str               # "" or one char, e.g. "+": alice+tag@ -> alice@
+    allow_sender_mismatch: bool            # authenticated users may use any MAIL FROM
+    data_dir: Path                         # everything we write lives under here
+    users_file: Path
+    mail_dir: Path                         # <data_dir>/mail: Maildirs
+    queue_dir: Path                        # <data_dir>/queue: relay spool
+    io_threads: int                        # thread pool for fsync and file I/O
+    tls: TLSConfig
+    smtp: SMTPLimits
+    listeners: tuple[ListenerConfig, ...]
+    source: Path | None = field(default=None)   # the file this came from (None: embedded default)

@@ -1,0 +1,1 @@
+"""Relay queue: durable spool (the scheduler and outbound client come with issue 3)."""

@@ -1,0 +1,1 @@
+"""SMTP server: protocol, reply codes, per-recipient policy."""

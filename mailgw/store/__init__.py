@@ -1,0 +1,1 @@
+"""Mailbox store: Maildir per user."""
