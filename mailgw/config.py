@@ -1,0 +1,634 @@
+"""Load the TOML configuration once into the frozen objects of `config_types`.
+
+    config = load("/etc/mailgw.toml")              # or load() for the embedded default
+    config = load(path, overrides={"server": {"data_dir": "/tmp/x"}})
+
+Every mistake in the file is collected and reported together in one ConfigError,
+each message naming its key (`smtp.max_recipients: must be ...`), so an operator
+fixes the file in one pass. Unknown keys are errors, never silently ignored: a
+typo must not quietly fall back to a default.
+
+Missing keys take the defaults below; `mailgw/default.toml` spells out the same
+values, and a test keeps the two in agreement.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from mailgw.config_types import (
+    ALL_ROLES,
+    IMPLICIT_TLS_ROLES,
+    Config,
+    ListenerConfig,
+    SMTPLimits,
+    TLSConfig,
+)
+
+EMBEDDED_DEFAULT = Path(__file__).with_name("default.toml")
+CONFIG_ENV_VAR = "MAILGW_CONFIG"
+
+DEFAULT_DATA_DIR = "mailgw-data"
+FALLBACK_HOSTNAME = "localhost.localdomain"
+DEFAULT_LOCAL_DOMAINS = ("example.test",)
+DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
+RECIPIENT_DELIMITERS = "+-_."
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+DEFAULT_LISTENERS = (
+    {"role": "relay", "endpoint": "tcp:25"},
+    {"role": "submission", "endpoint": "tcp:587"},
+    {"role": "submissions", "endpoint": "tcp:465"},
+)
+
+# key: (default, minimum, maximum); maximum None = unbounded.
+SMTP_INTEGER_LIMITS: dict[str, tuple[int, int, int | None]] = {
+    "max_message_size": (35 * 1024 * 1024, 1024, None),
+    # RFC 5321 §4.5.3.1.8: at least 100 recipients must be accepted.
+    "max_recipients": (1000, 100, None),
+    # RFC 5321 §4.5.3.1.4: a command line is at least 512 octets including CRLF.
+    "max_command_line": (512, 512, None),
+    # RFC 5321 §4.5.3.1.6: a text line is at least 1000 octets including CRLF.
+    "max_text_line": (1000, 1000, None),
+    "max_commands_before_mail": (50, 1, None),
+    "max_errors": (10, 1, None),
+    "max_connections": (500, 1, None),
+    "max_connections_per_ip": (20, 1, None),
+    "max_auth_failures": (3, 1, None),
+}
+# key: (default seconds, minimum seconds). Below the RFC 5321 §4.5.3.2 minimums is
+# allowed on purpose (tests, hostile networks); the defaults follow the RFC.
+SMTP_SECONDS_LIMITS: dict[str, tuple[float, float]] = {
+    "command_timeout": (300.0, 1.0),
+    "data_timeout": (180.0, 1.0),
+    "session_timeout": (3600.0, 1.0),
+    "auth_failure_delay": (1.0, 0.0),
+}
+
+# RFC 1035 §2.3.1 / RFC 1123 §2.1: letters, digits, inner hyphens; 63 per label, 253 in all.
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# RFC 5322 §3.2.3: dot-atom local part (quoted local parts are not accepted here).
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
+_LISTENER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class ConfigError(Exception):
+    """Every problem found in one configuration, one message per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+class ConfigFileError(ConfigError):
+    """The file itself could not be read or is not TOML; nothing was validated."""
+
+
+# --- loading -------------------------------------------------------------------
+
+
+def load(path: str | Path | None = None, *, overrides: dict | None = None) -> Config:
+    """Parse and validate a config file (None: the embedded default).
+
+    Relative paths in the file are resolved against the current working
+    directory now, at load time, so the Config only holds absolute paths.
+    """
+    file = EMBEDDED_DEFAULT if path is None else Path(path)
+    raw = _read_toml(file)
+    if overrides:
+        raw = _merged(raw, overrides)
+    errors: list[str] = []
+    config = _build_config(raw, errors)
+    if errors or config is None:
+        raise ConfigError(errors)
+    source = None if path is None else Path(os.path.abspath(file))
+    return dataclasses.replace(config, source=source)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        data = file.read_bytes()
+    except OSError as e:
+        raise ConfigFileError([f"{file}: cannot read: {e.strerror or e}"]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError([f"{file}: not UTF-8 text (byte offset {e.start})"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message already ends with "(at line L, column C)".
+        raise ConfigFileError([f"{file}: invalid TOML: {e}"]) from None
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    """`overrides` laid over `base`, tables merged key by key, anything else replaced.
+
+    None means "not given" (an unset command-line option) and keeps the file's value.
+    """
+    result = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+# --- typed access to one TOML table, collecting errors -------------------------
+
+
+def _describe(value: Any) -> str:
+    """A value as the operator wrote it in TOML, for "got ..." in messages."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+class _Table:
+    """One TOML table: typed getters that record errors instead of raising.
+
+    A getter returns None when the value is wrong; the caller only builds the
+    Config when no error at all was recorded, so None never escapes.
+    """
+
+    def __init__(self, raw: Any, where: str, errors: list[str]):
+        self.where = where
+        self.errors = errors
+        self.seen: set[str] = set()
+        if not isinstance(raw, dict):
+            self.error("", f"must be a table, got {_describe(raw)}")
+            raw = {}
+        self.raw = raw
+
+    def key_name(self, key: str) -> str:
+        if not key:
+            return self.where
+        return f"{self.where}.{key}" if self.where else key
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.key_name(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.raw
+
+    def take(self, key: str, default: Any) -> Any:
+        self.seen.add(key)
+        return self.raw.get(key, default)
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int | None = None) -> int | None:
+        value = self.take(key, default)
+        if maximum is None:
+            wanted = f"must be an integer >= {minimum}"
+        else:
+            wanted = f"must be an integer from {minimum} to {maximum}"
+        # bool is an int subclass in Python; `true` is never a count.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.error(key, f"{wanted}, got {_describe(value)}")
+            return None
+        if value < minimum or (maximum is not None and value > maximum):
+            self.error(key, f"{wanted}, got {value}")
+            return None
+        return value
+
+    def seconds(self, key: str, default: float, minimum: float) -> float | None:
+        value = self.take(key, default)
+        wanted = f"must be a number of seconds >= {minimum:g}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.error(key, f"{wanted}, got {_describe(value)}")
+            return None
+        # `not >=` also refuses nan; inf would never fire a timer.
+        if not (value >= minimum) or not math.isfinite(value):
+            self.error(key, f"{wanted}, got {_describe(value)}")
+            return None
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool | None:
+        value = self.take(key, default)
+        if not isinstance(value, bool):
+            self.error(key, f"must be true or false, got {_describe(value)}")
+            return None
+        return value
+
+    def string(self, key: str, default: str) -> str | None:
+        value = self.take(key, default)
+        if not isinstance(value, str):
+            self.error(key, f"must be a string, got {_describe(value)}")
+            return None
+        return value
+
+    def string_list(self, key: str, default: tuple[str, ...]) -> list[str] | None:
+        value = self.take(key, list(default))
+        if not isinstance(value, list):
+            self.error(key, f"must be an array of strings, got {_describe(value)}")
+            return None
+        ok = True
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                self.error(f"{key}[{index}]", f"must be a string, got {_describe(item)}")
+                ok = False
+        return value if ok else None
+
+    def path_text(self, key: str, default: str) -> str | None:
+        """A path as written ("" when empty); Path objects are welcome in overrides."""
+        value = self.take(key, default)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            self.error(key, f"must be a path string, got {_describe(value)}")
+            return None
+        if "\0" in value:
+            self.error(key, "must not contain a NUL character")
+            return None
+        return value
+
+    def finish(self, unknown: str = "unknown key", list_known: bool = False) -> None:
+        """Report every key nobody asked for, with the nearest known one as a hint."""
+        for key in self.raw:
+            if key in self.seen:
+                continue
+            close = difflib.get_close_matches(key, self.seen, n=1)
+            if close:
+                hint = f'; did you mean "{close[0]}"?'
+            elif list_known:
+                hint = f" (known: {', '.join(sorted(self.seen))})"
+            else:
+                hint = ""
+            self.error(key, f"{unknown}{hint}")
+
+
+def _absolute(value: str) -> Path:
+    # abspath, not resolve(): keep symlinks as the operator wrote them.
+    return Path(os.path.abspath(os.path.expanduser(value)))
+
+
+# --- validation of single values -----------------------------------------------
+
+
+def _dns_name_problem(name: str) -> str | None:
+    """Why `name` is not a usable DNS name, or None when it is."""
+    if not name:
+        return "empty"
+    if len(name) > 253:
+        return f"longer than 253 characters ({len(name)})"
+    if "*" in name:
+        return "wildcards are not supported; list each domain"
+    labels = name.split(".")
+    if any(label == "" for label in labels):
+        return "empty label (leading, trailing or doubled dot)"
+    for label in labels:
+        if not _DNS_LABEL.fullmatch(label):
+            return f'label "{label}" must be 1-63 letters, digits or inner hyphens'
+    # RFC 3696 §2: a top-level domain is never all-numeric (that is an IP address).
+    if labels[-1].isdigit():
+        return "looks like an IP address, not a domain name"
+    return None
+
+
+def _address_problem(address: str) -> str | None:
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return "must be an address like postmaster@example.org"
+    # RFC 5321 §4.5.3.1.1: local part at most 64 octets.
+    if len(local) > 64 or not _DOT_ATOM.fullmatch(local):
+        return "local part must be a plain dot-atom of at most 64 characters"
+    problem = _dns_name_problem(domain)
+    return None if problem is None else f"domain: {problem}"
+
+
+def _default_hostname() -> str:
+    """Our FQDN if the machine knows one, else a name that at least parses."""
+    fqdn = socket.getfqdn()
+    if "." in fqdn and _dns_name_problem(fqdn) is None:
+        return fqdn
+    return FALLBACK_HOSTNAME
+
+
+def _network(text: str, key: str, table: _Table) -> Any:
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            table.error(key, f"{_describe(text)} is not an IPv4 or IPv6 network "
+                             f'such as "10.0.0.0/8" or "2001:db8::/32"')
+            return None
+        table.error(key, f'{_describe(text)} has host bits set; did you mean "{loose}"?')
+        return None
+
+
+# --- the sections --------------------------------------------------------------
+
+
+def _build_config(raw: dict, errors: list[str]) -> Config | None:
+    root = _Table(raw, "", errors)
+    server = _Table(root.take("server", {}), "server", errors)
+    tls_table = _Table(root.take("tls", {}), "tls", errors)
+    smtp_table = _Table(root.take("smtp", {}), "smtp", errors)
+    listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
+
+    hostname = server.string("hostname", "")
+    if hostname == "":
+        hostname = _default_hostname()
+    elif hostname is not None and (problem := _dns_name_problem(hostname)):
+        server.error("hostname", f"{_describe(hostname)}: {problem}")
+        hostname = None
+
+    local_domains = _local_domains(server)
+    trusted = _trusted_networks(server)
+
+    postmaster = server.string("postmaster", "")
+    if postmaster == "" and local_domains:
+        postmaster = f"postmaster@{local_domains[0]}"
+    elif postmaster and (problem := _address_problem(postmaster)):
+        server.error("postmaster", f"{_describe(postmaster)}: {problem}")
+        postmaster = None
+    elif postmaster:
+        local, _, domain = postmaster.rpartition("@")
+        postmaster = f"{local}@{domain.lower()}"
+
+    delimiter = server.string("recipient_delimiter", "+")
+    if delimiter is not None and delimiter != "" and (
+            len(delimiter) != 1 or delimiter not in RECIPIENT_DELIMITERS):
+        server.error("recipient_delimiter",
+                     f'must be "" or one of {" ".join(RECIPIENT_DELIMITERS)}, got {_describe(delimiter)}')
+        delimiter = None
+
+    allow_mismatch = server.boolean("allow_sender_mismatch", False)
+    data_dir = users_file = None
+    data_dir_text = server.path_text("data_dir", DEFAULT_DATA_DIR)
+    if data_dir_text == "":
+        server.error("data_dir", 'must not be empty (use "." for the current directory)')
+    elif data_dir_text is not None:
+        data_dir = _absolute(data_dir_text)
+    users_file_text = server.path_text("users_file", "")
+    if users_file_text:
+        users_file = _absolute(users_file_text)
+    elif users_file_text == "" and data_dir is not None:
+        users_file = data_dir / "users"
+    io_threads = server.integer("io_threads", 16, 1, 256)
+    server.finish()
+
+    tls = _tls(tls_table, data_dir)
+    smtp = _smtp(smtp_table)
+    listeners = _listeners(listeners_raw, errors)
+    root.finish("unknown top-level table or key", list_known=True)
+
+    if errors:
+        return None
+    return Config(
+        hostname=hostname,
+        local_domains=frozenset(local_domains),
+        trusted_networks=tuple(trusted),
+        postmaster=postmaster,
+        recipient_delimiter=delimiter,
+        allow_sender_mismatch=allow_mismatch,
+        data_dir=data_dir,
+        users_file=users_file,
+        mail_dir=data_dir / "mail",
+        queue_dir=data_dir / "queue",
+        io_threads=io_threads,
+        tls=tls,
+        smtp=smtp,
+        listeners=tuple(listeners),
+    )
+
+
+def _local_domains(server: _Table) -> list[str] | None:
+    domains = server.string_list("local_domains", DEFAULT_LOCAL_DOMAINS)
+    if domains is None:
+        return None
+    if not domains:
+        server.error("local_domains", "at least one domain is required")
+        return None
+    result: list[str] = []
+    for index, domain in enumerate(domains):
+        if problem := _dns_name_problem(domain):
+            server.error(f"local_domains[{index}]", f"{_describe(domain)}: {problem}")
+        elif domain.lower() not in result:
+            result.append(domain.lower())
+    return result or None
+
+
+def _trusted_networks(server: _Table) -> list | None:
+    texts = server.string_list("trusted_networks", DEFAULT_TRUSTED_NETWORKS)
+    if texts is None:
+        return None
+    networks = [_network(text, f"trusted_networks[{i}]", server) for i, text in enumerate(texts)]
+    return None if None in networks else networks
+
+
+def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:
+    certificate_text = table.path_text("certificate", "")
+    private_key_text = table.path_text("private_key", "")
+    min_version = table.string("min_version", "TLSv1.2")
+    if min_version is not None and min_version not in TLS_VERSIONS:
+        table.error("min_version", f'must be "TLSv1.2" or "TLSv1.3", got {_describe(min_version)}')
+        min_version = None
+    table.finish()
+    if certificate_text is None or private_key_text is None:
+        return None
+
+    if certificate_text == "" and private_key_text == "":
+        if data_dir is None or min_version is None:
+            return None
+        return TLSConfig(certificate=data_dir / "tls" / "cert.pem",
+                         private_key=data_dir / "tls" / "key.pem",
+                         generated=True, min_version=min_version)
+
+    both_or_neither = ("set both, or leave both empty to have a self-signed "
+                       "certificate generated on first start")
+    if private_key_text == "":
+        table.error("private_key", f"is empty but tls.certificate is set; {both_or_neither}")
+    if certificate_text == "":
+        table.error("certificate", f"is empty but tls.private_key is set; {both_or_neither}")
+    paths: dict[str, Path] = {}
+    for key, text in (("certificate", certificate_text), ("private_key", private_key_text)):
+        if text == "":
+            continue
+        path = paths[key] = _absolute(text)
+        # Unlike the data directory, a configured certificate is never created for you.
+        if not path.exists():
+            table.error(key, f"{path}: no such file")
+        elif not path.is_file():
+            table.error(key, f"{path}: not a regular file")
+        elif not os.access(path, os.R_OK):
+            table.error(key, f"{path}: not readable by this user")
+    if len(paths) != 2 or min_version is None:
+        return None
+    return TLSConfig(certificate=paths["certificate"], private_key=paths["private_key"],
+                     generated=False, min_version=min_version)
+
+
+def _smtp(table: _Table) -> SMTPLimits | None:
+    values: dict[str, Any] = {}
+    for key, (default, minimum, maximum) in SMTP_INTEGER_LIMITS.items():
+        values[key] = table.integer(key, default, minimum, maximum)
+    for key, (default, minimum) in SMTP_SECONDS_LIMITS.items():
+        values[key] = table.seconds(key, default, minimum)
+    table.finish()
+    per_ip, total = values["max_connections_per_ip"], values["max_connections"]
+    if per_ip is not None and total is not None and per_ip > total:
+        table.error("max_connections_per_ip",
+                    f"must not exceed smtp.max_connections ({total}), got {per_ip}")
+    if None in values.values():
+        return None
+    return SMTPLimits(**values)
+
+
+def _listeners(raw: Any, errors: list[str]) -> list[ListenerConfig]:
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+        errors.append(f"listeners: must be an array of tables ([[listeners]]), "
+                      f"got {_describe(raw)}")
+        return []
+    if not raw:
+        errors.append("listeners: at least one [[listeners]] entry is required")
+        return []
+    listeners: list[ListenerConfig] = []
+    names: dict[str, int] = {}
+    bound: dict[tuple[int, str], str] = {}
+    for index, entry in enumerate(raw):
+        table = _Table(entry, f"listeners[{index}]", errors)
+        role = table.string("role", "")
+        endpoint = table.string("endpoint", "")
+        name = table.string("name", "")
+        table.finish()
+
+        if role == "":
+            table.error("role", f"missing; one of {', '.join(ALL_ROLES)}")
+            role = None
+        elif role is not None and role not in ALL_ROLES:
+            table.error("role", f"must be one of {', '.join(ALL_ROLES)}, got {_describe(role)}")
+            role = None
+
+        if not table.has("name"):
+            name = role  # the default; the role is already validated
+        elif name is not None and not _LISTENER_NAME.fullmatch(name):
+            table.error("name", "must be 1-64 letters, digits, '_', '.' or '-', "
+                                f"starting with a letter or digit, got {_describe(name)}")
+            name = None
+        if name is not None:
+            if name in names:
+                table.error("name", f'"{name}" is already used by listeners[{names[name]}]; '
+                                    f"names must be unique (set name = \"...\")")
+            else:
+                names[name] = index
+
+        if endpoint == "":
+            table.error("endpoint", 'missing; a Twisted server endpoint such as "tcp:25"')
+            endpoint = None
+        elif endpoint is not None:
+            address = _endpoint_address(endpoint, role, table)
+            # Port 0 never clashes: the kernel picks a fresh port each time.
+            if address is not None and address[0] != 0:
+                if address in bound:
+                    table.error("endpoint", f"{_describe(endpoint)} uses the same port and "
+                                            f'address as listener "{bound[address]}"')
+                else:
+                    bound[address] = name or f"listeners[{index}]"
+        if role is not None and endpoint is not None and name is not None:
+            listeners.append(ListenerConfig(role=role, endpoint=endpoint, name=name))
+    return listeners
+
+
+class _NoReactor:
+    """Stands in for the reactor while parsing endpoint strings: nothing is bound."""
+
+
+def _endpoint_address(endpoint: str, role: str | None, table: _Table) -> tuple[int, str] | None:
+    """Syntax-check a server endpoint string without listening.
+
+    Returns (port, interface) for tcp:/tcp6: endpoints (to find two listeners
+    on one port), None otherwise or on error.
+    """
+    from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+
+    kind = endpoint.split(":", 1)[0].lower()
+    # ssl: would read server.pem at parse time, and TLS is mailgw's job: implicit-TLS
+    # roles wrap the plain socket themselves, STARTTLS roles upgrade it.
+    if kind == "ssl":
+        table.error("endpoint", f"{_describe(endpoint)}: use a plain tcp: or tcp6: endpoint; "
+                                "mailgw adds TLS itself from [tls]")
+        return None
+    if role in IMPLICIT_TLS_ROLES and kind not in ("tcp", "tcp6"):
+        table.error("endpoint", f'role "{role}" needs a plain tcp: or tcp6: endpoint '
+                                f"(mailgw adds TLS itself), got {_describe(endpoint)}")
+        return None
+    try:
+        parsed = serverFromString(_NoReactor(), endpoint)
+    except Exception as e:  # endpoint parsers raise ValueError, TypeError, KeyError, ...
+        table.error("endpoint", f"{_describe(endpoint)} is not a valid Twisted server "
+                                f"endpoint: {e}")
+        return None
+    if not isinstance(parsed, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        return None
+    port, interface = getattr(parsed, "_port", None), getattr(parsed, "_interface", "")
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        table.error("endpoint", f"{_describe(endpoint)}: port must be 0-65535")
+        return None
+    if interface:
+        try:
+            interface = str(ipaddress.ip_address(interface))
+        except ValueError:
+            table.error("endpoint", f"{_describe(endpoint)}: interface must be an IP address, "
+                                    f"got {_describe(interface)}")
+            return None
+    else:
+        interface = "0.0.0.0"
+    return port, interface
+
+
+# --- `mailgw check` ------------------------------------------------------------
+
+
+def check_main(argv: list[str]) -> int:
+    """`mailgw check [--config PATH]`: validate, print a summary, start nothing."""
+    parser = argparse.ArgumentParser(
+        prog="mailgw check",
+        description="Validate the mailgw configuration without starting anything.")
+    parser.add_argument(
+        "--config", metavar="PATH", default=os.environ.get(CONFIG_ENV_VAR) or None,
+        help=f"config file (default: ${CONFIG_ENV_VAR}, else the embedded default)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help or a usage error; argparse already printed why
+        return e.code if isinstance(e.code, int) else 2
+
+    try:
+        config = load(args.config)
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+
+    print(f"config OK: {config.source if config.source else 'embedded default'}")
+    width = max(len(listener.name) for listener in config.listeners)
+    for listener in config.listeners:
+        role = "" if listener.name == listener.role else f"  ({listener.role})"
+        print(f"{listener.name:<{width}}  {listener.endpoint}{role}")
+    return 0
