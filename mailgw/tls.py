@@ -1,0 +1,80 @@
+"""TLS for the listeners: load (or on first start, make) the certificate and
+build the server-side OpenSSL context options.
+
+Twisted's CertificateOptions defaults are sound (TLS 1.2 minimum, AEAD
+ciphers first, no compression, no tickets); we raise the minimum to what the
+config says. RFC 8996: nothing below TLS 1.2; RFC 8314 §4.1 for submission.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from mailgw.config_types import TLSConfig
+
+log = Logger()
+
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
+
+
+def ensure_certificate(tls: TLSConfig, hostname: str, *, now: datetime.datetime | None = None) -> None:
+    """Make a self-signed certificate for `hostname` when none was configured
+    and none was made before. Key file 0600, written before the certificate
+    so a crash never leaves a certificate without its key."""
+    if not tls.generated or (tls.certificate.exists() and tls.private_key.exists()):
+        return
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    tls.private_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _write_private(tls.private_key, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    _write_private(tls.certificate, certificate.public_bytes(serialization.Encoding.PEM))
+    log.info("generated a self-signed certificate for {hostname} at {path}; "
+             "configure [tls] certificate/private_key for a real one",
+             hostname=hostname, path=str(tls.certificate))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def server_options(tls: TLSConfig) -> ssl.CertificateOptions:
+    """CertificateOptions for our listeners, from the PEM files."""
+    chain = _PEM_CERT.findall(tls.certificate.read_bytes())
+    if not chain:
+        raise ValueError(f"{tls.certificate}: no PEM certificate found")
+    certificates = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, tls.private_key.read_bytes())
+    minimum = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    return ssl.CertificateOptions(
+        privateKey=key, certificate=certificates[0], extraCertChain=certificates[1:],
+        raiseMinimumTo=minimum)
