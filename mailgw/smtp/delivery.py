@@ -8,7 +8,8 @@ accept/refuse decision about senders and recipients is made here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from datetime import datetime, timezone
+from email.utils import format_datetime
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -151,7 +152,8 @@ class SMTPDelivery:
         # Naming the recipient is only safe when there is exactly one (RFC 5321 §7.2).
         if len(recipients) == 1:
             lines.append(f"\tfor <{recipients[0].recipient}>")
-        lines[-1] += f"; {formatdate(self.clock.seconds(), localtime=False)}"
+        when = datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+        lines[-1] += f"; {format_datetime(when)}"
         return "\r\n".join(lines).encode("utf-8")
 
     def validateFrom(self, helo, origin: MailFrom):

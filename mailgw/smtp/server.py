@@ -93,6 +93,8 @@ class SessionInfo:
 class SMTPFactory(protocol.ServerFactory):
     """One per listener: holds its role, limits, TLS context and counts."""
 
+    noisy = False       # the listener service logs what it listens on
+
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
                  new_queue_id, tls_context=None, implicit_tls: bool = False):
         self.config = config
@@ -610,7 +612,6 @@ class MailgwSMTP(smtp.ESMTP):
             self._do_logout()
             self.delivery, self._logout = avatar, logout
             self.user = avatar.user
-            self.log.info("AUTH ok user={user} client=[{client}]", user=self.user, client=self.session.client_ip)
             self.reply(codes.AUTH_OK)
 
         def failed(failure):

@@ -1,0 +1,173 @@
+"""`twistd mailgw`: options and the composition root.
+
+This is the one place that wires concrete parts together (and the one place
+that touches the global reactor): config -> thread pools, store, spool,
+users, portal -> one listener per configured endpoint.
+"""
+from __future__ import annotations
+
+import re
+
+from twisted.application import service
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from mailgw import config as config_module
+from mailgw.auth.checkers import PasswordChecker
+from mailgw.auth.realm import MailRealm
+from mailgw.auth.userdb import UserFile
+from mailgw.config_types import IMPLICIT_TLS_ROLES, SMTP_ROLES, Config
+from mailgw.durable import DurableWriter
+from mailgw.queue.spool import Spool, new_queue_id
+from mailgw.smtp.delivery import Router
+from mailgw.smtp.server import SMTPFactory
+from mailgw.store.maildir import MaildirStore
+from mailgw import tls
+
+log = Logger()
+
+_PORT_FORMS = (re.compile(r"^(tcp6?:)(\d+)"), re.compile(r"(:port=)(\d+)"))
+
+
+def offset_endpoint(description: str, offset: int) -> str:
+    """Add `offset` to the port of a tcp/tcp6 endpoint string."""
+    if not offset:
+        return description
+    for form in _PORT_FORMS:
+        if form.search(description):
+            return form.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", description, count=1)
+    return description
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Run the mailgw mail gateway. Without --config it runs on the embedded default "
+                "configuration (etc/mailgw.toml in the source tree).")
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration (default: $MAILGW_CONFIG, else embedded default)."],
+        ["port-offset", None, "0", "Add N to every TCP port, e.g. 10000 to run unprivileged "
+                                   "(25 -> 10025, 465 -> 10465, 587 -> 10587)."],
+    ]
+
+    def postOptions(self):
+        import os
+        path = self["config"] or os.environ.get("MAILGW_CONFIG")
+        try:
+            self["port-offset"] = int(self["port-offset"])
+        except ValueError:
+            raise usage.UsageError("--port-offset must be an integer")
+        try:
+            self.config = config_module.load(path)
+        except config_module.ConfigError as error:
+            raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(error.errors))
+        except OSError as error:
+            raise usage.UsageError(f"cannot read configuration {path}: {error.strerror}")
+
+
+class ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class ListenerService(service.Service):
+    """Listens in privilegedStartService (before twistd drops privileges) and
+    turns a failure to bind into one clear line instead of a traceback."""
+
+    def __init__(self, reactor, description: str, factory, role: str):
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.role = role
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        failure = []
+        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint.listen(self.factory).addCallbacks(self._listening, failure.append)
+        if failure:
+            reason = failure[0].value
+            raise SystemExit(
+                f"mailgw: cannot listen on {self.description} ({self.role}): {reason}\n"
+                f"mailgw: ports below 1024 need root; run as root (twistd --uid/--gid drops privileges "
+                f"after binding), or add --port-offset 10000, or change [[listeners]] endpoints in the config.")
+
+    def _listening(self, port):
+        self.port = port
+        address = port.getHost()
+        log.info("listening for {role} on {host}:{port}", role=self.role, host=address.host, port=address.port)
+
+    def startService(self):
+        if self.port is None and not self.running:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiService:
+    """Everything mailgw runs, as one MultiService."""
+    top = service.MultiService()
+    for directory in (config.data_dir, config.mail_dir, config.queue_dir):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    io_pool = ThreadPool(minthreads=0, maxthreads=config.io_threads, name="mailgw-io")
+    # Password hashing gets its own small pool: a burst of logins must not
+    # delay fsyncs, and argon2 is deliberately CPU- and memory-hungry.
+    auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailgw-auth")
+    ThreadPoolService(io_pool).setServiceParent(top)
+    ThreadPoolService(auth_pool).setServiceParent(top)
+
+    writer = DurableWriter(reactor=reactor, threadpool=io_pool)
+    store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname)
+    spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
+    waiting = spool.recover()
+    if waiting:
+        log.info("{count} message(s) waiting in the relay queue", count=len(waiting))
+
+    userdb = UserFile(config.users_file, threadpool=auth_pool, reactor=reactor)
+    checker = PasswordChecker(userdb, reactor=reactor, failure_delay=config.smtp.auth_failure_delay)
+    realm = MailRealm(router=Router(config, userdb), store=store, spool=spool, clock=reactor)
+    portal = Portal(realm, [checker, AllowAnonymousAccess()])
+
+    tls.ensure_certificate(config.tls, config.hostname)
+    tls_options = tls.server_options(config.tls)
+
+    for listener in config.listeners:
+        if listener.role not in SMTP_ROLES:
+            log.warn("listener {name}: role {role} is not implemented yet; skipped",
+                     name=listener.name, role=listener.role)
+            continue
+        implicit = listener.role in IMPLICIT_TLS_ROLES
+        factory = SMTPFactory(config=config, listener=listener, portal=portal, clock=reactor,
+                              new_queue_id=new_queue_id, tls_context=None if implicit else tls_options,
+                              implicit_tls=implicit)
+        if implicit:
+            # RFC 8314 §3.3: TLS from the first byte; the protocol never offers STARTTLS here.
+            factory = TLSMemoryBIOFactory(tls_options, False, factory)
+            factory.noisy = False
+        description = offset_endpoint(listener.endpoint, port_offset)
+        ListenerService(reactor, description, factory, listener.name).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+    return build(options.config, reactor, port_offset=options["port-offset"])
