@@ -29,8 +29,12 @@ from typing import Any
 from mailgw.config_types import (
     ALL_ROLES,
     IMPLICIT_TLS_ROLES,
+    OUTBOUND_TLS_MODES,
+    TLS_OPPORTUNISTIC,
     Config,
     ListenerConfig,
+    QueueConfig,
+    RelayHost,
     SMTPLimits,
     TLSConfig,
 )
@@ -350,6 +354,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     server = _Table(root.take("server", {}), "server", errors)
     tls_table = _Table(root.take("tls", {}), "tls", errors)
     smtp_table = _Table(root.take("smtp", {}), "smtp", errors)
+    queue_table = _Table(root.take("queue", {}), "queue", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -396,6 +401,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
 
     tls = _tls(tls_table, data_dir)
     smtp = _smtp(smtp_table)
+    queue = _queue(queue_table)
     listeners = _listeners(listeners_raw, errors)
     root.finish("unknown top-level table or key", list_known=True)
 
@@ -416,6 +422,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         tls=tls,
         smtp=smtp,
         listeners=tuple(listeners),
+        queue=queue,
     )
 
 
@@ -483,6 +490,112 @@ def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:
         return None
     return TLSConfig(certificate=paths["certificate"], private_key=paths["private_key"],
                      generated=False, min_version=min_version)
+
+
+# RFC 5321 §4.5.4.1: retry after at least 30 minutes, give up after 4-5 days;
+# a first retry within minutes catches greylisting.
+DEFAULT_RETRY_SCHEDULE = (300, 900, 1800, 3600, 7200, 14400)
+QUEUE_INTEGER_LIMITS = {           # key: (default, minimum, maximum)
+    "max_deliveries": (20, 1, 1000),
+    "max_per_domain": (10, 1, 1000),
+    "mx_port": (25, 1, 65535),
+}
+QUEUE_SECONDS_LIMITS = {           # key: (default, minimum)
+    "max_lifetime": (5 * 86400.0, 60.0),
+    "delay_notice_after": (4 * 3600.0, 0.0),
+    "connect_timeout": (30.0, 1.0),
+    "reply_timeout": (300.0, 1.0),
+    "data_timeout": (600.0, 1.0),
+}
+
+
+def _queue(table: _Table) -> QueueConfig | None:
+    values: dict[str, Any] = {}
+    for key, (default, minimum, maximum) in QUEUE_INTEGER_LIMITS.items():
+        values[key] = table.integer(key, default, minimum, maximum)
+    for key, (default, minimum) in QUEUE_SECONDS_LIMITS.items():
+        values[key] = table.seconds(key, default, minimum)
+    schedule = table.take("retry_schedule", list(DEFAULT_RETRY_SCHEDULE))
+    if (not isinstance(schedule, list) or not schedule
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 1
+                       for x in schedule)):
+        table.error("retry_schedule", f"must be a non-empty array of seconds >= 1, got {_describe(schedule)}")
+        schedule = None
+    values["retry_schedule"] = None if schedule is None else tuple(float(x) for x in schedule)
+    values["mx_tls"] = table.string("mx_tls", TLS_OPPORTUNISTIC)
+    if values["mx_tls"] is not None and values["mx_tls"] not in OUTBOUND_TLS_MODES[:3]:
+        table.error("mx_tls", f'must be "none", "opportunistic" or "required", got {_describe(values["mx_tls"])}')
+        values["mx_tls"] = None
+    ok = True
+    smarthost = None
+    if table.has("smarthost"):
+        smarthost = _relay_host(_Table(table.take("smarthost", {}), "queue.smarthost", table.errors))
+        ok = smarthost is not None
+    routes = []
+    raw_routes = table.take("routes", [])
+    if not isinstance(raw_routes, list):
+        table.error("routes", f"must be an array of tables ([[queue.routes]]), got {_describe(raw_routes)}")
+        ok = False
+        raw_routes = []
+    for index, raw in enumerate(raw_routes):
+        route = _Table(raw, f"queue.routes[{index}]", table.errors)
+        domain = route.string("domain", "")
+        if domain is not None and (problem := _dns_name_problem(domain) if domain else "must be set"):
+            route.error("domain", f"{_describe(domain)}: {problem}")
+            domain = None
+        host = _relay_host(route, extra_keys=("domain",))
+        if domain is None or host is None:
+            ok = False
+        else:
+            routes.append((domain.lower(), host))
+    table.finish()
+    if values["max_lifetime"] is not None and values["delay_notice_after"] is not None \
+            and values["delay_notice_after"] >= values["max_lifetime"]:
+        table.error("delay_notice_after", "must be shorter than queue.max_lifetime (or 0 for never)")
+        ok = False
+    if None in values.values() or not ok:
+        return None
+    return QueueConfig(smarthost=smarthost, routes=tuple(routes), **values)
+
+
+def _relay_host(table: _Table, extra_keys: tuple[str, ...] = ()) -> RelayHost | None:
+    host = table.string("host", "")
+    if host is not None and not host:
+        table.error("host", "must be set")
+        host = None
+    elif host is not None:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if problem := _dns_name_problem(host):
+                table.error("host", f"{_describe(host)}: {problem}")
+                host = None
+    port = table.integer("port", 25, 1, 65535)
+    tls = table.string("tls", TLS_OPPORTUNISTIC)
+    if tls is not None and tls not in OUTBOUND_TLS_MODES:
+        table.error("tls", f"must be one of {', '.join(OUTBOUND_TLS_MODES)}, got {_describe(tls)}")
+        tls = None
+    username = table.string("username", "")
+    password = table.string("password", "")
+    if username is not None and password is not None and bool(username) != bool(password):
+        table.error("password" if username else "username", "set both username and password, or neither")
+    if username and tls in ("none", TLS_OPPORTUNISTIC):
+        # Credentials only over a verified channel; opportunistic TLS can be stripped.
+        table.error("tls", 'must be "required" or "implicit" when username/password are set')
+        tls = None
+    ca_text = table.path_text("ca_file", "")
+    ca_file = None
+    if ca_text:
+        ca_file = _absolute(ca_text)
+        if not ca_file.is_file():
+            table.error("ca_file", f"{ca_file}: no such file")
+            ca_file = None
+    table.seen.update(extra_keys)
+    table.finish()
+    if None in (host, port, tls, username, password) or (ca_text and ca_file is None):
+        return None
+    return RelayHost(host=host, port=port, tls=tls, username=username or None,
+                     password=password or None, ca_file=ca_file)
 
 
 def _smtp(table: _Table) -> SMTPLimits | None:

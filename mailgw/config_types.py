@@ -56,6 +56,41 @@ class SMTPLimits:
     max_auth_failures: int         # failed AUTH in one session before 421 and close
 
 
+# Outbound TLS policies (issue 3).
+TLS_NONE = "none"                    # never STARTTLS
+TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, certificate not checked; plaintext retry if it fails
+TLS_REQUIRED = "required"            # STARTTLS must succeed and the certificate must verify for the host
+TLS_IMPLICIT = "implicit"            # TLS from the first byte (port 465), certificate verified
+OUTBOUND_TLS_MODES = (TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED, TLS_IMPLICIT)
+
+
+@dataclass(frozen=True)
+class RelayHost:
+    """Where to send instead of the MX: a smarthost for everything or for one domain."""
+    host: str                      # DNS name or IP address
+    port: int
+    tls: str                       # one of OUTBOUND_TLS_MODES
+    username: str | None           # AUTH PLAIN/LOGIN credentials, only sent over TLS
+    password: str | None
+    ca_file: Path | None           # trust these CAs instead of the system store (for "required"/"implicit")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry_schedule: tuple[float, ...]   # seconds to wait after attempt 1, 2, ...; the last repeats
+    max_lifetime: float                 # seconds after arrival when we give up and bounce (RFC 5321 §4.5.4.1: 4-5 days)
+    delay_notice_after: float           # seconds after arrival for the one delay DSN (0: never)
+    max_deliveries: int                 # concurrent outbound transactions in total
+    max_per_domain: int                 # concurrent outbound transactions per destination
+    connect_timeout: float              # seconds
+    reply_timeout: float                # seconds per reply (RFC 5321 §4.5.3.2: 5 min)
+    data_timeout: float                 # seconds for the data phase and its final reply (§4.5.3.2.6: 10 min)
+    mx_port: int                        # port used for MX delivery (25; other values only for tests)
+    mx_tls: str                         # TLS policy towards MX hosts
+    smarthost: RelayHost | None         # send everything here instead of the MX
+    routes: tuple[tuple[str, RelayHost], ...]   # (domain, relay host) overrides, exact domain match
+
+
 @dataclass(frozen=True)
 class Config:
     hostname: str                          # our FQDN: greeting, Received, EHLO
@@ -72,4 +107,5 @@ class Config:
     tls: TLSConfig
     smtp: SMTPLimits
     listeners: tuple[ListenerConfig, ...]
+    queue: QueueConfig | None = field(default=None)   # None only in configs built by hand in tests
     source: Path | None = field(default=None)   # the file this came from (None: embedded default)

@@ -209,7 +209,7 @@ def test_section_that_is_not_a_table(in_tmp):
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
     errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
     assert errors == ["logging: unknown top-level table or key "
-                      "(known: listeners, server, smtp, tls)"]
+                      "(known: listeners, queue, server, smtp, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):
@@ -666,3 +666,39 @@ def test_check_usage_error_returns_2(capsys):
     assert check_main(["--bogus"]) == 2
     assert "usage: mailgw check" in capsys.readouterr().err
 
+
+
+def test_queue_defaults_follow_rfc5321_retry_guidance():
+    queue = load().queue
+    assert queue.retry_schedule[0] <= 600            # first retry within minutes (greylisting)
+    assert queue.max_lifetime == 5 * 86400           # RFC 5321 §4.5.4.1: 4-5 days
+    assert queue.delay_notice_after == 4 * 3600
+    assert queue.smarthost is None and queue.routes == ()
+
+
+def test_queue_smarthost_and_routes_are_validated_together():
+    with pytest.raises(ConfigError) as caught:
+        load(None, overrides={"queue": {
+            "retry_schedule": [],
+            "smarthost": {"host": "", "username": "u"},
+            "routes": [{"domain": "bad..domain", "host": "mx.example.test"}],
+            "delay_notice_after": 10.0, "max_lifetime": 60.0}})
+    errors = caught.value.errors
+    assert any(e.startswith("queue.retry_schedule:") for e in errors)
+    assert any(e.startswith("queue.smarthost.host:") for e in errors)
+    assert any(e.startswith("queue.smarthost.password:") for e in errors)
+    assert any(e.startswith("queue.routes[0].domain:") for e in errors)
+
+
+def test_queue_credentials_need_verified_tls():
+    with pytest.raises(ConfigError) as caught:
+        load(None, overrides={"queue": {"smarthost": {
+            "host": "smtp.example.test", "username": "u", "password": "p", "tls": "opportunistic"}}})
+    assert caught.value.errors == ['queue.smarthost.tls: must be "required" or "implicit" when username/password are set']
+
+
+def test_queue_route_parsed():
+    queue = load(None, overrides={"queue": {"routes": [
+        {"domain": "Partner.Example", "host": "127.0.0.1", "port": 2626, "tls": "none"}]}}).queue
+    (domain, host), = queue.routes
+    assert domain == "partner.example" and host.host == "127.0.0.1" and host.port == 2626
