@@ -21,13 +21,16 @@ class IDurableWriter(Interface):
     """Writes files so that they survive a crash once the Deferred fires (mailgw.durable)."""
 
     def commit(writes):
-        """`writes`: list of (directory: Path, final_name: str, data: bytes).
+        """`writes`: list of (directory: Path, tmp_directory: Path,
+        final_name: str, data: bytes).
 
-        Each file goes to `directory/../tmp` (or a sibling tmp dir given by the
-        implementation), is fsynced, renamed into `directory`, and `directory` is
-        fsynced; concurrent commits share directory fsyncs (group commit).
-        Deferred fires with the list of final paths; on any error it fails and no
-        file of this call is left behind in either place."""
+        Each file is created as `tmp_directory/final_name` (O_EXCL), written,
+        fsynced, renamed into `directory/final_name` without ever replacing an
+        existing file, and `directory` is fsynced; concurrent commits share
+        directory fsyncs (group commit). Files are written in list order.
+        Deferred fires with the list of final paths (same order); on any error
+        it fails with StorageFull (ENOSPC/EDQUOT) or StorageFailed and no file
+        of this call is left behind in either place."""
 
 
 class ILocalStore(Interface):
@@ -56,3 +59,12 @@ class ISessionInfo(Interface):
     client_ip = Attribute("client address as an ipaddress object")
     tls = Attribute("True once the session is encrypted")
     helo = Attribute("the HELO/EHLO argument, str, or None")
+
+
+class IRelayTransport(Interface):
+    """Sends one DeliveryRequest to its destination (mailgw.queue.delivery)."""
+
+    def deliver(request):
+        """Deferred[AttemptResult] with one RecipientResult per recipient of
+        `request`, in order. Never fails: connection, DNS and protocol
+        trouble become deferred (4xx-class) or bounced (5xx-class) results."""
