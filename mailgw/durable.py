@@ -1,0 +1,342 @@
+"""Durable file writes with group commit of directory fsyncs.
+
+A write is durable once the file's data and its directory entry are on disk:
+
+    open tmp_directory/name O_CREAT|O_EXCL   (never reuse someone else's file)
+    write all, fsync(file), close            (data on disk)
+    link tmp -> directory/name, unlink tmp   (link fails with EEXIST: never overwrites)
+    fsync(directory)                         (the new entry is on disk)
+
+Only then does the Deferred fire, so "250 OK" follows a crash-proof commit
+(design §3.6). Everything runs in a thread pool, never on the reactor thread.
+
+Group commit: a directory fsync persists every entry created in that directory
+before the fsync *started*. So per directory at most one fsync runs at a time;
+a commit that finished its renames registers as a waiter; the next fsync to
+start takes every waiter registered so far and releases them all when it
+returns. A waiter registered while an fsync is running waits for the next one:
+that fsync may have begun before the waiter's rename, so it proves nothing for
+it. See `_GroupSync` for the argument in the code.
+
+Thread model: `_GroupSync` is the only state shared between threads (one
+lock). Per-commit bookkeeping (`_Commit.remaining`, the Deferred) is touched on
+the reactor thread only, reached through `reactor.callFromThread`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailgw.errors import MailError, StorageFailed, StorageFull
+from mailgw.interfaces import IDurableWriter
+
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class _OSCalls:
+    """The OS calls this module makes, in one place so tests can replace them
+    (fault injection: raise ENOSPC at a chosen step; or record the order).
+
+    "rename" is `link` + `unlink`: link(2) refuses to replace an existing name,
+    which os.rename would silently do.
+    """
+
+    open = staticmethod(os.open)
+    write = staticmethod(os.write)
+    fsync = staticmethod(os.fsync)
+    close = staticmethod(os.close)
+    link = staticmethod(os.link)
+    unlink = staticmethod(os.unlink)
+    mkdir = staticmethod(os.mkdir)
+
+
+@dataclass(frozen=True)
+class _Write:
+    directory: Path
+    tmp_directory: Path
+    final_name: str
+    data: bytes
+
+    @property
+    def tmp_path(self) -> Path:
+        return self.tmp_directory / self.final_name
+
+    @property
+    def final_path(self) -> Path:
+        return self.directory / self.final_name
+
+
+@dataclass
+class _Commit:
+    writes: list[_Write]
+    deferred: Deferred
+    directories: frozenset[Path]
+    # Files this commit created and has not removed yet; removed on failure.
+    # Touched by one pool thread at a time (the write job, later the cleanup
+    # job), handed over through callFromThread / callInThread.
+    created: list[Path] = field(default_factory=list)
+    # Reactor thread only (set before the job is handed to the pool).
+    remaining: int = 0
+    first_error: Failure | None = None
+
+
+def storage_error(failure: Failure) -> MailError:
+    """The MailError to show a client for a failed write (RFC 3463 §3.4)."""
+    if failure.check(MailError):
+        return failure.value
+    if failure.check(OSError) and failure.value.errno in _DISK_FULL_ERRNOS:
+        return StorageFull()
+    return StorageFailed()
+
+
+class _GroupSync:
+    """Per-directory group commit of fsyncs, shared by the pool threads.
+
+    Invariant: `_waiters` has a key for a directory exactly while one runner
+    for it is scheduled or running. The list holds the callbacks registered
+    since that runner's current fsync started (or since it was scheduled).
+
+    Why a waiter is only released by an fsync that started after its rename:
+    the caller registers after its rename returned (program order, same
+    thread); the runner takes the list under the lock and only then calls
+    fsync, so every waiter it takes was appended - hence renamed - before that
+    fsync began. Waiters appended during the fsync land in the fresh list and
+    are taken by the runner's next round.
+    """
+
+    def __init__(self, fsync_directory: Callable[[Path], None], dispatch: Callable[..., bool]):
+        self._fsync_directory = fsync_directory
+        self._dispatch = dispatch  # run in the pool; False if the pool is stopped
+        self._lock = threading.Lock()
+        self._waiters: dict[Path, list[Callable[[Failure | None], None]]] = {}
+
+    def request(self, directory: Path, on_synced: Callable[[Failure | None], None]) -> None:
+        """Call `on_synced(None)` (or with the Failure) from a pool thread once
+        an fsync of `directory` that started after this call has finished."""
+        with self._lock:
+            waiters = self._waiters.get(directory)
+            if waiters is not None:
+                waiters.append(on_synced)  # the active runner's next round takes it
+                return
+            self._waiters[directory] = [on_synced]
+        if not self._dispatch(self._run, directory):
+            self._run(directory)  # pool stopping: we are on a pool thread, finish here
+
+    def _run(self, directory: Path) -> None:
+        # One runner per directory, looping while there are waiters: under
+        # load every round serves everyone who arrived during the last fsync.
+        while True:
+            with self._lock:
+                batch = self._waiters[directory]
+                if not batch:
+                    del self._waiters[directory]
+                    return
+                self._waiters[directory] = []
+            try:
+                self._fsync_directory(directory)
+                outcome = None
+            except BaseException:
+                outcome = Failure()
+            for on_synced in batch:
+                on_synced(outcome)
+
+
+@implementer(IDurableWriter)
+class DurableWriter:
+    """Crash-safe file creation for the Maildir store and the relay spool.
+
+    `threadpool` is a started `twisted.python.threadpool.ThreadPool` (or
+    anything with `callInThread(f, *args)`); its owner starts and stops it.
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor, threadpool):
+        self._reactor = reactor
+        self._pool = threadpool
+        self._os = _OSCalls()
+        self._group_sync = _GroupSync(self._fsync_directory, self._dispatch)
+
+    # -- public API -----------------------------------------------------------
+
+    def commit(self, writes) -> Deferred:
+        """`writes`: [(directory, tmp_directory, final_name, data)]. Deferred
+        firing with the final paths (same order) once every file and every
+        directory entry is on disk; on failure nothing of this call is left
+        behind and it fails with StorageFull or StorageFailed."""
+        parsed = [_Write(Path(d), Path(t), _checked_name(n), bytes(b)) for d, t, n, b in writes]
+        if not parsed:
+            return succeed([])
+        finals = [w.final_path for w in parsed]
+        if len(set(finals)) != len(finals):
+            raise ValueError("the same final path twice in one commit")
+        directories = frozenset(w.directory for w in parsed)
+        job = _Commit(parsed, Deferred(), directories, remaining=len(directories))
+        if not self._dispatch(self._write_files, job):
+            self._fail(job, Failure(RuntimeError("I/O thread pool stopped")))
+        return job.deferred
+
+    def ensure_directories(self, root: Path, directories) -> Deferred:
+        """Create `directories` (each below `root`, which must exist) and every
+        missing directory between, mode 0700, then fsync the parent of each
+        directory on those chains - created now or earlier, since an entry
+        created by a previous process may still be only in the page cache.
+        Deferred fires with None when all are on disk."""
+        root = Path(root)
+        directories = [Path(d) for d in directories]
+        for directory in directories:
+            directory.relative_to(root)  # ValueError if outside
+        d = Deferred()
+
+        def work():
+            try:
+                self._make_chains(root, directories)
+            except BaseException:
+                self._reactor.callFromThread(self._errback_logged, d, Failure(), "creating directories")
+            else:
+                self._reactor.callFromThread(d.callback, None)
+
+        if not self._dispatch(work):
+            self._errback_logged(d, Failure(RuntimeError("I/O thread pool stopped")), "creating directories")
+        return d
+
+    def remove(self, paths) -> Deferred:
+        """Undo committed files (in order), then fsync their directories.
+        Missing files are fine. Never fails: errors are logged, and the
+        Deferred fires with None either way."""
+        paths = [Path(p) for p in paths]
+        d = Deferred()
+
+        def work():
+            try:
+                for path in paths:
+                    try:
+                        self._os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                for directory in sorted({path.parent for path in paths}):
+                    self._fsync_directory(directory)
+            except BaseException:
+                failure = Failure()
+                self._reactor.callFromThread(self.log.failure, "removing {paths} failed", failure, paths=paths)
+            self._reactor.callFromThread(d.callback, None)
+
+        if not self._dispatch(work):
+            self.log.error("I/O thread pool stopped; not removed: {paths}", paths=paths)
+            d.callback(None)
+        return d
+
+    # -- pool thread ----------------------------------------------------------
+
+    def _dispatch(self, f, *args) -> bool:
+        if getattr(self._pool, "joined", False):  # ThreadPool drops work silently once stopped
+            return False
+        self._pool.callInThread(f, *args)
+        return True
+
+    def _write_files(self, job: _Commit) -> None:
+        try:
+            for write in job.writes:  # in order: the spool relies on it (.msg before .env)
+                self._write_one(write, job.created)
+        except BaseException:
+            failure = Failure()
+            self._remove_created(job)
+            self._reactor.callFromThread(self._fail, job, failure)
+            return
+        # Every rename of this commit has returned; only now ask for directory
+        # fsyncs, so each one we get started after all our renames.
+        def on_synced(outcome: Failure | None) -> None:
+            self._reactor.callFromThread(self._directory_synced, job, outcome)
+
+        for directory in job.directories:
+            self._group_sync.request(directory, on_synced)
+
+    def _write_one(self, write: _Write, created: list[Path]) -> None:
+        o = self._os
+        fd = o.open(write.tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
+        created.append(write.tmp_path)  # O_EXCL: it is ours to remove
+        try:
+            view = memoryview(write.data)
+            while view:  # os.write may write less than asked (signals, pipes, quotas)
+                view = view[o.write(fd, view):]
+            o.fsync(fd)
+        finally:
+            o.close(fd)
+        o.link(write.tmp_path, write.final_path)  # EEXIST rather than overwrite
+        created.append(write.final_path)
+        o.unlink(write.tmp_path)
+        created.remove(write.tmp_path)
+
+    def _fsync_directory(self, directory: Path) -> None:
+        o = self._os
+        fd = o.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            o.fsync(fd)
+        finally:
+            o.close(fd)
+
+    def _make_chains(self, root: Path, directories: list[Path]) -> None:
+        parents: set[Path] = set()
+        for directory in directories:
+            current = root
+            for part in directory.relative_to(root).parts:
+                parents.add(current)
+                current = current / part
+                try:
+                    self._os.mkdir(current, DIRECTORY_MODE)
+                except FileExistsError:
+                    pass  # ours from earlier, or a racing delivery; fsynced below either way
+        for parent in sorted(parents):
+            self._fsync_directory(parent)
+
+    def _remove_created(self, job: _Commit) -> None:
+        # Best effort; not fsynced: if a removal is lost in a crash the client,
+        # who got a 4xx, retries and the message exists twice - never lost.
+        for path in reversed(job.created):
+            try:
+                self._os.unlink(path)
+            except OSError:
+                pass
+        job.created.clear()
+
+    def _cleanup_then_fail(self, job: _Commit, failure: Failure) -> None:
+        self._remove_created(job)
+        self._reactor.callFromThread(self._fail, job, failure)
+
+    # -- reactor thread -------------------------------------------------------
+
+    def _directory_synced(self, job: _Commit, outcome: Failure | None) -> None:
+        job.remaining -= 1
+        if outcome is not None and job.first_error is None:
+            job.first_error = outcome
+        if job.remaining:
+            return
+        if job.first_error is None:
+            job.deferred.callback([w.final_path for w in job.writes])
+        elif not self._dispatch(self._cleanup_then_fail, job, job.first_error):
+            self._fail(job, job.first_error)
+
+    def _fail(self, job: _Commit, failure: Failure) -> None:
+        self._errback_logged(job.deferred, failure, "durable write")
+
+    def _errback_logged(self, d: Deferred, failure: Failure, what: str) -> None:
+        if not failure.check(MailError):
+            self.log.failure("{what} failed", failure, what=what)
+        d.errback(storage_error(failure))
+
+
+def _checked_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ValueError(f"not a plain file name: {name!r}")
+    return name

@@ -1,0 +1,146 @@
+"""Durable delivery into Maildirs (https://cr.yp.to/proto/maildir.html).
+
+Layout under `mail_dir` (see docs/spool-format.md):
+
+    mail_dir/<domain>/<local>/          the mailbox of local@domain = its INBOX Maildir
+        tmp/  new/  cur/                Maildir; delivery goes tmp/ -> new/
+        .Drafts/ .Sent/ .Junk/ .Trash/  Maildir++ folders, each with tmp/ new/ cur/ (later issues)
+        index files of the IMAP store   (later issues)
+
+Messages are stored with LF line ends (the Maildir convention Dovecot and mutt
+expect); the SMTP wire form is CRLF. The file name in new/ is
+
+    <unix seconds>.M<microseconds>P<pid>Q<counter>.<hostname>,S=<octets on disk>,W=<octets with CRLF>
+
+following Dovecot: S= is the file size, W= the RFC 822 (CRLF) size, so POP3
+LIST and IMAP RFC822.SIZE need no read of the file. In the hostname "/", ":"
+and "," are written as \\057, \\072 and \\054 (":" starts the info part, ","
+separates the size fields).
+
+The address becomes a path, so it is validated again here, whatever the SMTP
+layer already checked.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+from twisted.internet.defer import Deferred, fail, succeed
+from zope.interface import implementer
+
+from mailgw.durable import DurableWriter
+from mailgw.interfaces import ILocalStore
+
+# Lower-case only: "Alice" and "alice" must not become two mailboxes.
+_LOCAL_PART = re.compile(r"[a-z0-9_+\-][a-z0-9._+\-]*")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
+MAX_LOCAL_PART = 64   # RFC 5321 §4.5.3.1.1
+MAX_DOMAIN = 255      # RFC 5321 §4.5.3.1.2
+
+MAILDIR_SUBDIRECTORIES = ("tmp", "new", "cur")
+
+
+def split_mailbox_address(address: str) -> tuple[str, str]:
+    """(local, domain) of a mailbox address that is safe to use as a path;
+    ValueError for anything else."""
+    if not isinstance(address, str) or address.count("@") != 1:
+        raise ValueError(f"not a mailbox address: {address!r}")
+    local, domain = address.split("@")
+    if (
+        not 0 < len(local) <= MAX_LOCAL_PART
+        or not _LOCAL_PART.fullmatch(local)  # no leading dot: hidden file / Maildir++ folder
+        or ".." in local
+    ):
+        raise ValueError(f"unsafe local part: {address!r}")
+    labels = domain.split(".")
+    if len(domain) > MAX_DOMAIN or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        raise ValueError(f"unsafe domain: {address!r}")
+    return local, domain
+
+
+def _escape_hostname(hostname: str) -> str:
+    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
+@implementer(ILocalStore)
+class MaildirStore:
+    def __init__(
+        self,
+        mail_dir: Path,
+        *,
+        writer: DurableWriter,
+        hostname: str,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._mail_dir = Path(mail_dir)
+        self._writer = writer
+        self._host = _escape_hostname(hostname)
+        self._clock = clock
+        self._pid = os.getpid()
+        self._counter = itertools.count(1)
+        # Mailboxes whose directory chain this process has made durable.
+        self._ready: set[Path] = set()
+        # Start-up, before the reactor runs: the root must exist for
+        # ensure_directories.
+        self._mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def mailbox_path(self, address: str) -> Path:
+        """The INBOX Maildir of `address`; ValueError if it is not safe."""
+        local, domain = split_mailbox_address(address)
+        return self._mail_dir / domain / local
+
+    def deliver(self, mailboxes, message: bytes) -> Deferred:
+        """Store `message` (CRLF) in new/ of every mailbox, all or nothing.
+        Fires with the stored paths (one per distinct mailbox)."""
+        try:
+            paths = [self.mailbox_path(address) for address in dict.fromkeys(mailboxes)]
+        except ValueError:
+            return fail()
+        if not paths:
+            return succeed([])
+        stored = message.replace(b"\r\n", b"\n")
+        name = self._new_name(len(stored), len(message))
+        writes = [(path / "new", path / "tmp", name, stored) for path in paths]
+
+        missing = [path for path in paths if path not in self._ready]
+        if missing:
+            d = self._writer.ensure_directories(
+                self._mail_dir, [path / sub for path in missing for sub in MAILDIR_SUBDIRECTORIES]
+            )
+            d.addCallback(lambda _: self._ready.update(missing))
+            d.addCallback(lambda _: self._writer.commit(writes))
+        else:
+            d = self._writer.commit(writes)
+
+        def forget(failure):
+            # A mailbox removed behind our back is recreated on the next try.
+            self._ready.difference_update(paths)
+            return failure
+
+        return d.addErrback(forget)
+
+    def discard(self, paths) -> Deferred:
+        """Remove messages `deliver` stored, when the transaction failed
+        elsewhere (e.g. the relay spool): the client will retry, so keeping
+        them would deliver twice. Best effort; only files in a new/ below
+        mail_dir are touched."""
+        mine = []
+        for path in map(Path, paths):
+            if path.parent.name == "new" and self._mail_dir in path.parents and ".." not in path.parts:
+                mine.append(path)
+        return self._writer.remove(mine)
+
+    def _new_name(self, size: int, wire_size: int) -> str:
+        # Unique within this host: the pid tells processes apart, the counter
+        # deliveries within one (the clock may repeat or go back).
+        now = self._clock()
+        seconds = int(now)
+        micros = int((now - seconds) * 1_000_000)
+        return (
+            f"{seconds}.M{micros}P{self._pid}Q{next(self._counter)}.{self._host}"
+            f",S={size},W={wire_size}"
+        )

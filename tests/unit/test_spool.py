@@ -1,0 +1,306 @@
+"""Spool: commit order (.msg before .env), queue ids, recovery after a crash."""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import time
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from zope.interface.verify import verifyObject
+
+from mailgw.durable import DurableWriter
+from mailgw.errors import StorageFull
+from mailgw.interfaces import ISpool
+from mailgw.queue.spool import EnvelopeError, Spool, check_envelope, is_queue_id, new_queue_id
+
+try:  # the fakes live with the writer's tests (rootdir-relative import, or tests as a package)
+    from test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+except ImportError:  # pragma: no cover
+    from tests.unit.test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+
+MESSAGE = b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n"
+CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
+
+
+def envelope_for(queue_id, message=MESSAGE, **changes):
+    envelope = {
+        "version": 1,
+        "id": queue_id,
+        "arrival": 1700000000.25,
+        "sender": "alice@example.org",
+        "sender_utf8": False,
+        "body": "8BITMIME",
+        "size": len(message),
+        "envid": None,
+        "ret": None,
+        "client": {"ip": "192.0.2.1", "helo": "client.example", "tls": True, "auth": "alice@example.org",
+                   "listener": "submission"},
+        "recipients": [
+            {"address": "bob@example.net", "orcpt": "rfc822;bob@example.net", "notify": ["FAILURE"],
+             "state": "pending", "attempts": 0, "last_reply": None},
+        ],
+        "attempts": 0,
+        "next_attempt": 1700000000.25,
+        "history": [],
+    }
+    envelope.update(changes)
+    return envelope
+
+
+class Env:
+    def __init__(self, tmp_path):
+        self.clock = Clock()
+        self.clock.advance(1700000000)
+        self.writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+        self.writer._os = RecordingOS()
+        self.writer.log = Logger(observer=lambda event: None)
+        self.events = []
+        self.spool = Spool(tmp_path / "queue", writer=self.writer, reactor=self.clock)
+        self.spool.log = Logger(observer=self.events.append)
+
+    def enqueue(self, message=MESSAGE, **changes):
+        queue_id = self.spool.new_id()
+        result = result_of(self.spool.enqueue(queue_id, envelope_for(queue_id, message, **changes), message))
+        assert result == queue_id
+        return queue_id
+
+
+@pytest.fixture
+def env(tmp_path):
+    return Env(tmp_path)
+
+
+def test_provides_the_interface(env):
+    assert verifyObject(ISpool, env.spool)
+
+
+def test_enqueue_writes_msg_and_env_into_active(env):
+    queue_id = env.enqueue()
+    spool = env.spool
+    assert (spool.active / f"{queue_id}.msg").read_bytes() == MESSAGE
+    assert json.loads((spool.active / f"{queue_id}.env").read_bytes()) == envelope_for(queue_id)
+    assert list(spool.incoming.iterdir()) == []
+    assert spool.ids() == [queue_id]
+    envelope, msg_path = spool.load(queue_id)
+    assert envelope == envelope_for(queue_id) and msg_path.read_bytes() == MESSAGE
+
+
+def test_env_appears_only_after_the_msg_is_on_disk(env):
+    queue_id = env.enqueue()
+    spool = env.spool
+    calls = [c for c in env.writer._os.calls if c[0] in ("fsynced", "link")]
+    assert calls == [
+        ("fsynced", spool.incoming / f"{queue_id}.msg"),
+        ("link", spool.active / f"{queue_id}.msg"),
+        ("fsynced", spool.incoming / f"{queue_id}.env"),
+        ("link", spool.active / f"{queue_id}.env"),   # the commit point...
+        ("fsynced", spool.active),                     # ...made durable: now 250
+    ]
+
+
+def test_utf8_envelope(env):
+    queue_id = env.enqueue(sender="jösé@exämple.org", sender_utf8=True)
+    raw = (env.spool.active / f"{queue_id}.env").read_bytes()
+    assert "jösé@exämple.org".encode() in raw
+    assert env.spool.load(queue_id)[0]["sender"] == "jösé@exämple.org"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"version": 2},
+        {"version": None},
+        {"size": 1},
+        {"body": "BINARYMIME"},
+        {"recipients": []},
+        {"arrival": float("nan")},
+        {"client": {"ip": "192.0.2.1"}},
+        {"id": "0" * 16},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_invalid_envelopes_are_refused_and_nothing_is_written(env, change):
+    queue_id = env.spool.new_id()
+    result_of(env.spool.enqueue(queue_id, envelope_for(queue_id, **change), MESSAGE)).trap(ValueError)
+    assert list(env.spool.active.iterdir()) == [] and list(env.spool.incoming.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "queue_id", ["", "short", "0123456789ABCDEI", "../../etc/passwd", "0123456789ABCDE.", "0123456789abcdef", None]
+)
+def test_invalid_ids_are_refused(env, queue_id):
+    result_of(env.spool.enqueue(queue_id, envelope_for(queue_id), MESSAGE)).trap(ValueError)
+    assert list(env.spool.active.iterdir()) == []
+
+
+def test_disk_full_fails_with_storage_full_and_leaves_nothing(env):
+    env.writer._os.fail("fsync", lambda p: p.suffix == ".env", errno.ENOSPC)
+    queue_id = env.spool.new_id()
+    result_of(env.spool.enqueue(queue_id, envelope_for(queue_id), MESSAGE)).trap(StorageFull)
+    assert list(env.spool.active.iterdir()) == [] and list(env.spool.incoming.iterdir()) == []
+
+
+# -- queue ids -----------------------------------------------------------------
+
+
+def test_queue_id_shape():
+    queue_id = new_queue_id(time.time())
+    assert len(queue_id) == 16 and set(queue_id) <= CROCKFORD
+    assert "/" not in queue_id and "." not in queue_id
+    assert is_queue_id(queue_id)
+
+
+def test_queue_id_starts_with_the_millisecond_timestamp():
+    now = 1700000000.123
+    digits = new_queue_id(now)[:10]  # 50 bits; the timestamp is the low 48
+    value = 0
+    for ch in digits:
+        value = value * 32 + "0123456789ABCDEFGHJKMNPQRSTVWXYZ".index(ch)
+    assert value >> 2 == int(now * 1000)
+
+
+def test_queue_ids_sort_by_time():
+    times = [1700000000 + i * 0.37 for i in range(500)]
+    ids = [new_queue_id(t) for t in reversed(times)]
+    assert sorted(ids) == list(reversed(ids))
+
+
+def test_queue_ids_unique_over_100000_calls():
+    ids = [new_queue_id(time.time()) for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # monotonic within the process, even inside one millisecond
+
+
+def test_queue_ids_unique_with_a_frozen_clock():
+    ids = [new_queue_id(1700000000.0) for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+
+
+# -- recovery -------------------------------------------------------------------
+
+
+def errors(env):
+    return [e for e in env.events if e["log_level"].name == "error"]
+
+
+def test_recover_returns_committed_entries_oldest_first(env):
+    first = env.enqueue()
+    env.clock.advance(1)
+    second = env.enqueue()
+    recovered = env.spool.recover()
+    assert [e["id"] for e in recovered] == [first, second]
+    assert recovered[0] == envelope_for(first)
+    assert errors(env) == []
+
+
+def test_recover_clears_incoming(env):
+    (env.spool.incoming / "01ABCDEFGHJKMNPQ.msg").write_bytes(b"half")
+    (env.spool.incoming / "junk").write_bytes(b"x")
+    (env.spool.incoming / "subdir").mkdir()
+    assert env.spool.recover() == []
+    assert list(env.spool.incoming.iterdir()) == []
+
+
+def test_recover_deletes_a_msg_without_env(env):
+    queue_id = env.enqueue()
+    (env.spool.active / f"{queue_id}.env").unlink()
+    assert env.spool.recover() == []
+    assert list(env.spool.active.iterdir()) == []
+    assert list(env.spool.corrupt.iterdir()) == []
+
+
+def corrupt_and_recover(env, mutate):
+    good = env.enqueue()
+    bad = env.enqueue()
+    mutate(env.spool.active / f"{bad}.env", env.spool.active / f"{bad}.msg", bad)
+    recovered = env.spool.recover()
+    assert [e["id"] for e in recovered] == [good]
+    [error] = errors(env)
+    assert bad in str(error["names"])
+    return bad
+
+
+def test_recover_moves_garbage_env_to_corrupt(env):
+    bad = corrupt_and_recover(env, lambda e, m, i: e.write_bytes(b"{not json"))
+    assert sorted(p.name for p in env.spool.corrupt.iterdir()) == [f"{bad}.env", f"{bad}.msg"]
+    assert not (env.spool.active / f"{bad}.msg").exists()
+
+
+def test_recover_moves_non_utf8_env_to_corrupt(env):
+    corrupt_and_recover(env, lambda e, m, i: e.write_bytes(b"\xff\xfe"))
+
+
+def test_recover_moves_unknown_version_to_corrupt(env):
+    def future(e, m, queue_id):
+        e.write_text(json.dumps(envelope_for(queue_id, version=2)))
+    bad = corrupt_and_recover(env, future)
+    assert "version" in errors(env)[0]["reason"]
+    assert (env.spool.corrupt / f"{bad}.env").exists()
+
+
+def test_recover_moves_env_lacking_keys_to_corrupt(env):
+    def strip(e, m, queue_id):
+        envelope = envelope_for(queue_id)
+        del envelope["recipients"]
+        e.write_text(json.dumps(envelope))
+    corrupt_and_recover(env, strip)
+
+
+def test_recover_moves_env_without_msg_to_corrupt(env):
+    bad = corrupt_and_recover(env, lambda e, m, i: m.unlink())
+    assert [p.name for p in env.spool.corrupt.iterdir()] == [f"{bad}.env"]
+
+
+def test_recover_moves_truncated_msg_to_corrupt(env):
+    corrupt_and_recover(env, lambda e, m, i: m.write_bytes(MESSAGE[:5]))
+
+
+def test_recover_moves_env_with_another_id_to_corrupt(env):
+    def swap(e, m, queue_id):
+        e.write_text(json.dumps(envelope_for("0" * 16)))
+    corrupt_and_recover(env, swap)
+
+
+def test_recover_moves_stray_files_to_corrupt_and_keeps_older_corrupt_entries(env):
+    (env.spool.corrupt / "stray").write_bytes(b"older")
+    (env.spool.active / "stray").write_bytes(b"newer")
+    assert env.spool.recover() == []
+    assert (env.spool.corrupt / "stray").read_bytes() == b"older"
+    assert (env.spool.corrupt / "stray.1").read_bytes() == b"newer"
+    assert len(errors(env)) == 1
+
+
+def test_recover_is_idempotent(env):
+    queue_id = env.enqueue()
+    (env.spool.active / "stray").write_bytes(b"x")
+    first = env.spool.recover()
+    assert env.spool.recover() == first == [envelope_for(queue_id)]
+
+
+def test_load_unknown_and_corrupt(env):
+    with pytest.raises(KeyError):
+        env.spool.load("0123456789ABCDEF")
+    queue_id = env.enqueue()
+    (env.spool.active / f"{queue_id}.msg").unlink()
+    with pytest.raises(EnvelopeError):
+        env.spool.load(queue_id)
+    with pytest.raises(ValueError):
+        env.spool.load("../x")
+
+
+def test_check_envelope_ignores_unknown_keys():
+    envelope = envelope_for("0123456789ABCDEF", extra_field_of_a_later_release=1)
+    check_envelope(copy.deepcopy(envelope))
+
+
+def test_discard_uncommits_env_first(env):
+    queue_id = env.enqueue()
+    env.writer._os.calls.clear()
+    result_of(env.spool.discard(queue_id))
+    unlinks = [path.name for op, path in env.writer._os.calls if op == "unlink"]
+    assert unlinks == [f"{queue_id}.env", f"{queue_id}.msg"]
+    assert env.spool.ids() == [] and list(env.spool.active.iterdir()) == []
+    result_of(env.spool.discard("../etc")).trap(ValueError)
