@@ -396,7 +396,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         users_file = _absolute(users_file_text)
     elif users_file_text == "" and data_dir is not None:
         users_file = data_dir / "users"
-    io_threads = server.integer("io_threads", 16, 1, 256)
+    io_threads = server.integer("io_threads", 8, 1, 256)
     server.finish()
 
     tls = _tls(tls_table, data_dir)

@@ -6,6 +6,7 @@ users, portal -> one listener per configured endpoint.
 """
 from __future__ import annotations
 
+import errno
 import re
 
 from twisted.application import service
@@ -82,9 +83,25 @@ class ThreadPoolService(service.Service):
         self.pool.stop()
 
 
+def _cannot_listen(description: str, role: str, error: BaseException) -> str:
+    lines = [f"mailgw: cannot listen on {description} ({role}): {error}"]
+    os_error = getattr(error, "socketError", None) or error
+    if getattr(os_error, "errno", None) == errno.EACCES:
+        lines.append("mailgw: ports below 1024 need root (twistd --uid/--gid drops privileges after "
+                     "binding); or start with --port-offset 10000, or change [[listeners]] in the config.")
+    elif getattr(os_error, "errno", None) == errno.EADDRINUSE:
+        lines.append("mailgw: another program already listens there (a system Postfix?); stop it, "
+                     "or start with --port-offset 10000, or change [[listeners]] in the config.")
+    else:
+        lines.append("mailgw: check the endpoint in [[listeners]], or start with --port-offset 10000.")
+    return "\n".join(lines)
+
+
 class ListenerService(service.Service):
-    """Listens in privilegedStartService (before twistd drops privileges) and
-    turns a failure to bind into one clear line instead of a traceback."""
+    """One listening port. It binds while the service is being built, i.e.
+    as the user twistd starts as and before twistd writes its pidfile, so a
+    port that cannot be bound ends the start with one clear message, no
+    traceback and no stale pidfile."""
 
     def __init__(self, reactor, description: str, factory, role: str):
         self.reactor = reactor
@@ -92,28 +109,16 @@ class ListenerService(service.Service):
         self.factory = factory
         self.role = role
         self.port = None
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
         failure = []
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
-        endpoint.listen(self.factory).addCallbacks(self._listening, failure.append)
+        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint.listen(factory).addCallbacks(self._listening, failure.append)
         if failure:
-            reason = failure[0].value
-            raise SystemExit(
-                f"mailgw: cannot listen on {self.description} ({self.role}): {reason}\n"
-                f"mailgw: ports below 1024 need root; run as root (twistd --uid/--gid drops privileges "
-                f"after binding), or add --port-offset 10000, or change [[listeners]] endpoints in the config.")
+            raise SystemExit(_cannot_listen(description, role, failure[0].value))
 
     def _listening(self, port):
         self.port = port
         address = port.getHost()
         log.info("listening for {role} on {host}:{port}", role=self.role, host=address.host, port=address.port)
-
-    def startService(self):
-        if self.port is None and not self.running:
-            self.privilegedStartService()
-        super().startService()
 
     def stopService(self):
         super().stopService()
@@ -138,6 +143,8 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
     store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname)
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
+    if removed := store.clean_tmp():
+        log.info("removed {count} stale file(s) from Maildir tmp/ directories", count=removed)
     waiting = spool.recover()
     if waiting:
         log.info("{count} message(s) waiting in the relay queue", count=len(waiting))

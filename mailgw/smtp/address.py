@@ -53,7 +53,8 @@ class Mailbox:
     domain: str     # lower-case; an address literal keeps its brackets
 
     def __str__(self) -> str:
-        return f"{self.local}@{self.domain}"
+        # RFC 5321 §4.1.1.3: the one address without a domain is <Postmaster>.
+        return f"{self.local}@{self.domain}" if self.domain else self.local
 
     @property
     def is_ascii(self) -> bool:

@@ -42,6 +42,8 @@ MAX_LOCAL_PART = 64   # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255      # RFC 5321 §4.5.3.1.2
 
 MAILDIR_SUBDIRECTORIES = ("tmp", "new", "cur")
+# https://cr.yp.to/proto/maildir.html: a tmp/ file untouched for 36 hours is garbage.
+TMP_MAX_AGE = 36 * 3600.0
 
 
 def split_mailbox_address(address: str) -> tuple[str, str]:
@@ -133,6 +135,24 @@ class MaildirStore:
             if path.parent.name == "new" and self._mail_dir in path.parents and ".." not in path.parts:
                 mine.append(path)
         return self._writer.remove(mine)
+
+    def clean_tmp(self, *, older_than: float = TMP_MAX_AGE) -> int:
+        """Remove files left in tmp/ by a crashed writer. Start-up only (blocking).
+
+        The Maildir spec says tmp/ files untouched for 36 hours are garbage;
+        younger ones may belong to another MDA still writing, so they stay.
+        Returns how many were removed."""
+        cutoff = self._clock() - older_than
+        removed = 0
+        for pattern in ("*/*/tmp/*", "*/*/.*/tmp/*"):
+            for path in self._mail_dir.glob(pattern):
+                try:
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except OSError:
+                    continue
+        return removed
 
     def _new_name(self, size: int, wire_size: int) -> str:
         # Unique within this host: the pid tells processes apart, the counter

@@ -69,7 +69,7 @@ def test_embedded_default_loads_with_documented_values(in_tmp):
     assert config.users_file == in_tmp / "mailgw-data" / "users"
     assert config.mail_dir == in_tmp / "mailgw-data" / "mail"
     assert config.queue_dir == in_tmp / "mailgw-data" / "queue"
-    assert config.io_threads == 16
+    assert config.io_threads == 8
     assert config.tls.generated is True
     assert config.tls.certificate == in_tmp / "mailgw-data" / "tls" / "cert.pem"
     assert config.tls.private_key == in_tmp / "mailgw-data" / "tls" / "key.pem"

@@ -206,3 +206,19 @@ def test_discard_touches_nothing_outside_new_below_mail_dir(tmp_path, store):
     sneaky = path.parent / ".." / ".." / ".." / ".." / ".." / "precious"
     result_of(store.discard([outside, sneaky, path.parent.parent / "cur" / "x"]))
     assert outside.exists() and path.exists()
+
+
+def test_clean_tmp_removes_only_stale_files(tmp_path):
+    from mailgw.store.maildir import MaildirStore
+    store = MaildirStore(tmp_path, writer=None, hostname="h", clock=lambda: 1_000_000.0)
+    inbox_tmp = tmp_path / "example.test" / "alice" / "tmp"
+    folder_tmp = tmp_path / "example.test" / "alice" / ".Sent" / "tmp"
+    for directory in (inbox_tmp, folder_tmp):
+        directory.mkdir(parents=True)
+        old, young = directory / "old", directory / "young"
+        old.write_bytes(b"x")
+        young.write_bytes(b"y")
+        os.utime(old, (0, 1_000_000.0 - 37 * 3600))
+        os.utime(young, (0, 1_000_000.0 - 3600))
+    assert store.clean_tmp() == 2
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["young", "young"]
