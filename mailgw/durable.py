@@ -57,6 +57,7 @@ class _OSCalls:
     fsync = staticmethod(os.fsync)
     close = staticmethod(os.close)
     link = staticmethod(os.link)
+    rename = staticmethod(os.rename)
     unlink = staticmethod(os.unlink)
     mkdir = staticmethod(os.mkdir)
 
@@ -67,6 +68,7 @@ class _Write:
     tmp_directory: Path
     final_name: str
     data: bytes
+    replace: bool = False     # overwrite an existing final file (envelope updates)
 
     @property
     def tmp_path(self) -> Path:
@@ -187,6 +189,17 @@ class DurableWriter:
             self._fail(job, Failure(RuntimeError("I/O thread pool stopped")))
         return job.deferred
 
+    def replace(self, directory, tmp_directory, final_name: str, data: bytes) -> Deferred:
+        """Like commit() for one file, but atomically replaces an existing
+        `directory/final_name` (rename(2)): readers see the old or the new
+        content, never a mix. For state that changes (the spool's envelopes);
+        the caller makes sure one replace per name runs at a time."""
+        write = _Write(Path(directory), Path(tmp_directory), _checked_name(final_name), bytes(data), replace=True)
+        job = _Commit([write], Deferred(), frozenset([write.directory]), remaining=1)
+        if not self._dispatch(self._write_files, job):
+            self._fail(job, Failure(RuntimeError("I/O thread pool stopped")))
+        return job.deferred.addCallback(lambda paths: paths[0])
+
     def ensure_directories(self, root: Path, directories) -> Deferred:
         """Create `directories` (each below `root`, which must exist) and every
         missing directory between, mode 0700, then fsync the parent of each
@@ -273,6 +286,10 @@ class DurableWriter:
             o.fsync(fd)
         finally:
             o.close(fd)
+        if write.replace:
+            o.rename(write.tmp_path, write.final_path)
+            created.remove(write.tmp_path)  # the old content is gone: nothing to undo
+            return
         o.link(write.tmp_path, write.final_path)  # EEXIST rather than overwrite
         created.append(write.final_path)
         o.unlink(write.tmp_path)

@@ -171,6 +171,7 @@ class Spool:
         self.corrupt = self._queue_dir / "corrupt"
         self._writer = writer
         self._reactor = reactor
+        self._listeners = []
         # Start-up, before the reactor runs.
         self._make_layout()
 
@@ -199,7 +200,35 @@ class Spool:
                 (self.active, self.incoming, queue_id + ENV_SUFFIX, encoded),
             ]
         )
+        return d.addCallback(self._committed, envelope)
+
+    def add_listener(self, listener) -> None:
+        """`listener(envelope)` is called on the reactor thread after each
+        enqueue has committed (the queue runner schedules it)."""
+        self._listeners.append(listener)
+
+    def _committed(self, _, envelope: dict) -> str:
+        for listener in self._listeners:
+            try:
+                listener(envelope)
+            except Exception:
+                self.log.failure("spool listener failed for {queue_id}", queue_id=envelope["id"])
+        return envelope["id"]
+
+    def update(self, envelope: dict) -> Deferred:
+        """Durably replace the envelope of a committed entry (new recipient
+        states, attempts, hold flag...). Fires with the queue id."""
+        try:
+            check_envelope(envelope)
+            encoded = encode_envelope(envelope)
+        except (ValueError, TypeError):
+            return fail()
+        queue_id = envelope["id"]
+        d = self._writer.replace(self.active, self.incoming, queue_id + ENV_SUFFIX, encoded)
         return d.addCallback(lambda _: queue_id)
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.active / (queue_id + MSG_SUFFIX)
 
     def discard(self, queue_id: str) -> Deferred:
         """Un-commit an entry `enqueue` stored, when the transaction failed

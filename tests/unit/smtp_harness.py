@@ -108,12 +108,14 @@ class TLSStringTransport(StringTransport):
         self.tls_started = True
 
 
-def make_config(tmp: Path | None = None, *, smtp=None, **server):
+def make_config(tmp: Path | None = None, *, smtp=None, queue=None, **server):
     overrides = {"server": {"hostname": HOSTNAME, "local_domains": ["example.test", "example.org"],
                             "trusted_networks": ["10.0.0.0/8", "2001:db8::/32"],
                             "data_dir": str(tmp or "/nonexistent-mailgw-test"), **server}}
     if smtp:
         overrides["smtp"] = smtp
+    if queue:
+        overrides["queue"] = queue
     return config_module.load(None, overrides=overrides)
 
 
