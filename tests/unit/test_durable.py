@@ -110,6 +110,11 @@ class RecordingOS:
         self._check("link", dst)
         os.link(src, dst)
 
+    def rename(self, src, dst):
+        self.calls.append(("rename", Path(dst)))
+        self._check("rename", dst)
+        os.rename(src, dst)
+
     def unlink(self, path):
         self.calls.append(("unlink", Path(path)))
         self._check("unlink", path)

@@ -304,3 +304,39 @@ def test_discard_uncommits_env_first(env):
     assert unlinks == [f"{queue_id}.env", f"{queue_id}.msg"]
     assert env.spool.ids() == [] and list(env.spool.active.iterdir()) == []
     result_of(env.spool.discard("../etc")).trap(ValueError)
+
+
+# -- envelope updates (the runner's per-recipient state) --------------------------
+
+def test_update_replaces_the_envelope_durably(env):
+    queue_id = env.enqueue()
+    envelope, _ = env.spool.load(queue_id)
+    envelope["recipients"][0]["state"] = "sent"
+    envelope["attempts"] = 1
+    assert result_of(env.spool.update(envelope)) == queue_id
+    assert env.spool.load(queue_id)[0]["recipients"][0]["state"] == "sent"
+    assert list(env.spool.incoming.iterdir()) == []
+    calls = env.writer._os.calls
+    start = max(i for i, (op, path) in enumerate(calls) if op == "open" and path.parent == env.spool.incoming)
+    # Written and fsynced aside, renamed over the old one, then the directory is synced.
+    assert [op for op, _ in calls[start:]] == ["open", "write", "fsync", "fsynced", "close", "rename", "open", "fsync", "fsynced", "close"]
+    assert calls[start + 5][1] == env.spool.active / (queue_id + ".env")
+    assert calls[start + 7][1] == env.spool.active
+
+
+def test_update_on_a_full_disk_keeps_the_old_envelope(env):
+    queue_id = env.enqueue()
+    envelope, _ = env.spool.load(queue_id)
+    envelope["attempts"] = 7
+    env.writer._os.fail("write", lambda p: p.name.endswith(".env"), errno.ENOSPC)
+    result_of(env.spool.update(envelope)).trap(StorageFull)
+    assert env.spool.load(queue_id)[0]["attempts"] == 0
+    assert list(env.spool.incoming.iterdir()) == []
+
+
+def test_update_refuses_an_invalid_envelope(env):
+    queue_id = env.enqueue()
+    envelope, _ = env.spool.load(queue_id)
+    envelope["recipients"] = []
+    result_of(env.spool.update(envelope)).trap(EnvelopeError)
+    assert env.spool.load(queue_id)[0]["recipients"]
