@@ -4,7 +4,7 @@ A write is durable once the file's data and its directory entry are on disk:
 
     open tmp_directory/name O_CREAT|O_EXCL   (never reuse someone else's file)
     write all, fsync(file), close            (data on disk)
-    link tmp -> directory/name, unlink tmp   (link fails with EEXIST: never overwrites)
+    move tmp -> directory/name               (renameat2 NOREPLACE: EEXIST, never overwrites)
     fsync(directory)                         (the new entry is on disk)
 
 Only then does the Deferred fire, so "250 OK" follows a crash-proof commit
@@ -24,6 +24,7 @@ the reactor thread only, reached through `reactor.callFromThread`.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -44,19 +45,51 @@ DIRECTORY_MODE = 0o700
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def _load_renameat2():
+    """Linux renameat2(2) with RENAME_NOREPLACE, or None where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(source, destination) -> None:
+    """Move `source` to `destination`, failing with EEXIST rather than
+    replacing an existing file. One directory operation (renameat2) where
+    the kernel and filesystem offer it; otherwise link(2) + unlink(2), which
+    gives the same guarantee with two."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(destination), _RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(error, os.strerror(error), str(source), None, str(destination))
+    os.link(source, destination)
+    os.unlink(source)
+
+
 class _OSCalls:
     """The OS calls this module makes, in one place so tests can replace them
     (fault injection: raise ENOSPC at a chosen step; or record the order).
 
-    "rename" is `link` + `unlink`: link(2) refuses to replace an existing name,
-    which os.rename would silently do.
+    `move` never replaces an existing name (rename_noreplace); `rename`
+    does, and is used only to replace an envelope on purpose.
     """
 
     open = staticmethod(os.open)
     write = staticmethod(os.write)
     fsync = staticmethod(os.fsync)
     close = staticmethod(os.close)
-    link = staticmethod(os.link)
+    move = staticmethod(rename_noreplace)
     rename = staticmethod(os.rename)
     unlink = staticmethod(os.unlink)
     mkdir = staticmethod(os.mkdir)
@@ -290,10 +323,9 @@ class DurableWriter:
             o.rename(write.tmp_path, write.final_path)
             created.remove(write.tmp_path)  # the old content is gone: nothing to undo
             return
-        o.link(write.tmp_path, write.final_path)  # EEXIST rather than overwrite
-        created.append(write.final_path)
-        o.unlink(write.tmp_path)
+        o.move(write.tmp_path, write.final_path)  # EEXIST rather than overwrite
         created.remove(write.tmp_path)
+        created.append(write.final_path)
 
     def _fsync_directory(self, directory: Path) -> None:
         o = self._os

@@ -1,4 +1,4 @@
-"""DurableWriter: tmp -> fsync -> link -> fsync(dir), group commit, cleanup on failure."""
+"""DurableWriter: tmp -> fsync -> move (no replace) -> fsync(dir), group commit, cleanup on failure."""
 from __future__ import annotations
 
 import errno
@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
-from mailgw.durable import DurableWriter
+from mailgw.durable import DurableWriter, rename_noreplace
 from mailgw.errors import StorageFailed, StorageFull
 from mailgw.interfaces import IDurableWriter
 
@@ -105,10 +105,10 @@ class RecordingOS:
         self.calls.append(("close", self._paths.pop(fd)))
         os.close(fd)
 
-    def link(self, src, dst):
-        self.calls.append(("link", Path(dst)))
-        self._check("link", dst)
-        os.link(src, dst)
+    def move(self, src, dst):
+        self.calls.append(("move", Path(dst)))
+        self._check("move", dst)
+        rename_noreplace(src, dst)
 
     def rename(self, src, dst):
         self.calls.append(("rename", Path(dst)))
@@ -182,8 +182,7 @@ def test_order_is_write_fsync_link_then_directory_fsync(tmp_path, recording_writ
         ("write", tmp / "a"),
         ("fsync", tmp / "a"),
         ("fsynced", tmp / "a"),
-        ("link", final / "a"),
-        ("unlink", tmp / "a"),
+        ("move", final / "a"),
         ("open", final),
         ("fsync", final),
         ("fsynced", final),
@@ -215,8 +214,7 @@ STEPS = [
     ("open", lambda p: p.name == "b"),
     ("write", lambda p: p.name == "b"),
     ("fsync", lambda p: p.name == "b"),
-    ("link", lambda p: p.name == "b"),
-    ("unlink", lambda p: p.name == "b"),
+    ("move", lambda p: p.name == "b"),
     ("fsync", lambda p: p.name == "final"),
 ]
 
@@ -245,7 +243,7 @@ def test_quota_exceeded_is_storage_full(tmp_path, recording_writer):
     outcome.trap(StorageFull)
 
 
-@pytest.mark.parametrize("op", ["open", "write", "fsync", "link"])
+@pytest.mark.parametrize("op", ["open", "write", "fsync", "move"])
 def test_other_errors_are_storage_failed(tmp_path, recording_writer, op):
     final, tmp = make_dirs(tmp_path)
     recording_writer._os.fail(op, err=errno.EIO)
@@ -309,7 +307,7 @@ def test_commits_renamed_before_a_directory_fsync_share_it(tmp_path):
     assert len(directory_fsyncs(writer, final)) == 1
     assert pool.jobs == []
     calls = writer._os.calls
-    assert calls.index(("fsync", final)) > calls.index(("link", final / "b"))
+    assert calls.index(("fsync", final)) > calls.index(("move", final / "b"))
 
 
 def test_commit_renamed_during_a_directory_fsync_waits_for_the_next(tmp_path):
@@ -325,12 +323,12 @@ def test_commit_renamed_during_a_directory_fsync_waits_for_the_next(tmp_path):
     writer._os.during_directory_fsync = pool.run_next  # ...and c is renamed while it runs
     pool.run_next()
     assert pool.jobs == []
-    events = [c for c in order if c[0] in ("link", "fsync", "fsynced", "fired") and c[1] != tmp / "a"]
+    events = [c for c in order if c[0] in ("move", "fsync", "fsynced", "fired") and c[1] != tmp / "a"]
     events = [c for c in events if c[1] != tmp / "c"]
     assert events == [
-        ("link", final / "a"),
+        ("move", final / "a"),
         ("fsync", final),          # first round: takes only a
-        ("link", final / "c"),     # c renamed while it runs
+        ("move", final / "c"),     # c renamed while it runs
         ("fsynced", final),
         ("fired", "a"),
         ("fsync", final),          # c's own round: started after its rename

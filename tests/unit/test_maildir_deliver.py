@@ -161,7 +161,7 @@ def test_safe_addresses(tmp_path, store, address):
     assert store.mailbox_path(address) == tmp_path / "mail" / domain / local
 
 
-@pytest.mark.parametrize("step", ["open", "write", "fsync", "link"])
+@pytest.mark.parametrize("step", ["open", "write", "fsync", "move"])
 def test_failure_in_the_second_mailbox_removes_the_first(tmp_path, store, writer, step):
     second = tmp_path / "mail" / "example.net" / "bob"
     writer._os.fail(step, lambda p: second in p.parents and p.parent.name in ("tmp", "new"), errno.ENOSPC)

@@ -91,12 +91,12 @@ def test_enqueue_writes_msg_and_env_into_active(env):
 def test_env_appears_only_after_the_msg_is_on_disk(env):
     queue_id = env.enqueue()
     spool = env.spool
-    calls = [c for c in env.writer._os.calls if c[0] in ("fsynced", "link")]
+    calls = [c for c in env.writer._os.calls if c[0] in ("fsynced", "move")]
     assert calls == [
         ("fsynced", spool.incoming / f"{queue_id}.msg"),
-        ("link", spool.active / f"{queue_id}.msg"),
+        ("move", spool.active / f"{queue_id}.msg"),
         ("fsynced", spool.incoming / f"{queue_id}.env"),
-        ("link", spool.active / f"{queue_id}.env"),   # the commit point...
+        ("move", spool.active / f"{queue_id}.env"),   # the commit point...
         ("fsynced", spool.active),                     # ...made durable: now 250
     ]
 
