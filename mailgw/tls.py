@@ -16,7 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -72,8 +71,9 @@ def server_options(tls: TLSConfig) -> ssl.CertificateOptions:
     chain = _PEM_CERT.findall(tls.certificate.read_bytes())
     if not chain:
         raise ValueError(f"{tls.certificate}: no PEM certificate found")
-    certificates = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
-    key = crypto.load_privatekey(crypto.FILETYPE_PEM, tls.private_key.read_bytes())
+    # cryptography objects: pyOpenSSL 26 deprecates its own X509/PKey here.
+    certificates = [x509.load_pem_x509_certificate(pem) for pem in chain]
+    key = serialization.load_pem_private_key(tls.private_key.read_bytes(), password=None)
     minimum = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     return ssl.CertificateOptions(
         privateKey=key, certificate=certificates[0], extraCertChain=certificates[1:],
