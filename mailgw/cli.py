@@ -2,6 +2,7 @@
 
     mailgw check [--config PATH]          validate the configuration, start nothing
     mailgw users add|passwd|delete|list   manage the users file (passwords from a prompt or stdin)
+    mailgw queue list|show|flush|hold|release|delete|bounce   the relay queue, running or not
 
 Each subcommand lives next to what it manages; this module only dispatches.
 """
@@ -17,6 +18,13 @@ commands:
   users passwd ADDRESS       change a password
   users delete ADDRESS       remove a user
   users list                 list users
+  queue list [--json]        list the relay queue, oldest first
+  queue show [--json] ID     one queued message: envelope, history, headers
+  queue flush [ID...]        try queued messages now (all without IDs)
+  queue hold ID              do not try a message until released
+  queue release ID           undo hold and try it now
+  queue delete ID            remove a message (the sender is not notified)
+  queue bounce ID            give up on a message and notify the sender
 """
 
 
@@ -32,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "users":
         from mailgw.auth.admin import users_main
         return users_main(rest)
+    if command == "queue":
+        from mailgw.queue.admin import queue_main
+        return queue_main(rest)
     print(f"mailgw: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 
