@@ -64,6 +64,11 @@ class ISessionInfo(Interface):
 class IRelayTransport(Interface):
     """Sends one DeliveryRequest to its destination (mailgw.queue.delivery)."""
 
+    def destination(domain):
+        """The key of where mail for `domain` goes ("[host]:port" of a relay
+        host, or the domain itself for MX delivery). Recipients with the same
+        key go in one transaction, and concurrency is limited per key."""
+
     def deliver(request):
         """Deferred[AttemptResult] with one RecipientResult per recipient of
         `request`, in order. Never fails: connection, DNS and protocol

@@ -12,8 +12,9 @@ import re
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
 from twisted.logger import Logger
+from twisted.names import client as dns_client
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -24,6 +25,9 @@ from mailgw.auth.realm import MailRealm
 from mailgw.auth.userdb import UserFile
 from mailgw.config_types import IMPLICIT_TLS_ROLES, SMTP_ROLES, Config
 from mailgw.durable import DurableWriter
+from mailgw.queue import control
+from mailgw.queue.delivery import RelayTransport
+from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, new_queue_id
 from mailgw.smtp.delivery import Router
 from mailgw.smtp.server import SMTPFactory
@@ -140,6 +144,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     ThreadPoolService(io_pool).setServiceParent(top)
     ThreadPoolService(auth_pool).setServiceParent(top)
 
+    # One mailgw per data directory: the lock also tells `mailgw queue` to use
+    # the control socket instead of editing the spool files itself.
+    top.server_lock = control.acquire_server_lock(config.queue_dir)
+
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
     store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname)
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
@@ -151,8 +159,20 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
 
     userdb = UserFile(config.users_file, threadpool=auth_pool, reactor=reactor)
     checker = PasswordChecker(userdb, reactor=reactor, failure_delay=config.smtp.auth_failure_delay)
-    realm = MailRealm(router=Router(config, userdb), store=store, spool=spool, clock=reactor)
+    router = Router(config, userdb)
+    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
+
+    def read_message(path):
+        return threads.deferToThreadPool(reactor, io_pool, path.read_bytes)
+
+    transport = RelayTransport(config=config, reactor=reactor, resolver=dns_client.createResolver(),
+                               read_message=read_message)
+    runner = QueueRunner(config=config, spool=spool, transport=transport, store=store, router=router,
+                         clock=reactor, read_message=read_message)
+    runner.load(waiting)
+    runner.setServiceParent(top)
+    control.control_service(reactor, control.socket_path(config.data_dir), runner).setServiceParent(top)
 
     tls.ensure_certificate(config.tls, config.hostname)
     tls_options = tls.server_options(config.tls)

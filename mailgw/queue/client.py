@@ -757,6 +757,8 @@ class OutboundSMTP(Protocol):
 class OneShotFactory(Factory):
     """Hands out one prepared protocol (connect() takes a factory)."""
 
+    noisy = False       # one per session; the runner logs each delivery
+
     def __init__(self, protocol: Protocol):
         self._protocol = protocol
 

@@ -126,6 +126,12 @@ class RelayTransport:
             return _all(request, LOCAL_ERROR, STATUS_DEFERRED)
         return d.addErrback(unexpected)
 
+    def destination(self, domain: str) -> str:
+        """Recipients with the same destination share one transaction: their
+        relay host when a route or the smarthost applies, else their domain (MX)."""
+        host = self._route(domain)
+        return f"[{host.host}]:{host.port}" if host is not None else domain.lower()
+
     def _route(self, domain: str) -> RelayHost | None:
         return self._routes.get(domain.lower().rstrip(".")) or self._queue.smarthost
 

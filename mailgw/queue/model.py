@@ -32,7 +32,8 @@ class Recipient:
 class DeliveryRequest:
     """One SMTP transaction to attempt: one destination, several recipients."""
     queue_id: str
-    domain: str                         # destination domain (lower-case) of every recipient here
+    domain: str                         # routing domain (lower-case); every recipient here has the
+                                        # same destination (this domain's MX, or one relay host)
     sender: str                         # "" for the null reverse-path <>
     recipients: tuple[Recipient, ...]
     message_path: Path                  # the spooled message, CRLF line ends, dot-stuffing NOT applied

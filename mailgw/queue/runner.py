@@ -50,7 +50,7 @@ def _domain_of(address: str) -> str:
 class _Attempt:
     """One message's attempt in progress: its requests and their results."""
     queue_id: str
-    requests: list[DeliveryRequest]
+    requests: list[tuple[str, DeliveryRequest]]     # (destination, request)
     outstanding: int
     outcomes: list[tuple[DeliveryRequest, AttemptResult]] = field(default_factory=list)
     after: list = field(default_factory=list)      # admin actions to apply once it is over
@@ -73,9 +73,9 @@ class QueueRunner(service.Service):
         self._heap: list[tuple[float, str]] = []
         self._timer = None
         self._attempts: dict[str, _Attempt] = {}
-        self._jobs: deque[tuple[_Attempt, DeliveryRequest]] = deque()
+        self._jobs: deque[tuple[_Attempt, str, DeliveryRequest]] = deque()
         self._active_total = 0
-        self._active_domains: Counter = Counter()
+        self._active_destinations: Counter = Counter()
         self.counters: Counter = Counter()     # sent / deferred / bounced / expired / notices
         spool.add_listener(self.add)
 
@@ -135,17 +135,21 @@ class QueueRunner(service.Service):
         self._arm()
 
     # -- attempts -------------------------------------------------------------------
-    def _requests(self, envelope: dict) -> list[DeliveryRequest]:
-        by_domain: dict[str, list[Recipient]] = {}
+    def _requests(self, envelope: dict) -> list[tuple[str, DeliveryRequest]]:
+        """(destination, request) per destination of the pending recipients."""
+        by_destination: dict[str, tuple[str, list[Recipient]]] = {}
         for entry in envelope["recipients"]:
             if entry["state"] == PENDING:
-                by_domain.setdefault(_domain_of(entry["address"]), []).append(Recipient(
+                domain = _domain_of(entry["address"])
+                _, recipients = by_destination.setdefault(self.transport.destination(domain), (domain, []))
+                recipients.append(Recipient(
                     entry["address"], tuple(entry["notify"]) if entry["notify"] else None, entry["orcpt"]))
-        return [DeliveryRequest(
+        return [(destination, DeliveryRequest(
             queue_id=envelope["id"], domain=domain, sender=envelope["sender"], recipients=tuple(recipients),
             message_path=self.spool.message_path(envelope["id"]), size=envelope["size"],
             body=envelope["body"], smtputf8=envelope["sender_utf8"] or any(not r.address.isascii() for r in recipients),
-            envid=envelope["envid"], ret=envelope["ret"]) for domain, recipients in sorted(by_domain.items())]
+            envid=envelope["envid"], ret=envelope["ret"]))
+            for destination, (domain, recipients) in sorted(by_destination.items())]
 
     def _start_attempt(self, queue_id: str) -> None:
         requests = self._requests(self.envelopes[queue_id])
@@ -154,22 +158,22 @@ class QueueRunner(service.Service):
         if not requests:        # nothing pending (e.g. a crash after the last delivery)
             self._finish(attempt)
             return
-        self._jobs.extend((attempt, request) for request in requests)
+        self._jobs.extend((attempt, destination, request) for destination, request in requests)
         self._pump()
 
     def _pump(self) -> None:
         """Start waiting jobs while the concurrency limits allow."""
         skipped = deque()
         while self._jobs and self._active_total < self.queue.max_deliveries:
-            attempt, request = self._jobs.popleft()
-            if self._active_domains[request.domain] >= self.queue.max_per_domain:
-                skipped.append((attempt, request))
+            attempt, destination, request = job = self._jobs.popleft()
+            if self._active_destinations[destination] >= self.queue.max_per_domain:
+                skipped.append(job)
                 continue
             self._active_total += 1
-            self._active_domains[request.domain] += 1
+            self._active_destinations[destination] += 1
             d = defer.maybeDeferred(self.transport.deliver, request)
             d.addErrback(self._transport_failed, request)
-            d.addCallback(self._job_done, attempt, request)
+            d.addCallback(self._job_done, attempt, destination, request)
         skipped.extend(self._jobs)
         self._jobs = skipped
 
@@ -181,11 +185,11 @@ class QueueRunner(service.Service):
             RecipientResult(r.address, policy.classify(0), 0, "4.3.0", "local error in delivery")
             for r in request.recipients))
 
-    def _job_done(self, result: AttemptResult, attempt: _Attempt, request: DeliveryRequest) -> None:
+    def _job_done(self, result: AttemptResult, attempt: _Attempt, destination: str, request) -> None:
         self._active_total -= 1
-        self._active_domains[request.domain] -= 1
-        if not self._active_domains[request.domain]:
-            del self._active_domains[request.domain]
+        self._active_destinations[destination] -= 1
+        if not self._active_destinations[destination]:
+            del self._active_destinations[destination]
         attempt.outcomes.append((request, result))
         attempt.outstanding -= 1
         if attempt.outstanding == 0:

@@ -437,3 +437,15 @@ class RelayTransportTests(unittest.TestCase):
         self.assertEqual((r.status, r.enhanced), (STATUS_DEFERRED, "4.3.0"))
         self.assertNotIn(str(request.message_path), r.text)
         self.flushLoggedErrors(FileNotFoundError)
+
+
+def test_destination_is_the_relay_host_or_the_domain():
+    config = config_module.load(None, overrides={"server": {"data_dir": "/nonexistent"}, "queue": {
+        "routes": [{"domain": "partner.test", "host": "10.1.2.3", "port": 2525, "tls": "none"}]}})
+    transport = RelayTransport(config=config, reactor=None, resolver=None)
+    assert transport.destination("Partner.Test") == "[10.1.2.3]:2525"
+    assert transport.destination("other.test") == "other.test"
+    with_smarthost = config_module.load(None, overrides={"server": {"data_dir": "/nonexistent"}, "queue": {
+        "smarthost": {"host": "relay.example.test", "port": 587, "tls": "none"}}})
+    transport = RelayTransport(config=with_smarthost, reactor=None, resolver=None)
+    assert transport.destination("a.test") == transport.destination("b.test") == "[relay.example.test]:587"

@@ -50,6 +50,9 @@ class FakeTransport:
         self.held = []
         self.dsn_relayed = False
 
+    def destination(self, domain):
+        return domain
+
     def deliver(self, request):
         self.requests.append(request)
         results = []
@@ -309,3 +312,13 @@ def test_admin_hold_release_delete_bounce(tmp_path):
     assert per_recipient["Action"] == "failed"
     with pytest.raises(KeyError):
         rig.runner.hold("0000000000000000")
+
+
+def test_recipients_for_one_relay_host_share_a_transaction(tmp_path):
+    rig = Rig(tmp_path)
+    rig.transport.destination = lambda domain: "[smarthost.example.test]:587"
+    rig.enqueue(recipients=("a@one.test", "b@two.test", "c@three.test"))
+    rig.run()
+    (request,) = rig.transport.requests
+    assert [r.address for r in request.recipients] == ["a@one.test", "b@two.test", "c@three.test"]
+    assert rig.queued_ids() == []
