@@ -390,17 +390,18 @@ class OutboundSMTP(Protocol):
             self._arm(self._reply_timeout)
 
     def _reply(self, code: int, lines: list[str]) -> Reply:
-        """RFC 2034: with ENHANCEDSTATUSCODES every line starts with the code."""
+        """RFC 2034: with ENHANCEDSTATUSCODES every line starts with the code.
+        Many servers send the code without advertising the extension; like
+        Postfix we take it whenever its class matches the reply's."""
         enhanced = None
-        if "ENHANCEDSTATUSCODES" in self.extensions:
-            stripped = []
-            for line in lines:
-                match = _ENHANCED.match(line)
-                if match and match.group(1) == str(code)[0]:
-                    enhanced = enhanced or match.group(0).strip()
-                    line = line[match.end():]
-                stripped.append(line)
-            lines = stripped
+        stripped = []
+        for line in lines:
+            match = _ENHANCED.match(line)
+            if match and match.group(1) == str(code)[0]:
+                enhanced = enhanced or match.group(0).strip()
+                line = line[match.end():]
+            stripped.append(line)
+        lines = stripped
         text = " ".join(line for line in lines if line)[:MAX_REPLY_TEXT]
         return Reply(code, enhanced or f"{code // 100}.0.0", text)
 

@@ -93,8 +93,15 @@ def run_twistd(args: list[str], *, cwd: Path, timeout: float = 30) -> subprocess
                           text=True, cwd=cwd, env=server_env(), timeout=timeout)
 
 
-def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str = "") -> str:
-    """A complete config; `listeners` is [(role, name, endpoint)]."""
+def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str = "",
+                relay_port: int | None = None) -> str:
+    """A complete config; `listeners` is [(role, name, endpoint)].
+
+    Relayed mail always goes to a smarthost on 127.0.0.1 (`relay_port`, or
+    port 1 where nothing listens, so attempts fail at once and mail stays
+    queued): no test ever makes the queue look up an MX or leave the machine."""
+    if relay_port is None:
+        relay_port = 1
     lines = [
         "[server]",
         f'hostname = "{HOSTNAME}"',
@@ -107,6 +114,11 @@ def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str
         "[smtp]",
         # No throttling delay: the wrong-password tests would otherwise wait.
         "auth_failure_delay = 0.0",
+        "",
+        "[queue.smarthost]",
+        'host = "127.0.0.1"',
+        f"port = {relay_port}",
+        'tls = "none"',
         "",
         extra,
     ]
@@ -174,7 +186,8 @@ class MailServer:
     """One mailgw installation under `root`: config, data dir, users, logs, the process."""
 
     def __init__(self, root: Path, *, listeners=STANDARD_LISTENERS, port_offset: int = 0,
-                 extra_server: str = "", users: dict[str, str] | None = None, users_template: Path | None = None):
+                 extra_server: str = "", users: dict[str, str] | None = None, users_template: Path | None = None,
+                 relay_port: int | None = None):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data"
@@ -183,6 +196,7 @@ class MailServer:
         self.listener_roles = list(listeners)     # [(role, name)]
         self.port_offset = port_offset
         self.extra_server = extra_server
+        self.relay_port = relay_port
         self.users = dict(USERS if users is None else users)
         self._users_template = users_template
         self.ports: dict[str, int] = {}
@@ -198,7 +212,7 @@ class MailServer:
         listeners = [(role, name, f"tcp:{self.ports[name] - self.port_offset}:interface=127.0.0.1")
                      for role, name in self.listener_roles]
         self.config_path.write_text(config_text(data_dir=self.data_dir, listeners=listeners,
-                                                extra_server=self.extra_server))
+                                                extra_server=self.extra_server, relay_port=self.relay_port))
 
     def add_users(self) -> None:
         target = self.data_dir / "users"

@@ -189,7 +189,7 @@ class RelayTransportTests(unittest.TestCase):
         self.server("192.0.2.2", replies={"greeting": "554 5.7.1 No service for you"})
         result = yield self.transport(resolver, mx_tls="none").deliver(self.request())
         [r] = result.results
-        self.assertEqual((r.status, r.code, r.enhanced), (STATUS_DEFERRED, 554, "4.0.0"))   # no enhanced codes in greetings (RFC 2034 §3)
+        self.assertEqual((r.status, r.code, r.enhanced), (STATUS_DEFERRED, 554, "4.7.1"))   # a refusing greeting defers (class 4)
         self.assertEqual(result.relay, "mx2.example.net[192.0.2.2]:25")
 
     @defer.inlineCallbacks

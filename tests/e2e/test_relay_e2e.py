@@ -1,0 +1,157 @@
+"""End to end, issue 3: submit on 587 with AUTH, the queue relays through a
+smarthost to a real SMTP sink (aiosmtpd) on 127.0.0.1, and the queue empties.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller", reason="aiosmtpd is in the [test] extras")
+
+pytestmark = pytest.mark.e2e
+ALICE = "alice@example.test"
+WAIT = 20.0
+
+
+class Sink:
+    """aiosmtpd on 127.0.0.1 that records every transaction; `refuse` maps
+    recipients to a reply to give at RCPT."""
+
+    def __init__(self, port: int):
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.refuse: dict[str, str] = {}
+        self.arrived = threading.Event()
+        self.controller = aiosmtpd_controller.Controller(self, hostname="127.0.0.1", port=port)
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        self.arrived.set()
+        return "250 2.0.0 Ok: sunk"
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + WAIT
+        while len(self.messages) < count:
+            self.arrived.clear()
+            assert self.arrived.wait(max(0.0, deadline - time.monotonic())) or len(self.messages) >= count, \
+                f"sink got {len(self.messages)} of {count} messages"
+
+
+@pytest.fixture
+def sink(e2e):
+    instance = Sink(e2e.free_ports(1)[0])
+    instance.controller.start()
+    yield instance
+    instance.controller.stop()
+
+
+def queue_list(server, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mailgw.cli", "queue", "list", *args, "--config",
+                           str(server.config_path)], capture_output=True, text=True, timeout=30,
+                          env=server_env(), cwd=server.root)
+
+
+def server_env():
+    import os
+    from pathlib import Path
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def wait_until_queue_empty(server) -> None:
+    deadline = time.monotonic() + WAIT
+    while True:
+        done = queue_list(server)
+        assert done.returncode == 0, done.stderr
+        if "mail queue is empty" in done.stdout:
+            return
+        assert time.monotonic() < deadline, done.stdout
+
+
+def submit(server, recipients, message: bytes, rcpt_options=()):
+    client = server.smtp("submission")
+    client.starttls(context=server.tls_client_context())
+    client.login(ALICE, "secret")
+    refused = client.sendmail(ALICE, recipients, message, rcpt_options=list(rcpt_options))
+    client.quit()
+    return refused
+
+
+def test_submission_is_relayed_through_the_smarthost_and_the_queue_empties(make_server, sink):
+    server = make_server(relay_port=sink.controller.port).start()
+    mark = uuid.uuid4().hex
+    body = (f"Subject: relay {mark}\r\nMessage-ID: <{mark}@example.test>\r\n\r\n"
+            ".a line starting with a dot\r\n..two dots\r\n.\r\nend\r\n").encode()
+    assert submit(server, ["friend@remote.test", "other@elsewhere.test"], body) == {}
+    sink.wait_for(1)
+    (mail_from, rcpt_tos, content), = sink.messages       # one relay host: one transaction
+    assert mail_from == ALICE and sorted(rcpt_tos) == ["friend@remote.test", "other@elsewhere.test"]
+    _, _, relayed = content.partition(b"\r\n\tby mx.example.test (mailgw) with ESMTPSA id ")
+    assert relayed.split(b"\r\n", 1)[1].endswith(body), "the body must arrive byte for byte"
+    wait_until_queue_empty(server)
+    log = server.log_text()
+    assert "to=<friend@remote.test>" in log and "status=sent" in log
+
+
+def test_a_refused_recipient_bounces_to_the_local_sender(make_server, sink):
+    server = make_server(relay_port=sink.controller.port).start()
+    sink.refuse["nobody@remote.test"] = "550 5.1.1 no such user here"
+    submit(server, ["friend@remote.test", "nobody@remote.test"], b"Subject: half\r\n\r\nhello\r\n")
+    sink.wait_for(1)
+    assert sink.messages[0][1] == ["friend@remote.test"]
+    wait_until_queue_empty(server)
+    reports = [email.message_from_bytes(data, policy=email.policy.default)
+               for data in server.messages(ALICE).values()]
+    bounces = [r for r in reports if r.get_content_type() == "multipart/report"]
+    assert len(bounces) == 1
+    status = [p for p in bounces[0].iter_parts() if p.get_content_type() == "message/delivery-status"][0]
+    recipient = status.get_payload()[1]
+    assert recipient["Action"] == "failed" and recipient["Status"] == "5.1.1"
+    assert "nobody@remote.test" in recipient["Final-Recipient"]
+
+
+def test_success_notice_when_asked(make_server, sink):
+    server = make_server(relay_port=sink.controller.port).start()
+    submit(server, ["friend@remote.test"], b"Subject: notify\r\n\r\nhello\r\n", rcpt_options=["NOTIFY=SUCCESS"])
+    sink.wait_for(1)
+    wait_until_queue_empty(server)
+    reports = [email.message_from_bytes(data, policy=email.policy.default)
+               for data in server.messages(ALICE).values()]
+    (report,) = [r for r in reports if r.get_content_type() == "multipart/report"]
+    status = [p for p in report.iter_parts() if p.get_content_type() == "message/delivery-status"][0]
+    assert status.get_payload()[1]["Action"] in ("relayed", "delivered")
+
+
+def test_unreachable_smarthost_keeps_mail_queued_and_cli_can_hold_and_delete(make_server):
+    server = make_server().start()                 # relays to 127.0.0.1:1, where nothing listens
+    submit(server, ["friend@remote.test"], b"Subject: stuck\r\n\r\nhello\r\n")
+    deadline = time.monotonic() + WAIT
+    while True:
+        listed = queue_list(server, "--json")
+        import json
+        entries = json.loads(listed.stdout)
+        if entries and entries[0]["attempts"] >= 1:
+            break
+        assert time.monotonic() < deadline, listed.stdout
+    queue_id = entries[0]["id"]
+    assert entries[0]["recipients"][0]["state"] == "pending"
+    assert "Connection refused" in (entries[0]["recipients"][0]["last_reply"] or "") or \
+        entries[0]["recipients"][0]["last_reply"]
+    cli = [sys.executable, "-m", "mailgw.cli", "queue"]
+    for action in ("hold", "release", "flush", "delete"):
+        args = [action] if action == "flush" else [action, queue_id]
+        done = subprocess.run(cli + args + ["--config", str(server.config_path)], capture_output=True,
+                              text=True, timeout=30, env=server_env(), cwd=server.root)
+        assert done.returncode == 0, (action, done.stdout, done.stderr)
+    wait_until_queue_empty(server)
