@@ -155,3 +155,37 @@ def test_unreachable_smarthost_keeps_mail_queued_and_cli_can_hold_and_delete(mak
                               text=True, timeout=30, env=server_env(), cwd=server.root)
         assert done.returncode == 0, (action, done.stdout, done.stderr)
     wait_until_queue_empty(server)
+
+
+def test_kill9_while_relaying_loses_nothing(make_server, sink):
+    """SIGKILL at random moments while messages are accepted and relayed
+    (spool write, delivery, envelope update all in flight); after restarts
+    every message that got a 250 reaches the sink: duplicates are allowed
+    (SMTP cannot avoid them), losses are not."""
+    import random
+    server = make_server(relay_port=sink.controller.port).start()
+    rng = random.Random(20261122)
+    accepted: list[str] = []
+    for _ in range(4):
+        kill_after = rng.randint(3, 12)
+        client = server.smtp("relay", source="127.0.0.2")      # trusted: may relay
+        for index in range(15):
+            mark = uuid.uuid4().hex
+            client.sendmail("app@internal.test", ["friend@remote.test"],
+                            f"Subject: {mark}\r\n\r\ncrash test\r\n".encode())
+            accepted.append(mark)
+            if index == kill_after:
+                server.kill9()
+                break
+        server.start()
+    deadline = time.monotonic() + WAIT
+    def arrived():
+        return [email.message_from_bytes(content)["Subject"] for _, _, content in sink.messages]
+    while not set(accepted) <= set(arrived()):
+        sink.arrived.clear()
+        assert sink.arrived.wait(max(0.0, deadline - time.monotonic())), \
+            f"lost: {sorted(set(accepted) - set(arrived()))}"
+    duplicates = len(arrived()) - len(set(arrived()))
+    print(f"accepted {len(accepted)}, arrived {len(arrived())}, duplicates {duplicates}")
+    assert not set(accepted) - set(arrived())
+    wait_until_queue_empty(server)

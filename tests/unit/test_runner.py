@@ -322,3 +322,52 @@ def test_recipients_for_one_relay_host_share_a_transaction(tmp_path):
     (request,) = rig.transport.requests
     assert [r.address for r in request.recipients] == ["a@one.test", "b@two.test", "c@three.test"]
     assert rig.queued_ids() == []
+
+
+# -- crashes while recording an attempt ------------------------------------------
+# A crash is modelled by a spool call that never completes (the process is
+# gone); a new runner is then built from what is on disk (spool.recover()).
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["update", "discard", "enqueue-notice"])
+def test_crash_while_recording_never_loses_a_message(tmp_path, step):
+    rig = Rig(tmp_path, queue={"retry_schedule": [300]})
+    rig.transport.script = {"a@one.test": [STATUS_SENT], "b@two.test": [STATUS_DEFERRED, STATUS_SENT]}
+    if step == "discard":
+        rig.transport.script["b@two.test"] = [STATUS_SENT]
+    if step == "enqueue-notice":
+        rig.transport.script["b@two.test"] = [STATUS_BOUNCED]
+    queue_id = rig.enqueue(sender="carol@elsewhere.test", recipients=("a@one.test", "b@two.test"))
+    real = {name: getattr(rig.spool, name) for name in ("update", "discard", "enqueue")}
+    crashed = []
+
+    def crash(*args):
+        crashed.append(args)
+        return defer.Deferred()                 # never fires: the process died here
+
+    target = {"update": "update", "discard": "discard", "enqueue-notice": "enqueue"}[step]
+    setattr(rig.spool, target, crash)
+    rig.run()
+    assert crashed, "the crash point was reached"
+    rig.runner.stopService()
+    for name, method in real.items():
+        setattr(rig.spool, name, method)
+    # The new process: everything that was committed is still there.
+    rig.transport.requests.clear()
+    rig.transport.script = {"b@two.test": [STATUS_BOUNCED]} if step == "enqueue-notice" else {}
+    restarted = rig.make_runner()
+    restarted.load(rig.spool.recover())
+    assert queue_id in rig.queued_ids()
+    rig.run(300)
+    rig.run(300)
+    sent_again = [r.address for q in rig.transport.requests if q.queue_id == queue_id for r in q.recipients]
+    # Never a loss: b is tried again; a, accepted just before the crash, may go twice.
+    assert "b@two.test" in sent_again
+    if step == "enqueue-notice":
+        # The bounce whose spooling was cut off is made again and goes out.
+        notices = [q for q in rig.transport.requests if q.sender == ""]
+        assert [[r.address for r in q.recipients] for q in notices] == [["carol@elsewhere.test"]]
+    assert rig.queued_ids() == []
