@@ -73,3 +73,99 @@ class IRelayTransport(Interface):
         """Deferred[AttemptResult] with one RecipientResult per recipient of
         `request`, in order. Never fails: connection, DNS and protocol
         trouble become deferred (4xx-class) or bounced (5xx-class) results."""
+
+
+# -- the mailbox store (issue 4): shared by POP3 and IMAP ------------------------
+# Flags are str: the IMAP system flags "\\Seen" "\\Answered" "\\Flagged" "\\Deleted"
+# "\\Draft" and keywords (atoms without a backslash). \\Recent is not stored: it
+# is a property of a session (see IFolder.sync).
+
+class IMailStore(Interface):
+    """All users' mailboxes (mailgw.store.mailbox.MailStore). One per process."""
+
+    def mailbox(address):
+        """The IUserMailbox of `address` (lower-case user@domain); ValueError if
+        the address is not a safe mailbox name. Cheap: no I/O until used."""
+
+
+class IUserMailbox(Interface):
+    """One user's folders: INBOX plus Maildir++ folders (".Name")."""
+
+    address = Attribute("the owner, lower-case user@domain")
+
+    def folders():
+        """Deferred[list[str]]: every folder name, INBOX first; the default
+        folders Drafts, Sent, Junk, Trash exist from the first call on.
+        Hierarchy separator "/" (IMAP); names are UTF-8 str."""
+
+    def folder(name):
+        """Deferred[IFolder]; fails with KeyError if it does not exist, with
+        ValueError for a name that is not allowed ("..", "/" at the ends, NUL,
+        control characters, too long). "INBOX" is case-insensitive. The same
+        IFolder object is returned to every caller in this process."""
+
+    def create(name):
+        """Deferred[None]; KeyError-style failure (FileExistsError) if it exists."""
+
+    def delete(name):
+        """Deferred[None]; INBOX cannot be deleted (ValueError)."""
+
+    def rename(old, new):
+        """Deferred[None]; renaming INBOX moves its messages into `new` (RFC 3501 §6.3.5)."""
+
+    def subscriptions():
+        """Deferred[list[str]]."""
+
+    def subscribe(name):
+        """Deferred[None]."""
+
+    def unsubscribe(name):
+        """Deferred[None]."""
+
+
+class IFolder(Interface):
+    """One Maildir folder with persistent UIDs. Every method that touches disk
+    returns a Deferred and runs its file work off the reactor thread; calls on
+    one folder are serialised (in this process by a lock, across processes by
+    a file lock on the index)."""
+
+    name = Attribute("the folder's name, e.g. 'INBOX' or 'Sent'")
+    uidvalidity = Attribute("int, persistent (RFC 3501 §2.3.1.1)")
+    uidnext = Attribute("int, the next UID to be assigned; never decreases")
+
+    def sync():
+        """Pick up changes made by anyone else (new files in new/ or cur/ from
+        any MDA or process, flag renames, removals). Deferred[SyncResult] with
+        the UIDs this call moved from new/ to cur/ (the caller's \\Recent), plus
+        the events it published to subscribers."""
+
+    def messages():
+        """The current list of MessageInfo sorted by UID (in memory, no I/O;
+        as of the last sync or change)."""
+
+    def open(uid):
+        """Deferred[bytes]: the message with CRLF line ends (wire form), exactly
+        MessageInfo.size octets. KeyError if the UID is gone."""
+
+    def store_flags(uids, flags, mode):
+        """mode "add" | "remove" | "replace". Deferred[dict[uid, frozenset]] of
+        the new flags of each UID that still exists."""
+
+    def expunge(uids):
+        """Remove these messages. Deferred[list[int]] of the UIDs removed."""
+
+    def append(message, flags=(), internaldate=None):
+        """Add a message (bytes, CRLF or LF). Deferred[int]: its UID. Durable
+        (fsync file and directory) before it fires."""
+
+    def copy(uids, target):
+        """Copy to another IFolder. Deferred[list[tuple[int, int]]] of
+        (source uid, target uid) pairs, in source UID order (RFC 4315 COPYUID)."""
+
+    def subscribe(listener):
+        """listener(event) on the reactor thread for every change published by
+        this folder, whoever caused it: mailgw.store.events.Added(uids),
+        FlagsChanged(uids), Expunged(uids)."""
+
+    def unsubscribe(listener):
+        """Stop calling listener."""
