@@ -1,1 +1,1 @@
-"""Relay queue: durable spool (the scheduler and outbound client come with issue 3)."""
+"""Relay queue: durable spool, scheduler (runner + pure policy), outbound client, DSNs, admin."""
