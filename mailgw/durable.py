@@ -1,6 +1,14 @@
 """Durable file writes with group commit of directory fsyncs.
 
-A write is durable once the file's data and its directory entry are on disk:
+A write is durable once the file's data and its directory entry are on disk.
+Where Linux allows it (O_TMPFILE and linkat(AT_EMPTY_PATH)):
+
+    open an unnamed file in directory/      (a crash before the link leaves nothing)
+    write all, fsync(file)
+    linkat -> directory/name                 (EEXIST: never overwrites)
+    fsync(directory)
+
+and otherwise, with a named temporary file:
 
     open tmp_directory/name O_CREAT|O_EXCL   (never reuse someone else's file)
     write all, fsync(file), close            (data on disk)
@@ -60,6 +68,51 @@ def _load_renameat2():
 _RENAMEAT2 = _load_renameat2()
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
+_AT_EMPTY_PATH = 0x1000
+
+
+def _load_linkat():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+_LINKAT = _load_linkat()
+# Errors that mean "this kernel, filesystem or privilege level cannot do
+# O_TMPFILE + linkat(AT_EMPTY_PATH)": fall back to a named tmp file for good.
+_NO_TMPFILE_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT,
+                                errno.EPERM, errno.EXDEV, errno.ENOSYS})
+
+
+class TmpfileUnsupported(Exception):
+    """O_TMPFILE + linkat is not available here; use the named tmp file."""
+
+
+def open_tmpfile(directory) -> int:
+    """An unnamed file in `directory` (O_TMPFILE): if we crash before it is
+    linked, it simply vanishes - nothing to clean up."""
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
+    except OSError as error:
+        if error.errno in _NO_TMPFILE_ERRNOS - {errno.ENOENT}:
+            raise TmpfileUnsupported() from error
+        raise
+
+
+def link_tmpfile(fd: int, destination) -> None:
+    """Give the unnamed file its name; EEXIST rather than replacing a file.
+    linkat(AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH on older kernels."""
+    if _LINKAT is None:
+        raise TmpfileUnsupported()
+    if _LINKAT(fd, b"", _AT_FDCWD, os.fsencode(destination), _AT_EMPTY_PATH) != 0:
+        error = ctypes.get_errno()
+        if error in _NO_TMPFILE_ERRNOS:
+            raise TmpfileUnsupported()
+        raise OSError(error, os.strerror(error), str(destination))
 
 
 def rename_noreplace(source, destination) -> None:
@@ -91,6 +144,10 @@ class _OSCalls:
     close = staticmethod(os.close)
     move = staticmethod(rename_noreplace)
     rename = staticmethod(os.rename)
+    # One directory operation per file instead of create + rename; None
+    # disables it (the test doubles record named tmp files).
+    open_tmpfile = staticmethod(open_tmpfile)
+    link_tmpfile = staticmethod(link_tmpfile)
     unlink = staticmethod(os.unlink)
     mkdir = staticmethod(os.mkdir)
 
@@ -187,6 +244,9 @@ class _GroupSync:
                 on_synced(outcome)
 
 
+_O_TMPFILE_AVAILABLE = hasattr(os, "O_TMPFILE") and _LINKAT is not None
+
+
 @implementer(IDurableWriter)
 class DurableWriter:
     """Crash-safe file creation for the Maildir store and the relay spool.
@@ -201,6 +261,7 @@ class DurableWriter:
         self._reactor = reactor
         self._pool = threadpool
         self._os = _OSCalls()
+        self._tmpfile = _O_TMPFILE_AVAILABLE     # cleared for good at the first sign it does not work
         self._group_sync = _GroupSync(self._fsync_directory, self._dispatch)
 
     # -- public API -----------------------------------------------------------
@@ -309,6 +370,13 @@ class DurableWriter:
             self._group_sync.request(directory, on_synced)
 
     def _write_one(self, write: _Write, created: list[Path]) -> None:
+        if self._tmpfile and not write.replace and getattr(self._os, "open_tmpfile", None):
+            try:
+                return self._write_unnamed(write, created)
+            except TmpfileUnsupported:
+                self._tmpfile = False
+                self._reactor.callFromThread(
+                    self.log.info, "O_TMPFILE + linkat unavailable here; using named tmp files")
         o = self._os
         fd = o.open(write.tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
         created.append(write.tmp_path)  # O_EXCL: it is ours to remove
@@ -326,6 +394,19 @@ class DurableWriter:
         o.move(write.tmp_path, write.final_path)  # EEXIST rather than overwrite
         created.remove(write.tmp_path)
         created.append(write.final_path)
+
+    def _write_unnamed(self, write: _Write, created: list[Path]) -> None:
+        o = self._os
+        fd = o.open_tmpfile(write.directory)
+        try:
+            view = memoryview(write.data)
+            while view:
+                view = view[o.write(fd, view):]
+            o.fsync(fd)
+            o.link_tmpfile(fd, write.final_path)      # EEXIST rather than overwrite
+            created.append(write.final_path)
+        finally:
+            o.close(fd)
 
     def _fsync_directory(self, directory: Path) -> None:
         o = self._os

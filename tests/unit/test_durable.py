@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface.verify import verifyObject
 
+from mailgw import durable
 from mailgw.durable import DurableWriter, rename_noreplace
 from mailgw.errors import StorageFailed, StorageFull
 from mailgw.interfaces import IDurableWriter
@@ -455,3 +456,65 @@ def test_remove_unlinks_in_order_then_syncs_and_never_fails(tmp_path, recording_
     (final / "c").write_bytes(b"c")
     assert result_of(recording_writer.remove([final / "c"])) is None  # logged, not raised
     assert recording_writer.events and recording_writer.events[-1]["log_failure"].check(OSError)
+
+
+# -- unnamed files: O_TMPFILE + linkat(AT_EMPTY_PATH) ------------------------------
+
+def tmpfile_writer():
+    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+    writer.events = []
+    writer.log = Logger(observer=writer.events.append)
+    return writer
+
+
+needs_tmpfile = pytest.mark.skipif(not durable._O_TMPFILE_AVAILABLE, reason="no O_TMPFILE/linkat here")
+
+
+@needs_tmpfile
+def test_unnamed_file_path_never_touches_the_tmp_directory(tmp_path):
+    final, tmp = make_dirs(tmp_path)
+    writer = tmpfile_writer()
+    assert result_of(writer.commit([(final, tmp, "a", b"data")])) == [final / "a"]
+    assert (final / "a").read_bytes() == b"data" and list(tmp.iterdir()) == []
+    assert writer._tmpfile, "O_TMPFILE was used, not the fallback"
+    assert oct((final / "a").stat().st_mode & 0o777) == oct(durable.FILE_MODE)
+
+
+@needs_tmpfile
+def test_unnamed_file_never_replaces_an_existing_file(tmp_path):
+    final, tmp = make_dirs(tmp_path)
+    (final / "a").write_bytes(b"theirs")
+    writer = tmpfile_writer()
+    result_of(writer.commit([(final, tmp, "a", b"ours")])).trap(StorageFailed)
+    assert (final / "a").read_bytes() == b"theirs"
+
+
+@needs_tmpfile
+def test_unnamed_file_disk_full_leaves_nothing(tmp_path):
+    final, tmp = make_dirs(tmp_path)
+    writer = tmpfile_writer()
+
+    class FullDisk(durable._OSCalls):
+        @staticmethod
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer._os = FullDisk()
+    result_of(writer.commit([(final, tmp, "a", b"1"), (final, tmp, "b", b"2")])).trap(StorageFull)
+    assert list(final.iterdir()) == [] and list(tmp.iterdir()) == []
+
+
+def test_falls_back_to_named_tmp_files_when_unnamed_files_are_unsupported(tmp_path):
+    final, tmp = make_dirs(tmp_path)
+    writer = tmpfile_writer()
+    writer._tmpfile = True
+
+    class NoTmpfile(durable._OSCalls):
+        @staticmethod
+        def open_tmpfile(directory):
+            raise durable.TmpfileUnsupported()
+
+    writer._os = NoTmpfile()
+    assert result_of(writer.commit([(final, tmp, "a", b"x")])) == [final / "a"]
+    assert writer._tmpfile is False and (final / "a").read_bytes() == b"x"
+    assert result_of(writer.commit([(final, tmp, "b", b"y")])) == [final / "b"]
