@@ -114,8 +114,12 @@ class SMTPFactory(protocol.ServerFactory):
         return server
 
     def admit(self, client_ip) -> bool:
+        # Like Postfix's smtpd_client_event_limit_exceptions: trusted networks
+        # (our own hosts) are not held to the per-client limit, only the total.
+        per_client_exempt = any(client_ip in network for network in self.config.trusted_networks
+                                if network.version == client_ip.version)
         if (self.open_connections >= self.limits.max_connections
-                or self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip):
+                or (not per_client_exempt and self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip)):
             return False
         self.open_connections += 1
         self.open_per_ip[client_ip] += 1

@@ -103,3 +103,13 @@ def test_limits_come_from_config():
     s = Session(config=config)
     assert s.server.limits.max_recipients == 250
     assert "250-SIZE 2048" in s.ehlo()
+
+
+def test_trusted_networks_are_exempt_from_the_per_client_limit_not_the_total():
+    first = Session(client="10.0.0.7", smtp={"max_connections_per_ip": 1, "max_connections": 3})
+    second = Session(factory=first.factory, clock=first.clock, client="10.0.0.7")
+    assert second.read()[0].startswith("220 ")
+    third = Session(factory=first.factory, clock=first.clock, client="10.0.0.7")
+    assert third.read()[0].startswith("220 ")
+    fourth = Session(factory=first.factory, clock=first.clock, client="10.0.0.7")
+    assert fourth.read() == ["421 4.7.0 Too many connections, try again later"]

@@ -1,0 +1,186 @@
+#!/bin/bash
+# SMTP durable-accept benchmark: mailgw next to the reference peers, in the same run.
+#
+#   bench/smtp_accept.sh [--reps N] [--out PREFIX] [--io-threads N] [--port P]
+#                        [--peers "postfix aiosmtpd twistd"] [--no-peers] [--keep-data]
+#   bench/smtp_accept.sh --serve SECONDS [--io-threads N] [--port P]
+#       only steps 1-2: run mailgw alone for at most SECONDS (for bench/profile_smtp.py),
+#       print its pid file and Maildir, stop it on exit (or on Ctrl-C / SIGTERM to this script)
+#
+# What it does (every step bounded in time; everything it started is stopped on exit):
+#   1. makes a scratch data dir /tmp/mailgw-bench.XXXXXX with a config (relay listener on
+#      127.0.0.1:PORT, local domain gw.test) and the users sink@gw.test, alice@gw.test (secret);
+#   2. starts mailgw:  PYTHONPATH=REPO twistd -n --pidfile D/mailgw.pid mailgw --config D/mailgw.toml
+#   3. starts the peers that are not running yet with /work/shared/bench/peers/start-peers.sh
+#      (start-peers.sh names: postfix = Postfix on 2525, aiosmtpd = aiosmtpd-fsync on 2527,
+#      twistd = stock twistd mail on 2528);
+#   4. probes fsync cost (mailbench.py fsync, on the data dir's file system);
+#   5. runs peers/run_matrix.py --only smtp --smtp-peers postfix,aiosmtpd-fsync,twistd-mail
+#      --target-smtp mailgw=PORT:pid=D/mailgw.pid:rcpt=sink@gw.test:maildir=D/data/mail/gw.test/sink
+#   6. copies OUT.jsonl / .summary.json / .ratios.json / .txt (+ fsync probe, env) to PREFIX.*;
+#   7. on exit (trap): stops mailgw by its PID and the peers *this script* started
+#      (peers/stop-peers.sh NAME, which kills by its own pid files), removes the data dir.
+#
+# Env: BENCH=/work/shared/bench  PYTHON=python3  TWISTD=twistd
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+BENCH=${BENCH:-/work/shared/bench}
+PYTHON=${PYTHON:-python3}
+TWISTD=${TWISTD:-twistd}
+
+REPS=3
+PORT=2540
+IO_THREADS=""
+PEERS="postfix aiosmtpd twistd"
+OUT=""
+KEEP=0
+SERVE=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reps) REPS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --io-threads) IO_THREADS=$2; shift 2 ;;
+    --port) PORT=$2; shift 2 ;;
+    --peers) PEERS=$2; shift 2 ;;
+    --no-peers) PEERS=""; shift ;;
+    --keep-data) KEEP=1; shift ;;
+    --serve) SERVE=$2; shift 2 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$OUT" ] || OUT="$HERE/results/smtp-$(date +%Y%m%d-%H%M%S)"
+mkdir -p "$(dirname "$OUT")"
+
+# start-peers.sh name -> run_matrix.py name
+matrix_name() {
+  case "$1" in
+    postfix) echo postfix ;; aiosmtpd) echo aiosmtpd-fsync ;; twistd) echo twistd-mail ;;
+    aiosmtpd-nofsync) echo aiosmtpd-nofsync ;; postfix-relay) echo postfix-relay ;;
+    *) echo "unsupported peer $1" >&2; return 1 ;;
+  esac
+}
+
+D=$(mktemp -d /tmp/mailgw-bench.XXXXXX)
+MAILGW_PID=""
+STARTED_PEERS=()
+SLEEP_PID=""
+
+cleanup() {
+  local rc=$?
+  set +e
+  [ -n "$SLEEP_PID" ] && kill "$SLEEP_PID" 2>/dev/null
+  if [ -n "$MAILGW_PID" ] && kill -0 "$MAILGW_PID" 2>/dev/null; then
+    kill -TERM "$MAILGW_PID"
+    for _ in $(seq 1 100); do kill -0 "$MAILGW_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$MAILGW_PID" 2>/dev/null && kill -KILL "$MAILGW_PID"
+    echo "mailgw pid $MAILGW_PID stopped"
+  fi
+  if [ ${#STARTED_PEERS[@]} -gt 0 ]; then
+    "$BENCH/peers/stop-peers.sh" "${STARTED_PEERS[@]}"
+  fi
+  if [ "$KEEP" = 1 ]; then echo "data kept in $D"; else rm -rf "$D"; fi
+  exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---- 1. config and users
+cat > "$D/mailgw.toml" <<EOF
+# written by bench/smtp_accept.sh
+[server]
+hostname = "mx.gw.test"
+local_domains = ["gw.test"]
+trusted_networks = ["127.0.0.0/8"]
+data_dir = "$D/data"
+$( [ -n "$IO_THREADS" ] && echo "io_threads = $IO_THREADS" )
+
+[smtp]
+# The load generator opens up to 32 connections from 127.0.0.1; the default per-IP limit (20)
+# would refuse some (Postfix exempts \$mynetworks from its per-client limits by default).
+max_connections_per_ip = 200
+
+[[listeners]]
+role = "relay"
+endpoint = "tcp:$PORT:interface=127.0.0.1"
+EOF
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+for u in sink@gw.test alice@gw.test; do
+  echo secret | timeout 60 "$PYTHON" -m mailgw.cli users add "$u" --config "$D/mailgw.toml"
+done
+timeout 60 "$PYTHON" -m mailgw.cli check --config "$D/mailgw.toml"
+
+# ---- 2. mailgw
+if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+  echo "port $PORT is already in use" >&2; exit 1
+fi
+(cd "$D" && exec setsid "$TWISTD" -n --pidfile "$D/mailgw.pid" --logfile "$D/mailgw.log" \
+    mailgw --config "$D/mailgw.toml" < /dev/null > "$D/stdout.log" 2>&1) &
+MAILGW_PID=$!   # `exec` keeps the PID: this is twistd itself
+for _ in $(seq 1 200); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+  kill -0 "$MAILGW_PID" 2>/dev/null || { cat "$D/stdout.log" "$D/mailgw.log" 2>/dev/null; exit 1; }
+  sleep 0.1
+done
+(exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || { echo "mailgw did not open $PORT" >&2; exit 1; }
+[ "$(tr -d ' \n' < "$D/mailgw.pid")" = "$MAILGW_PID" ] || { echo "pidfile mismatch" >&2; exit 1; }
+echo "mailgw pid $MAILGW_PID on 127.0.0.1:$PORT, data $D/data"
+if [ -n "$SERVE" ]; then
+  mkdir -p "$D/data/mail/gw.test/sink"
+  echo "serving: --pidfile $D/mailgw.pid --port $PORT --maildir $D/data/mail/gw.test/sink"
+  echo "log: $D/mailgw.log; stopping after $SERVE s (or kill -TERM $$)"
+  sleep "$SERVE" & SLEEP_PID=$!
+  wait "$SLEEP_PID" || true
+  exit 0
+fi
+
+# ---- 3. peers (only those not already running are started, and only those are stopped)
+MATRIX_PEERS=()
+for p in $PEERS; do
+  MATRIX_PEERS+=("$(matrix_name "$p")")
+  f=/tmp/peers/pids/$p.pid
+  if [ -f "$f" ] && kill -0 "$(head -n1 "$f" | tr -d ' ')" 2>/dev/null; then
+    echo "peer $p already running: left running at exit"
+  else
+    STARTED_PEERS+=("$p")
+  fi
+done
+if [ ${#STARTED_PEERS[@]} -gt 0 ]; then
+  timeout 300 "$BENCH/peers/start-peers.sh" "${STARTED_PEERS[@]}"
+fi
+
+# ---- 4. environment and fsync probe (on the file system mailgw writes to)
+{
+  echo "date: $(date -u +%FT%TZ)"
+  echo "nproc: $(nproc)"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+  echo "mem: $(free -g | awk '/Mem:/{print $2 " GiB"}')"
+  echo "kernel: $(uname -r)"
+  echo "fs of $D: $(df -T "$D" | awk 'NR==2{print $1, $2}')"
+  echo "python: $("$PYTHON" -V 2>&1)"
+  echo "twisted: $("$PYTHON" -c 'import twisted; print(twisted.__version__)')"
+  echo "mailgw git: $(git -C "$REPO" rev-parse --short HEAD) (+ uncommitted changes: $(git -C "$REPO" status --porcelain | wc -l) paths)"
+  # the code twistd imported at start: a hash over mailgw/ and twisted/plugins/ as they are now
+  echo "mailgw source sha256: $(cd "$REPO" && find mailgw twisted/plugins -name '*.py' -o -name '*.toml' | sort | xargs cat | sha256sum | cut -c1-16)"
+  echo "mailgw uncommitted in mailgw/: $(git -C "$REPO" status --porcelain -- mailgw twisted | tr '\n' ' ')"
+  echo "io_threads: ${IO_THREADS:-default}"
+} | tee "$OUT.env.txt"
+timeout 120 "$PYTHON" "$BENCH/mailbench.py" fsync --dir "$D" -n 500 -s 2048 --repeat 3 \
+    | tee "$OUT.fsync.json"
+
+# ---- 5. the matrix
+PEER_CSV=$(IFS=,; echo "${MATRIX_PEERS[*]}")
+TARGET="mailgw=$PORT:pid=$D/mailgw.pid:rcpt=sink@gw.test:maildir=$D/data/mail/gw.test/sink"
+mkdir -p "$D/data/mail/gw.test/sink"   # so the first clear_maildir has something to look at
+echo "run_matrix: --reps $REPS --only smtp --smtp-peers $PEER_CSV --target-smtp $TARGET"
+(cd "$BENCH" && timeout 3000 "$PYTHON" peers/run_matrix.py --out "$D/matrix" --reps "$REPS" \
+    --only smtp --smtp-peers "$PEER_CSV" --target-smtp "$TARGET") | tee "$OUT.txt"
+
+# ---- 6. keep the results (small files)
+for ext in jsonl summary.json ratios.json; do cp "$D/matrix.$ext" "$OUT.$ext"; done
+tracebacks=$(cat "$D"/mailgw.log* | grep -c 'Traceback' || true)
+echo "mailgw log: $(cat "$D"/mailgw.log* | grep -c ': accepted ' || true) accepted, $tracebacks tracebacks" \
+    | tee -a "$OUT.txt"
+echo "results: $OUT.{txt,jsonl,summary.json,ratios.json,env.txt,fsync.json}"
