@@ -32,7 +32,7 @@ from collections import Counter
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import IPushProducer, ITLSTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
@@ -60,6 +60,23 @@ _MAX_PENDING_INPUT = 256 * 1024
 
 _SASL_USERNAME = base64.b64encode(b"Username:").decode()
 _SASL_PASSWORD = base64.b64encode(b"Password:").decode()
+
+
+@implementer(IPushProducer)
+class _ReplyBackpressure:
+    """Registered with the transport: paused when our replies are not read."""
+
+    def __init__(self, server: "MailgwSMTP"):
+        self.server = server
+
+    def pauseProducing(self):
+        self.server._output_blocked(True)
+
+    def resumeProducing(self):
+        self.server._output_blocked(False)
+
+    def stopProducing(self):
+        pass
 
 
 @implementer(ISessionInfo)
@@ -147,7 +164,8 @@ class MailgwSMTP(smtp.ESMTP):
         self._buffer = b""
         self._busy = False          # a command's Deferred is outstanding
         self._looping = False       # inside _process (re-entrancy guard)
-        self._paused = False        # we paused the transport (too much pipelined input)
+        self._paused = False        # reading from the socket is paused (see _flow_control)
+        self._output_full = False   # the transport's write buffer is full: the client is not reading
         self._skipping_long_line = False
         self._admitted = False
         self._errors = 0
@@ -179,6 +197,8 @@ class MailgwSMTP(smtp.ESMTP):
         if hasattr(self.transport, "setTcpNoDelay"):
             # One reply per request: never let Nagle hold it for the peer's delayed ACK.
             self.transport.setTcpNoDelay(True)
+        # The transport tells this producer when its write buffer fills up.
+        self.transport.registerProducer(_ReplyBackpressure(self), True)
         self._login_anonymous()
         self._send_line(f"220 {self.factory.config.hostname} ESMTP mailgw")
         self.setTimeout(self.limits.command_timeout)
@@ -257,7 +277,7 @@ class MailgwSMTP(smtp.ESMTP):
             return
         self._looping = True
         try:
-            while not self._busy and self._mode != CLOSING:
+            while not self._busy and not self._output_full and self._mode != CLOSING:
                 if self._mode == DATA:
                     if not self._consume_data():
                         break
@@ -274,13 +294,25 @@ class MailgwSMTP(smtp.ESMTP):
         self._flow_control()
 
     def _flow_control(self) -> None:
-        pending = len(self._buffer)
-        if not self._paused and self._busy and pending > _MAX_PENDING_INPUT:
+        """Stop reading while pipelined input piles up behind a slow command,
+        or while the client does not read our replies (its window is full):
+        either way our buffers stay bounded."""
+        # Only a real backlog stops reading: TLS pauses its producer during the
+        # handshake, and not reading then would deadlock the handshake.
+        waiting = self._busy or self._output_full
+        pause = waiting and len(self._buffer) > _MAX_PENDING_INPUT
+        if pause and not self._paused and self._mode != CLOSING:
             self._paused = True
             self.transport.pauseProducing()
-        elif self._paused and (not self._busy or pending <= _MAX_PENDING_INPUT):
+        elif not pause and self._paused:
             self._paused = False
             self.transport.resumeProducing()
+
+    def _output_blocked(self, blocked: bool) -> None:
+        self._output_full = blocked
+        self._flow_control()
+        if not blocked and not self._busy:
+            self._process()
 
     def _line_limit(self) -> int:
         if self._mode == SASL:

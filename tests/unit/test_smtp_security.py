@@ -178,3 +178,18 @@ def test_authenticated_client_may_relay_on_relay_port_after_starttls():
     assert s.checker.attempts == [("alice@example.test", "192.0.2.99")]
     s.last("MAIL FROM:<alice@example.test>")
     assert s.last("RCPT TO:<friend@elsewhere.test>") == "250 2.1.5 Ok"
+
+
+def test_client_that_never_reads_replies_cannot_grow_our_buffers():
+    s = Session(smtp={"max_commands_before_mail": 100_000})
+    s.ehlo()
+    producer = s.transport.producer
+    assert producer is not None and s.transport.streaming
+    producer.pauseProducing()                  # the transport: write buffer full
+    assert s.send(b"NOOP\r\n" * 40) == []    # no more replies while the client does not read
+    assert s.transport.producerState == "producing"
+    s.send(b"NOOP\r\n" * 50_000)             # 300 KB more: now reading stops too
+    assert s.transport.producerState == "paused"
+    producer.resumeProducing()
+    assert s.transport.producerState == "producing"
+    assert s.read() == ["250 2.0.0 Ok"] * 50_040
