@@ -137,7 +137,13 @@ class IFolder(Interface):
         """Pick up changes made by anyone else (new files in new/ or cur/ from
         any MDA or process, flag renames, removals). Deferred[SyncResult] with
         the UIDs this call moved from new/ to cur/ (the caller's \\Recent), plus
-        the events it published to subscribers."""
+        the events it published to subscribers.
+
+        The store itself also syncs folders that have subscribers (after a
+        local delivery, and by polling) so IDLE sessions hear of new mail at
+        once; the UIDs such a background sync moves are published as Added
+        and handed out as \\Recent by the next sync() call, whoever makes it.
+        Either way each UID is \\Recent for exactly one caller."""
 
     def messages():
         """The current list of MessageInfo sorted by UID (in memory, no I/O;

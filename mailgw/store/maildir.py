@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
@@ -77,8 +78,12 @@ class MaildirStore:
         writer: DurableWriter,
         hostname: str,
         clock: Callable[[], float] = time.time,
+        on_delivered: Callable[[list], None] | None = None,
     ):
         self._mail_dir = Path(mail_dir)
+        # Told the addresses after each successful commit (MailStore.delivered:
+        # wakes IMAP IDLE sessions of those INBOXes).
+        self._on_delivered = on_delivered
         self._writer = writer
         self._host = _escape_hostname(hostname)
         self._clock = clock
@@ -98,8 +103,9 @@ class MaildirStore:
     def deliver(self, mailboxes, message: bytes) -> Deferred:
         """Store `message` (CRLF) in new/ of every mailbox, all or nothing.
         Fires with the stored paths (one per distinct mailbox)."""
+        addresses = list(dict.fromkeys(mailboxes))
         try:
-            paths = [self.mailbox_path(address) for address in dict.fromkeys(mailboxes)]
+            paths = [self.mailbox_path(address) for address in addresses]
         except ValueError:
             return fail()
         if not paths:
@@ -123,7 +129,17 @@ class MaildirStore:
             self._ready.difference_update(paths)
             return failure
 
-        return d.addErrback(forget)
+        d.addErrback(forget)
+        if self._on_delivered is not None:
+            d.addCallback(self._notify_delivered, addresses)
+        return d
+
+    def _notify_delivered(self, stored, addresses):
+        try:
+            self._on_delivered(addresses)
+        except Exception:  # the mail is stored: a failed notification must not undo that
+            Logger().failure("on_delivered callback failed")
+        return stored
 
     def discard(self, paths) -> Deferred:
         """Remove messages `deliver` stored, when the transaction failed
