@@ -36,11 +36,11 @@ class IDurableWriter(Interface):
 class ILocalStore(Interface):
     """Mailboxes (mailgw.store.maildir)."""
 
-    def deliver(mailboxes, message):
-        """Durably add `message` (bytes, CRLF line ends) to the INBOX of every
-        mailbox in `mailboxes` (list of lower-case addresses). Deferred fires with
-        the list of stored paths when all are on disk; fails (and leaves nothing
-        behind) otherwise."""
+    def deliver(mailboxes, message, lf=False):
+        """Durably add `message` (bytes, CRLF line ends; or LF-only line ends
+        when `lf` is true) to the INBOX of every mailbox in `mailboxes` (list of
+        lower-case addresses). Deferred fires with the list of stored paths
+        when all are on disk; fails (and leaves nothing behind) otherwise."""
 
 
 class ISpool(Interface):

@@ -101,21 +101,25 @@ class TransactionMessage:
         self._delivery = delivery
         self._transaction = transaction
         self._parts: list[bytes] = []
+        self._body: bytes | None = None
+        self._lf = False
         self.queue_id: str | None = None
 
-    # The protocol hands over the whole body at once (bodyReceived); the
-    # per-line IMessage methods stay for any generic caller.
-    def bodyReceived(self, body: bytes) -> None:
-        self._parts = [body]
+    # The protocol hands over the whole body at once, in LF form
+    # (bodyReceived); the per-line IMessage methods stay for any generic caller.
+    def bodyReceived(self, body: bytes, *, lf: bool = False) -> None:
+        self._body, self._lf = body, lf
 
     def lineReceived(self, line: bytes) -> None:
         self._parts.append(line + b"\r\n")
 
     def eomReceived(self):
-        return self._delivery.commit(self._transaction, b"".join(self._parts), self.queue_id)
+        if self._body is None:
+            return self._delivery.commit(self._transaction, b"".join(self._parts), self.queue_id)
+        return self._delivery.commit(self._transaction, self._body, self.queue_id, lf=self._lf)
 
     def connectionLost(self) -> None:
-        self._parts = []
+        self._parts, self._body = [], None
 
 
 @implementer(smtp.IMessageDelivery)
@@ -195,7 +199,7 @@ class SMTPDelivery:
         self.transaction = None
         self._message = None
 
-    def commit(self, transaction: Transaction, message: bytes, queue_id: str):
+    def commit(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool = False):
         """Make the message durable for every recipient; fires with queue_id.
 
         All or nothing: if any part fails, what was already written for this
@@ -204,9 +208,11 @@ class SMTPDelivery:
         """
         work = []
         if transaction.local:
-            work.append(self.store.deliver(sorted(transaction.local), message))
+            work.append(self.store.deliver(sorted(transaction.local), message, lf=lf))
         if transaction.remote:
-            work.append(self.spool.enqueue(queue_id, self._envelope(transaction, queue_id, len(message)), message))
+            # The spool keeps the SMTP wire form (docs/spool-format.md).
+            wire = message.replace(b"\n", b"\r\n") if lf else message
+            work.append(self.spool.enqueue(queue_id, self._envelope(transaction, queue_id, len(wire)), wire))
         done = defer.DeferredList(work, consumeErrors=True)
 
         def settle(results):

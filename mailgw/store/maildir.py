@@ -100,8 +100,9 @@ class MaildirStore:
         local, domain = split_mailbox_address(address)
         return self._mail_dir / domain / local
 
-    def deliver(self, mailboxes, message: bytes) -> Deferred:
-        """Store `message` (CRLF) in new/ of every mailbox, all or nothing.
+    def deliver(self, mailboxes, message: bytes, lf: bool = False) -> Deferred:
+        """Store `message` (CRLF; or already LF-only when `lf`, which saves a
+        pass over big messages) in new/ of every mailbox, all or nothing.
         Fires with the stored paths (one per distinct mailbox)."""
         addresses = list(dict.fromkeys(mailboxes))
         try:
@@ -110,8 +111,11 @@ class MaildirStore:
             return fail()
         if not paths:
             return succeed([])
-        stored = message.replace(b"\r\n", b"\n")
-        name = self._new_name(len(stored), len(message))
+        if lf:
+            stored, wire_size = message, len(message) + message.count(b"\n")
+        else:
+            stored, wire_size = message.replace(b"\r\n", b"\n"), len(message)
+        name = self._new_name(len(stored), wire_size)
         writes = [(path / "new", path / "tmp", name, stored) for path in paths]
 
         missing = [path for path in paths if path not in self._ready]

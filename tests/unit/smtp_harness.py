@@ -67,10 +67,11 @@ class FakeStore:
         self.fail_with = None
         self.pending = None        # set to a list to hold Deferreds instead of firing
 
-    def deliver(self, mailboxes, message):
+    def deliver(self, mailboxes, message, lf=False):
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
-        self.delivered.append((list(mailboxes), bytes(message)))
+        # Recorded in the wire form (CRLF), whichever form the server hands over.
+        self.delivered.append((list(mailboxes), bytes(message).replace(b"\n", b"\r\n") if lf else bytes(message)))
         paths = [f"/fake/{m}/new/{len(self.delivered)}" for m in mailboxes]
         if self.pending is not None:
             d = defer.Deferred()
