@@ -32,7 +32,9 @@ from mailgw.config_types import (
     OUTBOUND_TLS_MODES,
     TLS_OPPORTUNISTIC,
     Config,
+    IMAPLimits,
     ListenerConfig,
+    POP3Limits,
     QueueConfig,
     RelayHost,
     SMTPLimits,
@@ -52,6 +54,8 @@ DEFAULT_LISTENERS = (
     {"role": "relay", "endpoint": "tcp:25"},
     {"role": "submission", "endpoint": "tcp:587"},
     {"role": "submissions", "endpoint": "tcp:465"},
+    {"role": "pop3", "endpoint": "tcp:110"},
+    {"role": "pop3s", "endpoint": "tcp:995"},
 )
 
 # key: (default, minimum, maximum); maximum None = unbounded.
@@ -76,6 +80,46 @@ SMTP_SECONDS_LIMITS: dict[str, tuple[float, float]] = {
     "data_timeout": (180.0, 1.0),
     "session_timeout": (3600.0, 1.0),
     "auth_failure_delay": (1.0, 0.0),
+}
+
+# [pop3]: key: (default, minimum, maximum); maximum None = unbounded.
+POP3_INTEGER_LIMITS: dict[str, tuple[int, int, int | None]] = {
+    # RFC 2449 §4: a command line is up to 255 octets including CRLF; a server
+    # must accept that much. AUTH lines and SASL responses have their own, larger bound.
+    "max_command_line": (255, 255, None),
+    "max_errors": (10, 1, None),
+    "max_auth_failures": (3, 1, None),
+    "max_connections": (500, 1, None),
+    "max_connections_per_ip": (20, 1, None),
+}
+# key: (default seconds, minimum seconds). RFC 1939 §3: the autologout timer is at
+# least 10 minutes; lower values are allowed on purpose (tests, hostile networks).
+POP3_SECONDS_LIMITS: dict[str, tuple[float, float]] = {
+    "command_timeout": (600.0, 1.0),
+    "session_timeout": (3600.0, 1.0),
+}
+
+# [imap]: key: (default, minimum, maximum); maximum None = unbounded.
+IMAP_INTEGER_LIMITS: dict[str, tuple[int, int, int | None]] = {
+    "max_connections": (1000, 1, None),
+    "max_connections_per_ip": (50, 1, None),
+    # RFC 7162 §4 recommends accepting command lines of at least 8192 octets;
+    # clients send long UID sets, so the default is generous.
+    "max_command_line": (64 * 1024, 1024, None),
+    "max_literal": (64 * 1024, 1024, None),
+    # 0: the same as smtp.max_message_size (what SMTP would accept, APPEND accepts).
+    "max_append": (0, 0, None),
+    "max_paren_depth": (32, 2, 1000),
+    "max_errors": (20, 1, None),
+    "max_auth_failures": (3, 1, None),
+}
+# key: (default seconds, minimum seconds). RFC 3501 §5.4: the autologout timer is at
+# least 30 minutes; lower values are allowed on purpose (tests, hostile networks).
+IMAP_SECONDS_LIMITS: dict[str, tuple[float, float]] = {
+    "idle_timeout": (1800.0, 1.0),
+    "login_timeout": (60.0, 1.0),
+    # 0: no limit. IDLE clients keep one session open for days.
+    "session_timeout": (0.0, 0.0),
 }
 
 # RFC 1035 §2.3.1 / RFC 1123 §2.1: letters, digits, inner hyphens; 63 per label, 253 in all.
@@ -355,6 +399,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     tls_table = _Table(root.take("tls", {}), "tls", errors)
     smtp_table = _Table(root.take("smtp", {}), "smtp", errors)
     queue_table = _Table(root.take("queue", {}), "queue", errors)
+    pop3_table = _Table(root.take("pop3", {}), "pop3", errors)
+    imap_table = _Table(root.take("imap", {}), "imap", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -402,6 +448,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     tls = _tls(tls_table, data_dir)
     smtp = _smtp(smtp_table)
     queue = _queue(queue_table)
+    pop3 = _pop3(pop3_table)
+    imap = _imap(imap_table, smtp)
     listeners = _listeners(listeners_raw, errors)
     root.finish("unknown top-level table or key", list_known=True)
 
@@ -423,6 +471,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         smtp=smtp,
         listeners=tuple(listeners),
         queue=queue,
+        pop3=pop3,
+        imap=imap,
     )
 
 
@@ -612,6 +662,45 @@ def _smtp(table: _Table) -> SMTPLimits | None:
     if None in values.values():
         return None
     return SMTPLimits(**values)
+
+
+def _pop3(table: _Table) -> POP3Limits | None:
+    values: dict[str, Any] = {}
+    for key, (default, minimum, maximum) in POP3_INTEGER_LIMITS.items():
+        values[key] = table.integer(key, default, minimum, maximum)
+    for key, (default, minimum) in POP3_SECONDS_LIMITS.items():
+        values[key] = table.seconds(key, default, minimum)
+    values["allow_plaintext_auth"] = table.boolean("allow_plaintext_auth", False)
+    table.finish()
+    per_ip, total = values["max_connections_per_ip"], values["max_connections"]
+    if per_ip is not None and total is not None and per_ip > total:
+        table.error("max_connections_per_ip",
+                    f"must not exceed pop3.max_connections ({total}), got {per_ip}")
+    if None in values.values():
+        return None
+    return POP3Limits(**values)
+
+
+def _imap(table: _Table, smtp: SMTPLimits | None) -> IMAPLimits | None:
+    values: dict[str, Any] = {}
+    for key, (default, minimum, maximum) in IMAP_INTEGER_LIMITS.items():
+        values[key] = table.integer(key, default, minimum, maximum)
+    for key, (default, minimum) in IMAP_SECONDS_LIMITS.items():
+        values[key] = table.seconds(key, default, minimum)
+    values["allow_plaintext_auth"] = table.boolean("allow_plaintext_auth", False)
+    table.finish()
+    per_ip, total = values["max_connections_per_ip"], values["max_connections"]
+    if per_ip is not None and total is not None and per_ip > total:
+        table.error("max_connections_per_ip",
+                    f"must not exceed imap.max_connections ({total}), got {per_ip}")
+    if values["max_append"] == 0 and smtp is not None:
+        values["max_append"] = smtp.max_message_size
+    elif values["max_append"] is not None and 0 < values["max_append"] < 1024:
+        table.error("max_append", f"must be 0 (= smtp.max_message_size) or >= 1024, got {values['max_append']}")
+        values["max_append"] = None
+    if None in values.values() or smtp is None:
+        return None
+    return IMAPLimits(**values)
 
 
 def _listeners(raw: Any, errors: list[str]) -> list[ListenerConfig]:

@@ -56,6 +56,34 @@ class SMTPLimits:
     max_auth_failures: int         # failed AUTH in one session before 421 and close
 
 
+@dataclass(frozen=True)
+class POP3Limits:
+    max_command_line: int          # octets incl. CRLF (RFC 2449 §4: 255); AUTH lines and SASL responses may be longer
+    max_errors: int                # -ERR replies in a session before the connection is closed
+    max_auth_failures: int         # failed logins in one session before the connection is closed
+    command_timeout: float         # seconds idle (RFC 1939 §3: the autologout timer is at least 10 minutes)
+    session_timeout: float         # seconds, total session time
+    max_connections: int           # per listener, all clients
+    max_connections_per_ip: int    # per listener, per client address
+    allow_plaintext_auth: bool     # USER/PASS/AUTH without TLS (false: only after STLS or on 995)
+
+
+@dataclass(frozen=True)
+class IMAPLimits:
+    idle_timeout: float            # seconds without client input before "* BYE" (RFC 3501 §5.4: at least 30 minutes)
+    login_timeout: float           # seconds from connect until LOGIN/AUTHENTICATE must have succeeded
+    session_timeout: float         # seconds a whole session may last; 0 = no limit (IDLE clients stay for days)
+    max_connections: int           # per listener, all clients
+    max_connections_per_ip: int    # per listener, per client address
+    max_command_line: int          # octets of one command line outside literals, incl. CRLF; over it: BAD, line dropped
+    max_literal: int               # octets of one literal outside APPEND (and of all literals of one command)
+    max_append: int                # octets of an APPEND message (RFC 7889 APPENDLIMIT); over it: NO [TOOBIG]
+    max_paren_depth: int           # nesting of parentheses (and NOT) in one command
+    max_errors: int                # BAD replies in a session before "* BYE" and close
+    max_auth_failures: int         # failed LOGIN/AUTHENTICATE in one session before "* BYE" and close
+    allow_plaintext_auth: bool     # LOGIN/AUTHENTICATE without TLS (false: only after STARTTLS or on 993)
+
+
 # Outbound TLS policies (issue 3).
 TLS_NONE = "none"                    # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, certificate not checked; plaintext retry if it fails
@@ -109,3 +137,5 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     queue: QueueConfig | None = field(default=None)   # None only in configs built by hand in tests
     source: Path | None = field(default=None)   # the file this came from (None: embedded default)
+    pop3: POP3Limits | None = field(default=None)     # None only in configs built by hand in tests
+    imap: IMAPLimits | None = field(default=None)     # None only in configs built by hand in tests

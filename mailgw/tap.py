@@ -23,7 +23,9 @@ from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
 from mailgw.auth.realm import MailRealm
 from mailgw.auth.userdb import UserFile
-from mailgw.config_types import IMPLICIT_TLS_ROLES, SMTP_ROLES, Config
+from mailgw.config_types import IMPLICIT_TLS_ROLES, ROLE_POP3, ROLE_POP3S, SMTP_ROLES, Config
+from mailgw.pop3.server import POP3Factory
+from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
 from mailgw.queue import control
 from mailgw.queue.delivery import RelayTransport
@@ -149,7 +151,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     top.server_lock = control.acquire_server_lock(config.queue_dir)
 
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
-    store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname)
+    mail_store = MailStore(config.mail_dir, reactor=reactor, threadpool=io_pool, writer=writer, clock=reactor)
+    # A local delivery wakes the user's IMAP IDLE sessions at once.
+    store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname,
+                         on_delivered=mail_store.delivered)
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
     if removed := store.clean_tmp():
         log.info("removed {count} stale file(s) from Maildir tmp/ directories", count=removed)
@@ -160,7 +165,7 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     userdb = UserFile(config.users_file, threadpool=auth_pool, reactor=reactor)
     checker = PasswordChecker(userdb, reactor=reactor, failure_delay=config.smtp.auth_failure_delay)
     router = Router(config, userdb)
-    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
+    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
 
     def read_message(path):
@@ -178,16 +183,19 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     tls_options = tls.server_options(config.tls)
 
     for listener in config.listeners:
-        if listener.role not in SMTP_ROLES:
+        implicit = listener.role in IMPLICIT_TLS_ROLES
+        common = dict(config=config, listener=listener, portal=portal, clock=reactor,
+                      tls_context=None if implicit else tls_options, implicit_tls=implicit)
+        if listener.role in SMTP_ROLES:
+            factory = SMTPFactory(new_queue_id=new_queue_id, **common)
+        elif listener.role in (ROLE_POP3, ROLE_POP3S):
+            factory = POP3Factory(**common)
+        else:
             log.warn("listener {name}: role {role} is not implemented yet; skipped",
                      name=listener.name, role=listener.role)
             continue
-        implicit = listener.role in IMPLICIT_TLS_ROLES
-        factory = SMTPFactory(config=config, listener=listener, portal=portal, clock=reactor,
-                              new_queue_id=new_queue_id, tls_context=None if implicit else tls_options,
-                              implicit_tls=implicit)
         if implicit:
-            # RFC 8314 §3.3: TLS from the first byte; the protocol never offers STARTTLS here.
+            # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
             factory = TLSMemoryBIOFactory(tls_options, False, factory)
             factory.noisy = False
         description = offset_endpoint(listener.endpoint, port_offset)

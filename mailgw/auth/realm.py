@@ -4,20 +4,25 @@ join here with their issues."""
 from __future__ import annotations
 
 from twisted.cred.checkers import ANONYMOUS
+from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.mail import smtp
+from twisted.mail import pop3, smtp
 from zope.interface import implementer
 
+from mailgw.pop3.server import Maildrop, MaildropLocks
 from mailgw.smtp.delivery import Router, SMTPDelivery
 
 
 @implementer(IRealm)
 class MailRealm:
-    def __init__(self, *, router: Router, store, spool, clock):
+    def __init__(self, *, router: Router, store, spool, clock, mail_store=None):
         self.router = router
         self.store = store
         self.spool = spool
         self.clock = clock
+        self.mail_store = mail_store            # IMailStore: the POP3 (and IMAP) mailboxes
+        # RFC 1939 §8 maildrop locks, shared by every POP3 listener of this process.
+        self.pop3_locks = MaildropLocks()
 
     def requestAvatar(self, avatarId, mind, *interfaces):
         """`mind` is the protocol's ISessionInfo; `avatarId` the canonical
@@ -27,4 +32,12 @@ class MailRealm:
             avatar = SMTPDelivery(user, mind, router=self.router, store=self.store,
                                   spool=self.spool, clock=self.clock)
             return smtp.IMessageDelivery, avatar, avatar.reset
+        if pop3.IMailbox in interfaces:
+            if avatarId is ANONYMOUS:
+                raise UnauthorizedLogin("POP3 has no anonymous access")
+            if self.mail_store is None:
+                raise NotImplementedError("no mail store configured for POP3")
+            # Cheap: no I/O until the server calls maildrop.open() (lock + snapshot).
+            maildrop = Maildrop(self.mail_store.mailbox(avatarId), locks=self.pop3_locks)
+            return pop3.IMailbox, maildrop, maildrop.close
         raise NotImplementedError(f"no avatar for {interfaces!r}")

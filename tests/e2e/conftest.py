@@ -36,7 +36,8 @@ LOCAL_DOMAIN = "example.test"
 HOSTNAME = "mx.example.test"
 CLIENT_NAME = "client.example.net"     # EHLO name; also keeps smtplib from calling getfqdn()
 USERS = {"alice@example.test": "secret", "bob@example.test": "hunter2"}
-STANDARD_LISTENERS = (("relay", "relay"), ("submission", "submission"), ("submissions", "submissions"))
+STANDARD_LISTENERS = (("relay", "relay"), ("submission", "submission"), ("submissions", "submissions"),
+                      ("pop3", "pop3"), ("pop3s", "pop3s"))
 START_DEADLINE = 20.0        # seconds for the listeners to accept connections
 STOP_DEADLINE = 10.0         # seconds after SIGTERM before SIGKILL
 CLIENT_TIMEOUT = 15.0        # seconds per client socket operation
@@ -327,10 +328,13 @@ class MailServer:
         return self.mailbox(user) / "new"
 
     def messages(self, user: str) -> dict[str, bytes]:
-        new = self.maildir(user)
-        if not new.is_dir():
-            return {}
-        return {p.name: p.read_bytes() for p in sorted(new.iterdir())}
+        """Every message in the user's INBOX: new/ (never read) and cur/ (seen by POP3/IMAP)."""
+        found = {}
+        for sub in ("new", "cur"):
+            directory = self.mailbox(user) / sub
+            if directory.is_dir():
+                found.update({p.name: p.read_bytes() for p in sorted(directory.iterdir())})
+        return found
 
     def find(self, user: str, marker: str) -> tuple[str, bytes]:
         """The one stored message of `user` carrying `marker`."""

@@ -92,6 +92,8 @@ def test_embedded_default_loads_with_documented_values(in_tmp):
         ListenerConfig(role="relay", endpoint="tcp:25", name="relay"),
         ListenerConfig(role="submission", endpoint="tcp:587", name="submission"),
         ListenerConfig(role="submissions", endpoint="tcp:465", name="submissions"),
+        ListenerConfig(role="pop3", endpoint="tcp:110", name="pop3"),
+        ListenerConfig(role="pop3s", endpoint="tcp:995", name="pop3s"),
     )
 
 
@@ -209,7 +211,7 @@ def test_section_that_is_not_a_table(in_tmp):
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
     errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
     assert errors == ["logging: unknown top-level table or key "
-                      "(known: listeners, queue, server, smtp, tls)"]
+                      "(known: imap, listeners, pop3, queue, server, smtp, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):
@@ -602,6 +604,8 @@ def test_check_default_config(in_tmp, capsys, monkeypatch):
         "relay        tcp:25",
         "submission   tcp:587",
         "submissions  tcp:465",
+        "pop3         tcp:110",
+        "pop3s        tcp:995",
     ]
     assert err == ""
 

@@ -1,0 +1,1003 @@
+"""The POP3 server: Twisted's POP3 behind a subclass that owns the framing.
+
+Twisted's `pop3.POP3` gives us the skeleton (TimeoutMixin, the `mbox` avatar
+of interface `pop3.IMailbox` obtained through the portal). Everything between
+the socket and the avatar is where its defects live
+(../shared/twisted-traps.md §3, §8.7): no STLS, a SASL exchange that cannot
+do PLAIN, malformed arguments that drop the connection, `DELE 0` deleting the
+last message, deleted messages still in STAT/LIST/UIDL, per-16-KiB-chunk
+dot-stuffing (response injection), QUIT answering +OK whatever the store
+said, USER/PASS after login, no maildrop lock. So, like our SMTP server, this
+subclass replaces `dataReceived` and every command handler; of Twisted it
+keeps the class (and TimeoutMixin), not the line loop:
+
+- commands are taken one at a time; while a command's Deferred is
+  outstanding, or while the transport's send buffer is full (we are its
+  streaming producer), later (pipelined) input waits, so replies leave in
+  order (RFC 2449 §6.6) and a client that does not read cannot make us
+  buffer its whole maildrop;
+- a command line is bounded (RFC 2449 §4: 255 octets with CRLF; AUTH lines
+  and SASL responses up to 12288); an over-long line gets one -ERR and is
+  dropped whole, never split into several commands;
+- STLS discards whatever the client pipelined in the clear (CVE-2011-0411)
+  and forgets the USER name (RFC 2595 §4);
+- RETR/TOP stuff the whole message at once and write it in one call, with
+  TCP_NODELAY (stock Twisted writes per line and waits on Nagle);
+- every reply is produced by `reply()`, every unexpected error by
+  `_reply_error()`, which never shows internals.
+
+The avatar is a `Maildrop`: the RFC 1939 view of the user's INBOX (message
+numbers fixed at login, DELE marks, UPDATE at QUIT), built by the realm from
+IMailStore.mailbox(address) and adapted to IFolder.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import ipaddress
+import os
+from collections import Counter
+from io import BytesIO
+from pathlib import Path
+from typing import NamedTuple
+
+from twisted.cred import credentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer, ITLSTransport
+from twisted.logger import Logger
+from twisted.mail import pop3
+from zope.interface import implementer
+
+from mailgw.config_types import Config, ListenerConfig
+from mailgw.interfaces import ISessionInfo
+from mailgw.store.events import SEEN, MessageInfo
+
+AUTHORIZATION, SASL, TRANSACTION, CLOSING = "authorization", "sasl", "transaction", "closing"
+
+# RFC 5034 §4: the 255-octet limit of RFC 2449 does not bind SASL responses;
+# we allow AUTH lines (with an initial response) and responses this long.
+SASL_LINE_LIMIT = 12288
+# Pipelined input held while a command is outstanding; above this we stop
+# reading from the socket until we catch up.
+_MAX_PENDING_INPUT = 256 * 1024
+# RFC 1939 §3: message numbers are decimal; more digits than this is no message of ours.
+_MAX_NUMBER_DIGITS = 10
+
+LOCK_FILE_NAME = "mailgw-pop3.lock"
+IMPLEMENTATION = "mailgw"
+
+
+# -- replies ---------------------------------------------------------------------
+class Reply(NamedTuple):
+    """One status line: "+OK text" or "-ERR [CODE] text"."""
+    ok: bool
+    text: str
+    # RFC 2449 §8 / RFC 3206 response code: AUTH, IN-USE, SYS/TEMP, SYS/PERM.
+    code: str | None = None
+
+    def with_text(self, text: str) -> "Reply":
+        return self._replace(text=text)
+
+    def line(self) -> str:
+        parts = ["+OK" if self.ok else "-ERR"]
+        if self.code:
+            parts.append(f"[{self.code}]")
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+
+def ok(text: str = "") -> Reply:
+    return Reply(True, text)
+
+
+def err(text: str, code: str | None = None) -> Reply:
+    return Reply(False, text, code)
+
+
+# RFC 3206 §4: [AUTH] = the credentials (or the way they were sent) are the problem.
+AUTH_FAILED = err("Authentication failed", "AUTH")
+# RFC 2595 §2.1 / RFC 8314 §5: no cleartext passwords unless the operator allows them.
+PLAINTEXT_DISALLOWED = err("Plaintext authentication disallowed on non-secure connection, use STLS first", "AUTH")
+TOO_MANY_AUTH_FAILURES = err("Too many authentication failures, closing connection", "AUTH")
+# RFC 2449 §8.1.2: [IN-USE] = another session holds the maildrop lock.
+IN_USE = err("Mailbox is locked by another POP3 session, try again later", "IN-USE")
+# RFC 3206 §4: [SYS/TEMP] = a problem on our side that should go away.
+SYS_TEMP = err("Temporary server error, try again later", "SYS/TEMP")
+AUTH_TEMPORARY = err("Temporary authentication failure, try again later", "SYS/TEMP")
+TOO_MANY_CONNECTIONS = err("Too many connections, try again later", "SYS/TEMP")
+UPDATE_FAILED = err("Deleted messages could not be removed, try again later", "SYS/TEMP")
+TIMEOUT = err("Disconnected for inactivity")
+SESSION_EXPIRED = err("Session time limit exceeded")
+TOO_MANY_ERRORS = err("Too many errors, closing connection")
+LINE_TOO_LONG = err("Line too long")
+BAD_CHARACTERS = err("NUL or bare CR not allowed in commands")
+UNKNOWN_COMMAND = err("Unknown command")
+NOT_LOGGED_IN = err("Not logged in")
+ALREADY_LOGGED_IN = err("Already logged in")
+NOT_IN_TRANSACTION = err("Command not valid in this state")
+BAD_ARGUMENTS = err("Syntax error in arguments")
+USER_FIRST = err("Send USER first")
+INVALID_NUMBER = err("Invalid message number")
+NO_SUCH_MESSAGE = err("No such message")
+ALREADY_DELETED = err("Message {n} already deleted")
+MESSAGE_GONE = err("Message {n} was removed by another session")
+TLS_ACTIVE = err("TLS already active")
+TLS_UNAVAILABLE = err("STLS not available")
+UNKNOWN_MECHANISM = err("Unsupported authentication mechanism")
+AUTH_ABORTED = err("Authentication aborted")
+BAD_BASE64 = err("Invalid base64 data")
+BAD_PLAIN = err("Malformed PLAIN response")
+
+COMMANDS_AUTHORIZATION = frozenset({"CAPA", "USER", "PASS", "AUTH", "STLS", "QUIT"})
+COMMANDS_TRANSACTION = frozenset({"CAPA", "STAT", "LIST", "RETR", "TOP", "DELE", "RSET", "NOOP", "UIDL", "QUIT"})
+# Known, but refused: APOP needs the plaintext secret (we keep argon2id hashes).
+COMMANDS_NEVER = frozenset({"APOP", "RPOP", "LAST", "XTND"})
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def stuff(data: bytes) -> bytes:
+    """The message as a multi-line response body (RFC 1939 §3): every line
+    that starts with "." gets another one, at every position; CRLF at the
+    end, so that ".\\r\\n" always starts a line of its own."""
+    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed
+
+
+def top(data: bytes, lines: int) -> bytes:
+    """RFC 1939 §7 TOP: the header, the blank line, and the first `lines` lines of the body."""
+    if data.startswith(b"\r\n"):
+        head_end = 2                       # no header fields at all
+    else:
+        separator = data.find(b"\r\n\r\n")
+        if separator < 0:
+            return data                    # no body: the whole message is header
+        head_end = separator + 4
+    body = data[head_end:]
+    if lines == 0 or not body:
+        return data[:head_end]
+    parts = body.split(b"\r\n", lines)     # C speed, however large `lines` is
+    if len(parts) <= lines:
+        return data                        # fewer lines than asked: everything
+    return data[:head_end + len(body) - len(parts[-1])]
+
+
+# -- the maildrop: POP3's view of the INBOX ------------------------------------------
+class MaildropInUse(Exception):
+    """Another POP3 session holds this maildrop (RFC 2449 §8.1.2 [IN-USE])."""
+
+
+class MessageGone(Exception):
+    """The message was expunged by someone else after the session's snapshot."""
+
+
+class MaildropLocks:
+    """RFC 1939 §8: a POP3 session has exclusive access to its maildrop.
+
+    Two layers: the addresses locked in this process (so one mailgw never
+    needs a file to refuse a second session), and a non-blocking flock on
+    `<mailbox dir>/mailgw-pop3.lock` against other processes. flock locks
+    belong to the open file, so the lock goes away with the process however
+    it dies; the file is never unlinked (unlinking a lock file races with a
+    process that has just opened it). One MaildropLocks per process: the
+    realm holds it, and every POP3 listener shares the realm.
+    """
+
+    def __init__(self):
+        self._held: dict[str, MaildropLock] = {}
+
+    def __contains__(self, address: str) -> bool:
+        return address in self._held
+
+    def acquire(self, address: str, directory: Path | None) -> "MaildropLock":
+        """Lock now or raise MaildropInUse; OSError for trouble with the lock file.
+        A few microseconds of local file work: done on the reactor thread."""
+        if address in self._held:
+            raise MaildropInUse(address)
+        fd = None
+        if directory is not None:
+            directory = Path(directory)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(directory / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MaildropInUse(address) from None
+            except BaseException:
+                os.close(fd)
+                raise
+        lock = self._held[address] = MaildropLock(self, address, fd)
+        return lock
+
+    def _forget(self, lock: "MaildropLock") -> None:
+        if self._held.get(lock.address) is lock:
+            del self._held[lock.address]
+
+
+class MaildropLock:
+    def __init__(self, locks: MaildropLocks, address: str, fd: int | None):
+        self._locks = locks
+        self.address = address
+        self._fd = fd
+
+    def release(self) -> None:
+        self._locks._forget(self)
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)        # closing the last descriptor drops the flock
+
+
+@implementer(pop3.IMailbox)
+class Maildrop:
+    """One POP3 session's view of a user's INBOX: `pop3.IMailbox` over IFolder.
+
+    RFC 1939 numbers the messages 1..N for the whole session: `open()` locks
+    the maildrop and takes a snapshot (folder.sync(), then folder.messages());
+    mail arriving later is for the next session. DELE only marks; `sync()` is
+    the UPDATE state (QUIT): it expunges the marked messages and flags the
+    retrieved ones \\Seen (as Dovecot does). `close()` releases the lock and is
+    the realm's logout, called however the session ends; a session that ends
+    without QUIT removes nothing.
+
+    The `pop3.IMailbox` methods take 0-based indices and raise ValueError for
+    a bad one, as Twisted defines them. `listMessages` gives 0 for a deleted
+    message (Twisted's convention); the server uses `stat`/`undeleted`
+    instead, because an empty message also has size 0.
+    """
+
+    loginDelay = 0              # RFC 2449 §6.8 LOGIN-DELAY: not advertised
+    messageExpiration = None    # RFC 2449 §6.7 EXPIRE: never
+
+    log = Logger()
+
+    def __init__(self, mailbox, *, locks: MaildropLocks):
+        self.mailbox = mailbox                  # IUserMailbox
+        self.address = mailbox.address
+        self._locks = locks
+        self._lock: MaildropLock | None = None
+        self._closed = False
+        self.folder = None                      # the INBOX IFolder, after open()
+        self.uidvalidity = 0
+        self._messages: tuple[MessageInfo, ...] = ()
+        self._deleted: set[int] = set()         # 0-based indices
+        self._retrieved: set[int] = set()
+
+    # -- session lifecycle ---------------------------------------------------------
+    def open(self) -> defer.Deferred:
+        """Lock and snapshot. Fails with MaildropInUse, or whatever the store raised."""
+        return defer.Deferred.fromCoroutine(self._open())
+
+    async def _open(self) -> None:
+        folder = await self.mailbox.folder("INBOX")
+        self._check_not_closed()
+        self._lock = self._locks.acquire(self.address, self.lock_directory(folder))
+        try:
+            await folder.sync()
+            self._check_not_closed()
+            messages = tuple(folder.messages())
+        except BaseException:
+            self._release()
+            raise
+        self.folder = folder
+        self.uidvalidity = folder.uidvalidity
+        self._messages = messages
+
+    def lock_directory(self, folder) -> Path | None:
+        """Where the lock file goes: the user's Maildir root. IUserMailbox does
+        not promise a path, so: its `path`, else the INBOX folder's `path`
+        (INBOX is the root Maildir); with neither, the lock is per process only."""
+        for owner in (self.mailbox, folder):
+            path = getattr(owner, "path", None)
+            if path is not None:
+                return Path(path)
+        return None
+
+    def _check_not_closed(self) -> None:
+        if self._closed:
+            self._release()
+            raise defer.CancelledError("POP3 session ended while opening the maildrop")
+
+    def close(self) -> None:
+        self._closed = True
+        self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    @property
+    def locked(self) -> bool:
+        return self._lock is not None
+
+    # -- what the server asks -----------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def info(self, index: int) -> MessageInfo:
+        return self._messages[index]
+
+    def is_deleted(self, index: int) -> bool:
+        return index in self._deleted
+
+    def undeleted(self) -> list[tuple[int, MessageInfo]]:
+        return [(i, m) for i, m in enumerate(self._messages) if i not in self._deleted]
+
+    def stat(self) -> tuple[int, int]:
+        """RFC 1939 §5 STAT: (messages, octets), deleted ones not counted."""
+        live = self.undeleted()
+        return len(live), sum(m.size for _, m in live)
+
+    def uidl(self, index: int) -> str:
+        """RFC 1939 §7: 1-70 characters 0x21-0x7E, the same for the message in every
+        session. UIDVALIDITY changes only when the UIDs do, so the pair is stable."""
+        return f"{self.uidvalidity:08x}{self._messages[index].uid:08x}"
+
+    def read(self, index: int, *, retrieved: bool = False) -> defer.Deferred:
+        """Deferred[bytes]: the message in wire form (CRLF). MessageGone if it was expunged."""
+        info = self._messages[index]
+
+        def got(data):
+            if retrieved:
+                self._retrieved.add(index)
+            data = bytes(data)
+            if len(data) != info.size:
+                self.log.warn("{address}: UID {uid} is {actual} octets, the store said {size}",
+                              address=self.address, uid=info.uid, actual=len(data), size=info.size)
+            return data
+
+        def gone(failure):
+            failure.trap(KeyError)
+            raise MessageGone(info.uid)
+
+        return defer.maybeDeferred(self.folder.open, info.uid).addCallbacks(got, gone)
+
+    def delete(self, index: int) -> None:
+        self._deleted.add(index)
+
+    # -- twisted.mail.pop3.IMailbox ----------------------------------------------
+    def _check_index(self, i) -> None:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._messages):
+            raise ValueError(f"no message {i!r}")
+
+    def listMessages(self, i=None):
+        if i is None:
+            return [0 if n in self._deleted else m.size for n, m in enumerate(self._messages)]
+        self._check_index(i)
+        return 0 if i in self._deleted else self._messages[i].size
+
+    def getMessage(self, i):
+        self._check_index(i)
+        if i in self._deleted:
+            raise ValueError(f"message {i} is deleted")
+        return self.read(i, retrieved=True).addCallback(BytesIO)
+
+    def getUidl(self, i):
+        self._check_index(i)
+        return self.uidl(i).encode("ascii")
+
+    def deleteMessage(self, i):
+        self._check_index(i)
+        if i in self._deleted:
+            raise ValueError(f"message {i} is already deleted")
+        self.delete(i)
+
+    def undeleteMessages(self):
+        self._deleted.clear()
+
+    def sync(self) -> defer.Deferred:
+        """RFC 1939 §6 UPDATE. Deferred[int]: the number of messages removed."""
+        return defer.Deferred.fromCoroutine(self._update())
+
+    async def _update(self) -> int:
+        deleted = sorted(self._messages[i].uid for i in self._deleted)
+        seen = sorted(self._messages[i].uid for i in self._retrieved - self._deleted
+                      if SEEN not in self._messages[i].flags)
+        if seen:
+            try:
+                await self.folder.store_flags(seen, frozenset({SEEN}), "add")
+            except Exception:
+                # The mail was delivered to the client; a lost \Seen is not worth an error.
+                self.log.failure("{address}: could not flag retrieved messages \\Seen", address=self.address)
+        if deleted:
+            await self.folder.expunge(deleted)
+        self._deleted.clear()
+        return len(deleted)
+
+
+# -- the session ---------------------------------------------------------------------
+@implementer(ISessionInfo)
+class SessionInfo:
+    """What the realm may know of the session (the cred `mind`)."""
+
+    def __init__(self, listener: ListenerConfig, client_ip, tls: bool):
+        self.listener = listener
+        self.client_ip = client_ip
+        self.tls = tls
+        self.helo = None
+
+
+class POP3Factory(protocol.ServerFactory):
+    """One per listener: holds its role, limits, TLS context and counts."""
+
+    noisy = False       # the listener service logs what it listens on
+
+    def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
+                 tls_context=None, implicit_tls: bool = False):
+        if config.pop3 is None:
+            raise ValueError("config.pop3 is missing: load the config with mailgw.config.load()")
+        self.config = config
+        self.limits = config.pop3
+        self.listener = listener
+        self.portal = portal
+        self.clock = clock
+        self.tls_context = tls_context          # for STLS; None on implicit TLS (995)
+        self.implicit_tls = implicit_tls
+        self.open_connections = 0
+        self.open_per_ip: Counter = Counter()
+
+    def buildProtocol(self, addr):
+        server = MailgwPOP3(self)
+        server.factory = self
+        return server
+
+    def admit(self, client_ip) -> bool:
+        if (self.open_connections >= self.limits.max_connections
+                or self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip):
+            return False
+        self.open_connections += 1
+        self.open_per_ip[client_ip] += 1
+        return True
+
+    def release(self, client_ip) -> None:
+        self.open_connections -= 1
+        self.open_per_ip[client_ip] -= 1
+        if self.open_per_ip[client_ip] <= 0:
+            del self.open_per_ip[client_ip]
+
+
+@implementer(IPushProducer)
+class MailgwPOP3(pop3.POP3):
+    log = Logger()
+
+    def __init__(self, factory: POP3Factory):
+        self.factory = factory
+        self.limits = factory.limits
+        self.portal = factory.portal
+        self.ctx = factory.tls_context
+        self.clock = factory.clock
+        self.callLater = factory.clock.callLater      # TimeoutMixin uses this
+        self.canStartTLS = False
+        self._state = AUTHORIZATION
+        self._buffer = bytearray()      # deleting from its front is O(1): linear in pipelined lines
+        self._busy = False              # a command's Deferred is outstanding
+        self._looping = False           # inside _process (re-entrancy guard)
+        self._input_paused = False      # we paused the transport (too much pipelined input)
+        self._output_paused = False     # the transport's send buffer is full
+        self._producing = False         # registered as the transport's producer
+        self._skipping_long_line = False
+        self._admitted = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._session_timer = None
+        self._user: bytes | None = None           # from USER, until PASS
+        self._updating: defer.Deferred | None = None
+        self.session: SessionInfo | None = None
+        self.mbox: Maildrop | None = None
+        self.user: str | None = None
+        self._logout = None
+
+    # -- connection lifecycle -----------------------------------------------------
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        try:
+            client_ip = ipaddress.ip_address(peer.host)
+        except (AttributeError, ValueError):
+            client_ip = ipaddress.ip_address("0.0.0.0")
+        self.session = SessionInfo(self.factory.listener, client_ip, self.factory.implicit_tls)
+        if not self.factory.admit(client_ip):
+            self.log.warn("connection limit: refusing {client} on {listener}",
+                          client=client_ip, listener=self.factory.listener.name)
+            self._close_with(TOO_MANY_CONNECTIONS)
+            return
+        self._admitted = True
+        self.canStartTLS = (ITLSTransport.providedBy(self.transport)
+                            and self.ctx is not None and not self.factory.implicit_tls)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # A reply per command and a message per RETR: never let Nagle hold
+            # the tail for the peer's delayed ACK (stock Twisted: 23 msg/s).
+            self.transport.setTcpNoDelay(True)
+        # Told when the send buffer is full and when it has drained (RETR flow control).
+        self.transport.registerProducer(self, True)
+        self._producing = True
+        # RFC 1939 §4: no APOP, so no timestamp in the greeting.
+        self.reply(ok(f"{self.factory.config.hostname} POP3 server ready"))
+        self.setTimeout(self.limits.command_timeout)
+        self._session_timer = self.clock.callLater(self.limits.session_timeout, self._session_expired)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.setTimeout(None)
+        if self._session_timer is not None and self._session_timer.active():
+            self._session_timer.cancel()
+        self._session_timer = None
+        if self._admitted:
+            self.factory.release(self.session.client_ip)
+            self._admitted = False
+        self._state = CLOSING
+        self._buffer.clear()
+        if self._updating is not None:
+            # QUIT's UPDATE is still running: keep the lock until it is done.
+            self._updating.addBoth(lambda _: self._do_logout())
+        else:
+            # RFC 1939 §6: without QUIT there is no UPDATE; nothing is removed.
+            if self.mbox is not None and self._logout is not None:
+                self.log.info("pop3 disconnect user={user} client=[{client}] without QUIT: nothing removed",
+                              user=self.user, client=self.session.client_ip)
+            self._do_logout()
+
+    def timeoutConnection(self):
+        self._close_with(TIMEOUT)
+
+    def _session_expired(self):
+        self._session_timer = None
+        self._close_with(SESSION_EXPIRED)
+
+    def _close_with(self, reply: Reply | None):
+        if self._state == CLOSING:
+            return
+        self._state = CLOSING           # first: the closing reply is not counted as an error
+        self._buffer.clear()
+        if reply is not None:
+            self.reply(reply)
+        if self._producing:
+            # A registered producer holds TLS shutdown back: let go first.
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- IPushProducer: the transport's send buffer --------------------------------
+    def pauseProducing(self):
+        self._output_paused = True
+
+    def resumeProducing(self):
+        self._output_paused = False
+        # The client is reading what we send: that is activity too.
+        self.resetTimeout()
+        if self._state != CLOSING:
+            self._process()
+
+    def stopProducing(self):
+        self._output_paused = True
+
+    # -- replies --------------------------------------------------------------------
+    def _send_line(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8") + b"\r\n")
+
+    def reply(self, reply: Reply, **fields) -> None:
+        if fields:
+            reply = reply.with_text(reply.text.format(**fields))
+        self._send_line(reply.line())
+        if not reply.ok and self._state != CLOSING and reply.code not in ("SYS/TEMP", "IN-USE"):
+            self._errors += 1
+            if self._errors >= self.limits.max_errors:
+                self._close_with(TOO_MANY_ERRORS)
+
+    def _reply_multiline(self, first: Reply, lines: list[str]) -> None:
+        """RFC 1939 §3: a status line, lines (none starting with "." here), then "."."""
+        text = "\r\n".join([first.line(), *lines, "."]) + "\r\n"
+        self.transport.write(text.encode("utf-8"))
+
+    def _reply_error(self, failure_or_error) -> None:
+        """The one place where unexpected exceptions become replies."""
+        if isinstance(failure_or_error, Exception):
+            self.log.failure("unexpected error in POP3 session from {client}",
+                             client=self.session.client_ip)
+        else:
+            self.log.failure("unexpected error in POP3 session from {client}",
+                             failure=failure_or_error, client=self.session.client_ip)
+        if self._state != CLOSING:
+            self.reply(SYS_TEMP)
+
+    # -- input framing ------------------------------------------------------------
+    def dataReceived(self, data: bytes):
+        if self._state == CLOSING:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._looping:
+            return
+        self._looping = True
+        try:
+            while not self._busy and not self._output_paused and self._state != CLOSING:
+                line = self._next_line()
+                if line is None:
+                    break
+                if self._state == SASL:
+                    self._run(self._sasl_response, line)
+                else:
+                    self._run(self._command, line)
+        finally:
+            self._looping = False
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        if self._state == CLOSING:
+            return
+        waiting = self._busy or self._output_paused
+        pending = len(self._buffer)
+        if not self._input_paused and waiting and pending > _MAX_PENDING_INPUT:
+            self._input_paused = True
+            self.transport.pauseProducing()
+        elif self._input_paused and (not waiting or pending <= _MAX_PENDING_INPUT):
+            self._input_paused = False
+            self.transport.resumeProducing()
+
+    def _next_line(self) -> bytes | None:
+        """The next line without its end. CRLF ends a line; a bare LF is taken
+        too (POP3 has no message data from the client that could be smuggled)."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > SASL_LINE_LIMIT:
+                    # No line end in sight: answer once, then drop input up to
+                    # the next line end so the tail is never parsed as a command.
+                    if not self._skipping_long_line:
+                        self._skipping_long_line = True
+                        if self._state == SASL:
+                            self._state = AUTHORIZATION
+                        self.reply(LINE_TOO_LONG)
+                    self._buffer.clear()
+                return None
+            line = bytes(self._buffer[:end])
+            del self._buffer[:end + 1]
+            if self._skipping_long_line:
+                self._skipping_long_line = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            return line
+
+    def _run(self, handler, *args) -> None:
+        """Call a handler; a Deferred result holds later input until it fires."""
+        try:
+            result = handler(*args)
+        except Exception as error:
+            self._reply_error(error)
+            return
+        if isinstance(result, defer.Deferred):
+            self._busy = True
+            result.addErrback(self._reply_error)
+            result.addBoth(self._command_done)
+
+    def _command_done(self, _):
+        self._busy = False
+        if self._state != CLOSING:
+            self._process()
+
+    # -- commands -----------------------------------------------------------------
+    def _command(self, line: bytes):
+        verb, _, rest = line.partition(b" ")
+        if len(line) + 2 > (SASL_LINE_LIMIT if verb.upper() == b"AUTH" else self.limits.max_command_line):
+            return self.reply(LINE_TOO_LONG)          # RFC 2449 §4
+        if b"\0" in line or b"\r" in line:
+            return self.reply(BAD_CHARACTERS)
+        if not verb.isalpha() or len(verb) > 8:        # bytes.isalpha: ASCII letters only
+            return self.reply(UNKNOWN_COMMAND)
+        verb = verb.upper().decode("ascii")
+        if self._state == TRANSACTION:
+            if verb not in COMMANDS_TRANSACTION:
+                if verb in COMMANDS_AUTHORIZATION:
+                    return self.reply(ALREADY_LOGGED_IN if verb != "STLS" else NOT_IN_TRANSACTION)
+                return self.reply(UNKNOWN_COMMAND)
+        elif verb not in COMMANDS_AUTHORIZATION:
+            if verb in COMMANDS_TRANSACTION:
+                return self.reply(NOT_LOGGED_IN)
+            return self.reply(UNKNOWN_COMMAND)
+        return getattr(self, f"do_{verb}")(rest)
+
+    def _arguments(self, rest: bytes, minimum: int, maximum: int) -> list[bytes] | None:
+        """RFC 1939 §3: arguments separated by spaces; None (after -ERR) for the wrong number."""
+        args = rest.split()
+        if not minimum <= len(args) <= maximum:
+            self.reply(BAD_ARGUMENTS)
+            return None
+        return args
+
+    def _auth_allowed(self) -> bool:
+        return self.session.tls or self.limits.allow_plaintext_auth
+
+    def do_CAPA(self, rest: bytes):
+        # RFC 2449 §5: the list may differ between AUTHORIZATION and TRANSACTION.
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self._state == AUTHORIZATION:
+            if self._auth_allowed():
+                caps += ["USER", "SASL PLAIN"]
+            if self.canStartTLS and not self.session.tls:
+                caps.append("STLS")                    # RFC 2595 §4
+        caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
+        self._reply_multiline(ok("Capability list follows"), caps)
+
+    def do_QUIT(self, rest: bytes):
+        if self._state != TRANSACTION:
+            return self._close_with(ok("Bye"))
+        # RFC 1939 §6: UPDATE only now.
+        self._updating = self.mbox.sync()
+        return self._updating.addCallbacks(self._updated, self._update_failed)
+
+    def _updated(self, removed: int):
+        self._updating = None
+        self.log.info("pop3 logout user={user} client=[{client}] removed={removed}",
+                      user=self.user, client=self.session.client_ip, removed=removed)
+        self._close_with(ok(f"Logging out, {_count(removed, 'message')} removed" if removed else "Logging out"))
+        self._do_logout()
+
+    def _update_failed(self, failure):
+        self._updating = None
+        self.log.failure("pop3 UPDATE failed for {user}", failure=failure, user=self.user)
+        # RFC 1939 §6: "-ERR some deleted messages not removed"; the session ends anyway.
+        self._close_with(UPDATE_FAILED)
+        self._do_logout()
+
+    # -- STLS (RFC 2595) -----------------------------------------------------------
+    def do_STLS(self, rest: bytes):
+        if rest.strip():
+            return self.reply(BAD_ARGUMENTS)
+        if self.session.tls:
+            return self.reply(TLS_ACTIVE)
+        if not self.canStartTLS:
+            return self.reply(TLS_UNAVAILABLE)
+        self.reply(ok("Begin TLS negotiation"))
+        # CVE-2011-0411: nothing the client pipelined in the clear runs inside TLS.
+        self._buffer.clear()
+        self._skipping_long_line = False
+        self.transport.startTLS(self.ctx)
+        # RFC 2595 §4: forget what was said before TLS.
+        self.session.tls = True
+        self._user = None
+
+    # -- USER/PASS (RFC 1939 §7) ---------------------------------------------------
+    def do_USER(self, rest: bytes):
+        if not self._auth_allowed():
+            return self.reply(PLAINTEXT_DISALLOWED)
+        name = rest.strip()
+        if not name or len(name.split()) != 1:
+            self._user = None
+            return self.reply(BAD_ARGUMENTS)
+        self._user = name
+        # The same answer for every name: no user enumeration.
+        self.reply(ok("Send PASS"))
+
+    def do_PASS(self, rest: bytes):
+        if not self._auth_allowed():
+            return self.reply(PLAINTEXT_DISALLOWED)
+        if self._user is None:
+            return self.reply(USER_FIRST)
+        user, self._user = self._user, None
+        # RFC 1939 §7: the argument is the rest of the line; spaces may be part of it.
+        if not rest:
+            return self.reply(BAD_ARGUMENTS)
+        return self._login(user, rest)
+
+    # -- AUTH (RFC 5034, SASL PLAIN RFC 4616) ---------------------------------------
+    def do_AUTH(self, rest: bytes):
+        if not self._auth_allowed():
+            return self.reply(PLAINTEXT_DISALLOWED)
+        args = rest.split()
+        if not args:
+            # Not in RFC 5034, but clients (and Dovecot) use the older form to list mechanisms.
+            return self._reply_multiline(ok("Mechanisms follow"), ["PLAIN"])
+        if len(args) > 2:
+            return self.reply(BAD_ARGUMENTS)
+        if args[0].upper() != b"PLAIN":
+            return self.reply(UNKNOWN_MECHANISM)
+        if len(args) == 1:
+            self._state = SASL
+            self._send_line("+ ")                      # RFC 5034 §4: empty challenge
+            return None
+        # RFC 5034 §4: "=" is an empty initial response.
+        return self._sasl_plain(args[1])
+
+    def _sasl_response(self, line: bytes):
+        self._state = AUTHORIZATION
+        if len(line) + 2 > SASL_LINE_LIMIT:
+            return self.reply(LINE_TOO_LONG)
+        if line == b"*":
+            return self.reply(AUTH_ABORTED)          # RFC 5034 §4
+        return self._sasl_plain(line)
+
+    def _sasl_plain(self, encoded: bytes):
+        try:
+            decoded = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            return self.reply(BAD_BASE64)
+        # RFC 4616 §2: [authzid] NUL authcid NUL passwd
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return self.reply(BAD_PLAIN)
+        authzid, authcid, password = parts
+        if authzid and authzid.lower() != authcid.lower():
+            # Acting as another user is never allowed.
+            return self._auth_failed(authcid, "authorization identity differs from login")
+        return self._login(authcid, password)
+
+    def _login(self, username: bytes, password: bytes):
+        creds = credentials.UsernamePassword(username, password)
+        creds.client_ip = str(self.session.client_ip)
+        login = self.portal.login(creds, self.session, pop3.IMailbox)
+
+        def logged_in(result):
+            _, avatar, logout = result
+            if self._state == CLOSING:          # the client left meanwhile
+                logout()
+                return None
+            opened = defer.maybeDeferred(avatar.open)
+            return opened.addCallbacks(self._opened, self._open_failed,
+                                       callbackArgs=(avatar, logout), errbackArgs=(avatar, logout))
+
+        def failed(failure):
+            if failure.check(UnauthorizedLogin):
+                return self._auth_failed(username, "bad credentials")
+            self.log.failure("POP3 login error for client {client}", failure=failure,
+                             client=self.session.client_ip)
+            if self._state != CLOSING:
+                self.reply(AUTH_TEMPORARY)
+        return login.addCallbacks(logged_in, failed)
+
+    def _opened(self, _, avatar: Maildrop, logout):
+        if self._state == CLOSING:
+            logout()
+            return
+        self._do_logout()
+        self.mbox, self._logout = avatar, logout
+        self.user = avatar.address
+        self._user = None
+        self._state = TRANSACTION
+        count, octets = avatar.stat()
+        self.log.info("pop3 login user={user} client=[{client}] messages={count} tls={tls}",
+                      user=self.user, client=self.session.client_ip, count=count,
+                      tls="yes" if self.session.tls else "no")
+        self.reply(ok(f"maildrop has {_count(count, 'message')} ({_count(octets, 'octet')})"))
+
+    def _open_failed(self, failure, avatar, logout):
+        logout()                                 # RFC 1939 §7: release before -ERR
+        if self._state == CLOSING:
+            return
+        if failure.check(MaildropInUse):
+            self.log.info("pop3 maildrop of {user} in use, refusing client [{client}]",
+                          user=avatar.address, client=self.session.client_ip)
+            return self.reply(IN_USE)
+        self.log.failure("cannot open the maildrop of {user}", failure=failure, user=avatar.address)
+        self.reply(SYS_TEMP)
+
+    def _auth_failed(self, username: bytes, why: str):
+        if self._state == CLOSING:
+            return
+        self._auth_failures += 1
+        self.log.warn("pop3 login failed user={user!r} client=[{client}]: {why}",
+                      user=username.decode("utf-8", "replace")[:100], client=self.session.client_ip, why=why)
+        self.reply(AUTH_FAILED)
+        if self._auth_failures >= self.limits.max_auth_failures:
+            self._close_with(TOO_MANY_AUTH_FAILURES)
+
+    def _do_logout(self):
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            logout()
+
+    # -- TRANSACTION (RFC 1939 §5) ----------------------------------------------------
+    def _message_index(self, arg: bytes, *, deleted_ok: bool = False) -> int | None:
+        """0-based index of message number `arg`, or None after the -ERR."""
+        if not arg.isdigit() or len(arg) > _MAX_NUMBER_DIGITS:
+            self.reply(INVALID_NUMBER)
+            return None
+        number = int(arg)
+        if not 1 <= number <= len(self.mbox):    # RFC 1939 §5: DELE 0 is no message
+            self.reply(NO_SUCH_MESSAGE)
+            return None
+        if self.mbox.is_deleted(number - 1) and not deleted_ok:
+            self.reply(ALREADY_DELETED, n=number)
+            return None
+        return number - 1
+
+    def do_STAT(self, rest: bytes):
+        if self._arguments(rest, 0, 0) is None:
+            return
+        count, octets = self.mbox.stat()
+        self.reply(ok(f"{count} {octets}"))
+
+    def do_LIST(self, rest: bytes):
+        args = self._arguments(rest, 0, 1)
+        if args is None:
+            return
+        if args:
+            index = self._message_index(args[0])
+            if index is not None:
+                self.reply(ok(f"{index + 1} {self.mbox.info(index).size}"))
+            return
+        count, octets = self.mbox.stat()
+        self._reply_multiline(ok(f"{_count(count, 'message')} ({_count(octets, 'octet')})"),
+                              [f"{i + 1} {m.size}" for i, m in self.mbox.undeleted()])
+
+    def do_UIDL(self, rest: bytes):
+        args = self._arguments(rest, 0, 1)
+        if args is None:
+            return
+        if args:
+            index = self._message_index(args[0])
+            if index is not None:
+                self.reply(ok(f"{index + 1} {self.mbox.uidl(index)}"))
+            return
+        self._reply_multiline(ok("Unique-ID listing follows"),
+                              [f"{i + 1} {self.mbox.uidl(i)}" for i, _ in self.mbox.undeleted()])
+
+    def do_RETR(self, rest: bytes):
+        args = self._arguments(rest, 1, 1)
+        if args is None:
+            return None
+        index = self._message_index(args[0])
+        if index is None:
+            return None
+        return self.mbox.read(index, retrieved=True).addCallbacks(
+            self._send_message, self._read_failed, errbackArgs=(index,))
+
+    def do_TOP(self, rest: bytes):
+        args = self._arguments(rest, 2, 2)
+        if args is None:
+            return None
+        index = self._message_index(args[0])
+        if index is None:
+            return None
+        if not args[1].isdigit():
+            return self.reply(BAD_ARGUMENTS)
+        lines = int(args[1]) if len(args[1]) <= _MAX_NUMBER_DIGITS else 10 ** _MAX_NUMBER_DIGITS
+        return self.mbox.read(index).addCallbacks(
+            lambda data: self._send_message(top(data, lines)), self._read_failed, errbackArgs=(index,))
+
+    def _send_message(self, data: bytes):
+        if self._state == CLOSING:
+            return
+        # One call for status, whole stuffed message and terminator: the
+        # transport keeps the pieces as they are (no per-line Python work).
+        self.transport.writeSequence([
+            f"+OK {_count(len(data), 'octet')}\r\n".encode("ascii"), stuff(data), b".\r\n"])
+
+    def _read_failed(self, failure, index: int):
+        if self._state == CLOSING:
+            return
+        if failure.check(MessageGone):
+            return self.reply(MESSAGE_GONE, n=index + 1)
+        self.log.failure("cannot read message {n} of {user}", failure=failure, n=index + 1, user=self.user)
+        self.reply(SYS_TEMP)
+
+    def do_DELE(self, rest: bytes):
+        args = self._arguments(rest, 1, 1)
+        if args is None:
+            return
+        index = self._message_index(args[0])
+        if index is None:
+            return
+        self.mbox.delete(index)
+        self.reply(ok(f"Message {index + 1} deleted"))
+
+    def do_RSET(self, rest: bytes):
+        if self._arguments(rest, 0, 0) is None:
+            return
+        self.mbox.undeleteMessages()
+        count, octets = self.mbox.stat()
+        self.reply(ok(f"maildrop has {_count(count, 'message')} ({_count(octets, 'octet')})"))
+
+    def do_NOOP(self, rest: bytes):
+        if self._arguments(rest, 0, 0) is None:
+            return
+        self.reply(ok())
