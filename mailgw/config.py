@@ -56,6 +56,8 @@ DEFAULT_LISTENERS = (
     {"role": "submissions", "endpoint": "tcp:465"},
     {"role": "pop3", "endpoint": "tcp:110"},
     {"role": "pop3s", "endpoint": "tcp:995"},
+    {"role": "imap", "endpoint": "tcp:143"},
+    {"role": "imaps", "endpoint": "tcp:993"},
 )
 
 # key: (default, minimum, maximum); maximum None = unbounded.

@@ -23,7 +23,10 @@ from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
 from mailgw.auth.realm import MailRealm
 from mailgw.auth.userdb import UserFile
-from mailgw.config_types import IMPLICIT_TLS_ROLES, ROLE_POP3, ROLE_POP3S, SMTP_ROLES, Config
+from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES,
+                                 Config)
+from mailgw.imap.message import MessageCache
+from mailgw.imap.server import IMAPFactory
 from mailgw.pop3.server import POP3Factory
 from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
@@ -182,6 +185,7 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     tls.ensure_certificate(config.tls, config.hostname)
     tls_options = tls.server_options(config.tls)
 
+    imap_cache = MessageCache()      # parsed headers, shared by the IMAP listeners
     for listener in config.listeners:
         implicit = listener.role in IMPLICIT_TLS_ROLES
         common = dict(config=config, listener=listener, portal=portal, clock=reactor,
@@ -190,10 +194,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
             factory = SMTPFactory(new_queue_id=new_queue_id, **common)
         elif listener.role in (ROLE_POP3, ROLE_POP3S):
             factory = POP3Factory(**common)
-        else:
-            log.warn("listener {name}: role {role} is not implemented yet; skipped",
-                     name=listener.name, role=listener.role)
-            continue
+        elif listener.role in (ROLE_IMAP, ROLE_IMAPS):
+            factory = IMAPFactory(message_cache=imap_cache, **common)
+        else:   # config validation admits no other role
+            raise AssertionError(listener.role)
         if implicit:
             # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
             factory = TLSMemoryBIOFactory(tls_options, False, factory)

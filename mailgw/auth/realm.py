@@ -6,9 +6,10 @@ from __future__ import annotations
 from twisted.cred.checkers import ANONYMOUS
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
-from twisted.mail import pop3, smtp
+from twisted.mail import imap4, pop3, smtp
 from zope.interface import implementer
 
+from mailgw.imap.mailbox import IMAPAccount
 from mailgw.pop3.server import Maildrop, MaildropLocks
 from mailgw.smtp.delivery import Router, SMTPDelivery
 
@@ -40,4 +41,12 @@ class MailRealm:
             # Cheap: no I/O until the server calls maildrop.open() (lock + snapshot).
             maildrop = Maildrop(self.mail_store.mailbox(avatarId), locks=self.pop3_locks)
             return pop3.IMailbox, maildrop, maildrop.close
+        if imap4.IAccount in interfaces:
+            if avatarId is ANONYMOUS:
+                raise UnauthorizedLogin("IMAP has no anonymous access")
+            if self.mail_store is None:
+                raise NotImplementedError("no mail store configured for IMAP")
+            # Only the user's own mailbox: the account has no way to reach another.
+            account = IMAPAccount(self.mail_store.mailbox(avatarId))
+            return imap4.IAccount, account, account.logout
         raise NotImplementedError(f"no avatar for {interfaces!r}")

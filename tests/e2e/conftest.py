@@ -37,7 +37,7 @@ HOSTNAME = "mx.example.test"
 CLIENT_NAME = "client.example.net"     # EHLO name; also keeps smtplib from calling getfqdn()
 USERS = {"alice@example.test": "secret", "bob@example.test": "hunter2"}
 STANDARD_LISTENERS = (("relay", "relay"), ("submission", "submission"), ("submissions", "submissions"),
-                      ("pop3", "pop3"), ("pop3s", "pop3s"))
+                      ("pop3", "pop3"), ("pop3s", "pop3s"), ("imap", "imap"), ("imaps", "imaps"))
 START_DEADLINE = 20.0        # seconds for the listeners to accept connections
 STOP_DEADLINE = 10.0         # seconds after SIGTERM before SIGKILL
 CLIENT_TIMEOUT = 15.0        # seconds per client socket operation

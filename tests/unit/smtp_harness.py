@@ -51,8 +51,11 @@ class FakeChecker:
         self.attempts = []
 
     def requestAvatarId(self, credentials):
-        username = credentials.username.decode()
-        password = credentials.password.decode()
+        try:    # as the real PasswordChecker: undecodable credentials are simply wrong
+            username = credentials.username.decode()
+            password = credentials.password.decode()
+        except UnicodeDecodeError:
+            return defer.fail(UnauthorizedLogin())
         self.attempts.append((username, getattr(credentials, "client_ip", None)))
         if self.userdb.users.get(username) == password:
             return defer.succeed(username)

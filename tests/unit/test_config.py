@@ -94,6 +94,8 @@ def test_embedded_default_loads_with_documented_values(in_tmp):
         ListenerConfig(role="submissions", endpoint="tcp:465", name="submissions"),
         ListenerConfig(role="pop3", endpoint="tcp:110", name="pop3"),
         ListenerConfig(role="pop3s", endpoint="tcp:995", name="pop3s"),
+        ListenerConfig(role="imap", endpoint="tcp:143", name="imap"),
+        ListenerConfig(role="imaps", endpoint="tcp:993", name="imaps"),
     )
 
 
@@ -606,6 +608,8 @@ def test_check_default_config(in_tmp, capsys, monkeypatch):
         "submissions  tcp:465",
         "pop3         tcp:110",
         "pop3s        tcp:995",
+        "imap         tcp:143",
+        "imaps        tcp:993",
     ]
     assert err == ""
 
