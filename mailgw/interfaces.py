@@ -153,6 +153,10 @@ class IFolder(Interface):
         """Deferred[bytes]: the message with CRLF line ends (wire form), exactly
         MessageInfo.size octets. KeyError if the UID is gone."""
 
+    def open_many(uids):
+        """Deferred[list]: open() of each UID in order, None where the UID is
+        gone; one batch of file reads instead of one job per message."""
+
     def store_flags(uids, flags, mode):
         """mode "add" | "remove" | "replace". Deferred[dict[uid, frozenset]] of
         the new flags of each UID that still exists."""

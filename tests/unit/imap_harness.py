@@ -158,6 +158,10 @@ class FakeFolder:
             return _held(self.hold, error=KeyError(uid))
         return _held(self.hold, self._data[uid])
 
+    def open_many(self, uids):
+        self.opens += len(uids)
+        return _held(self.hold, [self._data.get(uid) for uid in uids])
+
     def store_flags(self, uids, flags, mode):
         assert mode in ("add", "remove", "replace"), mode
         flags = frozenset(flags)

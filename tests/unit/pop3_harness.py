@@ -116,6 +116,11 @@ class FakeFolder:
             return self._result("open", KeyError(uid))
         return self._result("open", self._messages[uid][0])
 
+    def open_many(self, uids):
+        self.calls.append(("open_many", tuple(uids)))
+        return self._result("open_many", [self._messages[uid][0] if uid in self._messages else None
+                                          for uid in uids])
+
     def store_flags(self, uids, flags, mode):
         self.calls.append(("store_flags", tuple(uids), frozenset(flags), mode))
         if "store_flags" in self.fail:

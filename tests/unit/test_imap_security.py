@@ -333,7 +333,7 @@ def test_errors_never_show_internals(logged_errors):
 
     def broken(uid):
         raise RuntimeError("/srv/secret/path exploded")
-    session.folder().open = broken
+    session.folder().open = session.folder().open_many = broken
     lines = session.run("FETCH 1 BODY[]", expect="NO")
     assert lines[-1] == "a3 NO [SERVERBUG] Internal server error"
     assert "secret" not in " ".join(lines)

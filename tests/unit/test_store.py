@@ -831,3 +831,14 @@ def test_timing_10000_messages_with_a_real_thread_pool(threaded):
     print()
     for label, seconds in timings.items():
         print(f"  {label:60s} {seconds * 1000:8.1f} ms")
+
+
+def test_open_many_reads_a_batch_in_order_with_none_for_gone_uids(inbox):
+    first = result(inbox.append(MESSAGE))
+    second = result(inbox.append(MESSAGE.replace(b"hello", b"HELLO") if b"hello" in MESSAGE else MESSAGE + b"x\r\n"))
+    jobs = []
+    real = inbox._defer
+    inbox._defer = lambda f, *args: jobs.append(f) or real(f, *args)
+    contents = result(inbox.open_many([second, 999, first]))
+    assert contents == [result(inbox.open(second)), None, result(inbox.open(first))]
+    assert len(jobs) == 3                     # one job for the batch, then the two single opens
