@@ -19,6 +19,7 @@ import difflib
 import ipaddress
 import math
 import os
+import pwd
 import re
 import socket
 import sys
@@ -445,6 +446,13 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     elif users_file_text == "" and data_dir is not None:
         users_file = data_dir / "users"
     io_threads = server.integer("io_threads", 8, 1, 256)
+    user = server.string("user", "")
+    if user:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            server.error("user", f"{_describe(user)}: no such user on this system")
+            user = None
     server.finish()
 
     tls = _tls(tls_table, data_dir)
@@ -469,6 +477,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         mail_dir=data_dir / "mail",
         queue_dir=data_dir / "queue",
         io_threads=io_threads,
+        user=user,
         tls=tls,
         smtp=smtp,
         listeners=tuple(listeners),

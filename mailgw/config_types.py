@@ -132,6 +132,7 @@ class Config:
     mail_dir: Path                         # <data_dir>/mail: Maildirs
     queue_dir: Path                        # <data_dir>/queue: relay spool
     io_threads: int                        # thread pool for fsync and file I/O
+    user: str                              # "" or the account to run as after binding (when started as root)
     tls: TLSConfig
     smtp: SMTPLimits
     listeners: tuple[ListenerConfig, ...]

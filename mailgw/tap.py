@@ -7,6 +7,8 @@ users, portal -> one listener per configured endpoint.
 from __future__ import annotations
 
 import errno
+import os
+import pwd
 import re
 
 from twisted.application import service
@@ -65,7 +67,6 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        import os
         path = self["config"] or os.environ.get("MAILGW_CONFIG")
         try:
             self["port-offset"] = int(self["port-offset"])
@@ -136,6 +137,39 @@ class ListenerService(service.Service):
             return port.stopListening()
 
 
+def drop_privileges(config: Config) -> None:
+    """After every port is bound: hand data_dir to config.user and become it.
+
+    twistd's own --uid/--gid would switch only after our files were made by
+    root (and then be unable to open them), so the switch happens here."""
+    if not config.user or os.geteuid() != 0:
+        return
+    account = pwd.getpwnam(config.user)
+    for directory, subdirectories, files in os.walk(config.data_dir):
+        os.chown(directory, account.pw_uid, account.pw_gid)
+        for name in files:
+            os.chown(os.path.join(directory, name), account.pw_uid, account.pw_gid, follow_symlinks=False)
+    if config.users_file.exists():
+        os.chown(config.users_file, account.pw_uid, account.pw_gid)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    log.info("running as {user} (uid {uid}); data in {data_dir}", user=config.user, uid=account.pw_uid,
+             data_dir=str(config.data_dir))
+
+
+class PrivilegeDrop(service.Service):
+    """The last service: privilegedStartService runs after every port is
+    bound and twistd has written its pidfile, and before anything starts."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        drop_privileges(self.config)
+
+
 def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiService:
     """Everything mailgw runs, as one MultiService."""
     top = service.MultiService()
@@ -204,6 +238,7 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
             factory.noisy = False
         description = offset_endpoint(listener.endpoint, port_offset)
         ListenerService(reactor, description, factory, listener.name).setServiceParent(top)
+    PrivilegeDrop(config).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
 
 
