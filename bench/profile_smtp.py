@@ -4,6 +4,8 @@
     python3 bench/profile_smtp.py --pidfile D/mailgw.pid --port 2540 \
         --maildir D/data/mail/gw.test/sink -n 2000 -s 2048 -c 32 -m 1 \
         [--pyspy idle|gil|cpu|none] [--rate 250] [--out /tmp/prof-c32] [--top 25]
+    python3 bench/profile_smtp.py --pidfile D/mailgw.pid --port 2550 \
+        --counter-file /tmp/peers/sink/count.log ...      (relay: bench/smtp_relay.sh --serve)
 
 1. Per-thread CPU from /proc/PID/task/*/stat (user and system seconds, before/after): the
    reactor thread (TID == PID) versus the thread-pool threads (I/O + auth pools together:
@@ -16,6 +18,9 @@
      --pyspy cpu  : only samples where the thread is running (py-spy's default)
      --pyspy gil  : only the thread holding the GIL (who serialises the process)
 Prints one JSON line with the CPU split, and tables for the profile. Loopback only; bounded.
+With --counter-file (relaying to smtp-sink) each run lasts until the sink has counted every
+message, so the CPU split and the profile include the queue runner and the outbound client
+(they run on the reactor thread; the spool reads and writes in the pool threads).
 """
 import argparse
 import collections
@@ -64,6 +69,8 @@ def mailbench(a, pid):
            "-c", str(a.c), "-m", str(a.m), "--to", a.rcpt, "--cpu-pid", str(pid), "--deadline", "300"]
     if a.maildir:
         cmd += ["--until-maildir", a.maildir]
+    elif a.counter_file:
+        cmd += ["--until-counter-file", a.counter_file]
     cp = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
     line = cp.stdout.strip().splitlines()[-1] if cp.stdout.strip() else "{}"
     return json.loads(line).get("result", {"fatal": cp.stderr[-300:]})
@@ -87,7 +94,8 @@ def cpu_split(a, pid):
     ok = result.get("ok") or 1
     return {
         "workload": dict(n=a.n, s=a.s, c=a.c, m=a.m),
-        "msgs_per_s": result.get("msgs_per_s"), "lat_p50_ms": result.get("lat_p50_ms"),
+        "msgs_per_s": result.get("msgs_per_s"), "delivered_msgs_per_s": result.get("delivered_msgs_per_s"),
+        "lat_p50_ms": result.get("lat_p50_ms"),
         "lat_p99_ms": result.get("lat_p99_ms"), "errors": result.get("errors"),
         "wall_s": round(wall, 3), "threads": len(after),
         "pool_threads_with_cpu": busy_pool_threads,
@@ -97,6 +105,9 @@ def cpu_split(a, pid):
         "pool_ms_per_msg": round(sum(split["pool"]) / ok * 1000, 3),
         "reactor_busy_pct": round(sum(split["reactor"]) / result.get("seconds", wall) * 100, 1)
         if result.get("seconds") else None,
+        # relaying: the run ends at the last delivery, so this is the busy share of the whole run
+        "reactor_busy_pct_until_delivered": round(sum(split["reactor"]) / result["delivered_seconds"] * 100, 1)
+        if result.get("delivered_seconds") else None,
         "other_cpu_s": result.get("other_cpu_s"),
     }
 
@@ -161,7 +172,8 @@ def profile(a, pid):
         for n in set(names):
             incl_t[cls][n] += count
     return {"mode": a.pyspy, "raw": raw, "result": {k: result.get(k) for k in
-            ("msgs_per_s", "lat_p50_ms", "lat_p99_ms", "errors", "other_cpu_s")},
+            ("msgs_per_s", "delivered_msgs_per_s", "lat_p50_ms", "lat_p99_ms", "errors",
+             "other_cpu_s")},
             "samples": dict(per_class), "self": self_t, "line": line_t, "inclusive": incl_t}
 
 
@@ -186,6 +198,7 @@ def main():
     ap.add_argument("--pidfile", required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--maildir")
+    ap.add_argument("--counter-file", help="smtp-sink counter (relay): wait until it counted every message")
     ap.add_argument("--rcpt", default="sink@gw.test")
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("-s", type=int, default=2048)

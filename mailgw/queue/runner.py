@@ -73,7 +73,13 @@ class QueueRunner(service.Service):
         self._heap: list[tuple[float, str]] = []
         self._timer = None
         self._attempts: dict[str, _Attempt] = {}
-        self._jobs: deque[tuple[_Attempt, str, DeliveryRequest]] = deque()
+        # Jobs waiting for a delivery slot, one FIFO per destination; `_ready`
+        # lists (round robin) the destinations that have jobs and a free slot,
+        # `_full` those waiting for one of their own deliveries to end. So a
+        # completion costs O(1), whatever the backlog for a busy smarthost.
+        self._waiting: dict[str, deque[tuple[_Attempt, DeliveryRequest]]] = {}
+        self._ready: deque[str] = deque()
+        self._full: set[str] = set()
         self._active_total = 0
         self._active_destinations: Counter = Counter()
         self.counters: Counter = Counter()     # sent / deferred / bounced / expired / notices
@@ -158,24 +164,31 @@ class QueueRunner(service.Service):
         if not requests:        # nothing pending (e.g. a crash after the last delivery)
             self._finish(attempt)
             return
-        self._jobs.extend((attempt, destination, request) for destination, request in requests)
+        for destination, request in requests:
+            if destination not in self._waiting:
+                self._waiting[destination] = deque()
+                self._ready.append(destination)
+            self._waiting[destination].append((attempt, request))
         self._pump()
 
     def _pump(self) -> None:
         """Start waiting jobs while the concurrency limits allow."""
-        skipped = deque()
-        while self._jobs and self._active_total < self.queue.max_deliveries:
-            attempt, destination, request = job = self._jobs.popleft()
+        while self._ready and self._active_total < self.queue.max_deliveries:
+            destination = self._ready.popleft()
             if self._active_destinations[destination] >= self.queue.max_per_domain:
-                skipped.append(job)
+                self._full.add(destination)        # back in _ready when one of its jobs ends
                 continue
+            jobs = self._waiting[destination]
+            attempt, request = jobs.popleft()
+            if jobs:
+                self._ready.append(destination)
+            else:
+                del self._waiting[destination]
             self._active_total += 1
             self._active_destinations[destination] += 1
             d = defer.maybeDeferred(self.transport.deliver, request)
             d.addErrback(self._transport_failed, request)
             d.addCallback(self._job_done, attempt, destination, request)
-        skipped.extend(self._jobs)
-        self._jobs = skipped
 
     def _transport_failed(self, failure, request: DeliveryRequest) -> AttemptResult:
         # The transport promises not to fail; if it does anyway, retry later.
@@ -190,6 +203,10 @@ class QueueRunner(service.Service):
         self._active_destinations[destination] -= 1
         if not self._active_destinations[destination]:
             del self._active_destinations[destination]
+        if destination in self._full:
+            self._full.discard(destination)
+            if destination in self._waiting:
+                self._ready.append(destination)
         attempt.outcomes.append((request, result))
         attempt.outstanding -= 1
         if attempt.outstanding == 0:
