@@ -557,8 +557,9 @@ def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:
 # a first retry within minutes catches greylisting.
 DEFAULT_RETRY_SCHEDULE = (300, 900, 1800, 3600, 7200, 14400)
 QUEUE_INTEGER_LIMITS = {           # key: (default, minimum, maximum)
-    "max_deliveries": (20, 1, 1000),
-    "max_per_domain": (10, 1, 1000),
+    # Postfix: default_process_limit 100, default_destination_concurrency_limit 20.
+    "max_deliveries": (100, 1, 1000),
+    "max_per_domain": (20, 1, 1000),
     "mx_port": (25, 1, 65535),
 }
 QUEUE_SECONDS_LIMITS = {           # key: (default, minimum)

@@ -318,8 +318,9 @@ class DurableWriter:
             self._errback_logged(d, Failure(RuntimeError("I/O thread pool stopped")), "creating directories")
         return d
 
-    def remove(self, paths) -> Deferred:
-        """Undo committed files (in order), then fsync their directories.
+    def remove(self, paths, *, sync: bool = True) -> Deferred:
+        """Undo committed files (in order), then fsync their directories
+        (unless `sync` is false: a removal lost in a crash only repeats work).
         Missing files are fine. Never fails: errors are logged, and the
         Deferred fires with None either way."""
         paths = [Path(p) for p in paths]
@@ -332,7 +333,7 @@ class DurableWriter:
                         self._os.unlink(path)
                     except FileNotFoundError:
                         pass
-                for directory in sorted({path.parent for path in paths}):
+                for directory in sorted({path.parent for path in paths}) if sync else ():
                     self._fsync_directory(directory)
             except BaseException:
                 failure = Failure()

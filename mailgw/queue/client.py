@@ -170,7 +170,6 @@ def client_tls_options(policy: str, hostname: str, ca_file: Path | None = None):
 # --- message preparation -------------------------------------------------------
 
 _BARE_CR_OR_LF = re.compile(rb"\r\n|\r|\n")
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 
 def canonical_line_ends(message: bytes) -> bytes:
@@ -608,7 +607,7 @@ class OutboundSMTP(Protocol):
 
     def _eight_bit(self) -> bool:
         if not hasattr(self, "_has_8bit"):
-            self._has_8bit = _EIGHT_BIT.search(self._message) is not None
+            self._has_8bit = not self._message.isascii()      # C speed, no regex
         return self._has_8bit
 
     def _needs_smtputf8(self) -> bool:
