@@ -41,7 +41,6 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections import Counter
 
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
@@ -53,6 +52,7 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.limits import ConnectionLimits
 from mailgw.config_types import Config, IMAPLimits, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.imap import fetch, listing, search
@@ -181,8 +181,8 @@ class IMAPFactory(protocol.ServerFactory):
         self.tls_context = tls_context          # for STARTTLS; None on implicit TLS (993)
         self.implicit_tls = implicit_tls
         self.cache = message_cache if message_cache is not None else MessageCache()
-        self.open_connections = 0
-        self.open_per_ip: Counter = Counter()
+        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
+                                            max_per_client=self.limits.max_connections_per_ip)
 
     def buildProtocol(self, addr):
         server = IMAPServer(self)
@@ -190,18 +190,10 @@ class IMAPFactory(protocol.ServerFactory):
         return server
 
     def admit(self, client_ip) -> bool:
-        if (self.open_connections >= self.limits.max_connections
-                or self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip):
-            return False
-        self.open_connections += 1
-        self.open_per_ip[client_ip] += 1
-        return True
+        return self.connections.admit(client_ip)
 
     def release(self, client_ip) -> None:
-        self.open_connections -= 1
-        self.open_per_ip[client_ip] -= 1
-        if self.open_per_ip[client_ip] <= 0:
-            del self.open_per_ip[client_ip]
+        self.connections.release(client_ip)
 
 
 @implementer(IPushProducer)

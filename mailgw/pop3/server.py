@@ -37,7 +37,6 @@ import binascii
 import fcntl
 import ipaddress
 import os
-from collections import Counter
 from io import BytesIO
 from pathlib import Path
 from typing import NamedTuple
@@ -50,6 +49,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from zope.interface import implementer
 
+from mailgw.limits import ConnectionLimits
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.interfaces import ISessionInfo
 from mailgw.store.events import SEEN, MessageInfo
@@ -441,8 +441,8 @@ class POP3Factory(protocol.ServerFactory):
         self.clock = clock
         self.tls_context = tls_context          # for STLS; None on implicit TLS (995)
         self.implicit_tls = implicit_tls
-        self.open_connections = 0
-        self.open_per_ip: Counter = Counter()
+        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
+                                            max_per_client=self.limits.max_connections_per_ip)
 
     def buildProtocol(self, addr):
         server = MailgwPOP3(self)
@@ -450,18 +450,10 @@ class POP3Factory(protocol.ServerFactory):
         return server
 
     def admit(self, client_ip) -> bool:
-        if (self.open_connections >= self.limits.max_connections
-                or self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip):
-            return False
-        self.open_connections += 1
-        self.open_per_ip[client_ip] += 1
-        return True
+        return self.connections.admit(client_ip)
 
     def release(self, client_ip) -> None:
-        self.open_connections -= 1
-        self.open_per_ip[client_ip] -= 1
-        if self.open_per_ip[client_ip] <= 0:
-            del self.open_per_ip[client_ip]
+        self.connections.release(client_ip)
 
 
 @implementer(IPushProducer)

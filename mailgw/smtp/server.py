@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from collections import Counter
 
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
@@ -40,6 +39,7 @@ from zope.interface import implementer
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.interfaces import ISessionInfo
+from mailgw.limits import ConnectionLimits
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -122,8 +122,9 @@ class SMTPFactory(protocol.ServerFactory):
         self.new_queue_id = new_queue_id
         self.tls_context = tls_context          # for STARTTLS; None on implicit TLS
         self.implicit_tls = implicit_tls
-        self.open_connections = 0
-        self.open_per_ip: Counter = Counter()
+        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
+                                            max_per_client=self.limits.max_connections_per_ip,
+                                            exempt=config.trusted_networks)
 
     def buildProtocol(self, addr):
         server = MailgwSMTP(self)
@@ -131,22 +132,10 @@ class SMTPFactory(protocol.ServerFactory):
         return server
 
     def admit(self, client_ip) -> bool:
-        # Like Postfix's smtpd_client_event_limit_exceptions: trusted networks
-        # (our own hosts) are not held to the per-client limit, only the total.
-        per_client_exempt = any(client_ip in network for network in self.config.trusted_networks
-                                if network.version == client_ip.version)
-        if (self.open_connections >= self.limits.max_connections
-                or (not per_client_exempt and self.open_per_ip[client_ip] >= self.limits.max_connections_per_ip)):
-            return False
-        self.open_connections += 1
-        self.open_per_ip[client_ip] += 1
-        return True
+        return self.connections.admit(client_ip)
 
     def release(self, client_ip) -> None:
-        self.open_connections -= 1
-        self.open_per_ip[client_ip] -= 1
-        if self.open_per_ip[client_ip] <= 0:
-            del self.open_per_ip[client_ip]
+        self.connections.release(client_ip)
 
 
 class MailgwSMTP(smtp.ESMTP):

@@ -505,7 +505,7 @@ def test_connection_limits_in_all_and_per_ip():
     assert full.read() == ["-ERR [SYS/TEMP] Too many connections, try again later"] and full.closed
     a.disconnect()
     assert not world.session(client="192.0.2.1").closed
-    assert world.factory().open_connections == 2
+    assert world.factory().connections.open_total == 2
 
 
 def test_max_auth_failures_closes():
