@@ -193,3 +193,15 @@ def test_client_that_never_reads_replies_cannot_grow_our_buffers():
     producer.resumeProducing()
     assert s.transport.producerState == "producing"
     assert s.read() == ["250 2.0.0 Ok"] * 50_040
+
+
+def test_long_line_check_agrees_with_the_definition():
+    from hypothesis import given, settings, strategies as st
+    from mailgw.smtp.server import has_long_line
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.sampled_from([0, 1, 5, 997, 998, 999, 1000, 2500]), max_size=8))
+    def check(lengths):
+        data = b"\n".join(b"a" * n for n in lengths)
+        assert has_long_line(data, 998) == (max(map(len, data.split(b"\n"))) > 998)
+    check()
