@@ -178,6 +178,10 @@ class MessageGone(Exception):
     """The message was expunged by someone else after the session's snapshot."""
 
 
+READ_AHEAD_MESSAGES = 32
+READ_AHEAD_OCTETS = 2 * 1024 * 1024
+
+
 class MaildropLocks:
     """RFC 1939 §8: a POP3 session has exclusive access to its maildrop.
 
@@ -269,6 +273,9 @@ class Maildrop:
         self._messages: tuple[MessageInfo, ...] = ()
         self._deleted: set[int] = set()         # 0-based indices
         self._retrieved: set[int] = set()
+        # Messages read ahead (index -> bytes, or None if gone): a client
+        # downloading everything then costs one pool job per batch, not per RETR.
+        self._ahead: dict[int, bytes | None] = {}
 
     # -- session lifecycle ---------------------------------------------------------
     def open(self) -> defer.Deferred:
@@ -307,6 +314,7 @@ class Maildrop:
 
     def close(self) -> None:
         self._closed = True
+        self._ahead.clear()
         self._release()
 
     def _release(self) -> None:
@@ -358,7 +366,28 @@ class Maildrop:
             failure.trap(KeyError)
             raise MessageGone(info.uid)
 
-        return defer.maybeDeferred(self.folder.open, info.uid).addCallbacks(got, gone)
+        if index in self._ahead:
+            data = self._ahead.pop(index)
+            return defer.fail(MessageGone(info.uid)) if data is None else defer.succeed(got(data))
+        open_many = getattr(self.folder, "open_many", None)
+        if open_many is None:
+            return defer.maybeDeferred(self.folder.open, info.uid).addCallbacks(got, gone)
+        # Read the next few undeleted messages too, bounded in count and octets.
+        batch, total = [index], info.size
+        for following in range(index + 1, len(self._messages)):
+            size = self._messages[following].size
+            if len(batch) >= READ_AHEAD_MESSAGES or total + size > READ_AHEAD_OCTETS:
+                break
+            if following not in self._deleted and following not in self._ahead:
+                batch.append(following)
+                total += size
+
+        def fill(contents):
+            self._ahead.update(zip(batch[1:], contents[1:]))
+            if contents[0] is None:
+                raise MessageGone(info.uid)
+            return got(contents[0])
+        return defer.maybeDeferred(open_many, [self._messages[i].uid for i in batch]).addCallback(fill)
 
     def delete(self, index: int) -> None:
         self._deleted.add(index)

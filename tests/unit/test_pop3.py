@@ -546,10 +546,10 @@ def test_pipelined_replies_stay_in_order_while_the_store_is_slow():
     s = logged_in(b"one\r\n", b"two\r\n")
     s.inbox.hold = []
     assert s.send(b"RETR 1\r\nSTAT\r\nRETR 2\r\nDELE 1\r\nQUIT\r\n") == []
-    s.inbox.release()
-    assert s.read() == ["+OK 5 octets", "one", ".", "+OK 2 10"]
-    s.inbox.release()
-    assert s.read() == ["+OK 5 octets", "two", ".", "+OK Message 1 deleted"]
+    s.inbox.release()                          # one read for both: RETR 2 was read ahead
+    assert s.read() == ["+OK 5 octets", "one", ".", "+OK 2 10", "+OK 5 octets", "two", ".",
+                        "+OK Message 1 deleted"]
+    assert s.inbox.calls.count(("open_many", (1, 2))) == 1
     assert not s.closed                        # QUIT's UPDATE is still running
     s.inbox.release()                          # store_flags (\Seen)
     s.inbox.release()                          # expunge
@@ -611,7 +611,7 @@ def test_storage_trouble_at_login_is_sys_temp_and_releases_the_lock(method):
 
 def test_read_errors_are_sys_temp_and_keep_the_session():
     s = logged_in(b"a\r\n", b"b\r\n")
-    s.inbox.fail["open"] = OSError("EIO")
+    s.inbox.fail["open"] = s.inbox.fail["open_many"] = OSError("EIO")
     assert s.last("RETR 1") == "-ERR [SYS/TEMP] Temporary server error, try again later"
     assert s.last("TOP 1 0") == "-ERR [SYS/TEMP] Temporary server error, try again later"
     s.inbox.fail.clear()
@@ -777,3 +777,18 @@ def test_pipelined_replies_equal_one_by_one_replies(state, lines):
     together = fuzz_session(state)
     together.server.dataReceived(b"".join(line + b"\r\n" for line in lines))
     assert together.raw() == expected
+
+
+def test_read_ahead_is_bounded_and_skips_deleted_messages():
+    from mailgw.pop3 import server as pop3_server
+    bodies = [b"x" * 100 + b"\r\n" for _ in range(40)]
+    s = logged_in(*bodies)
+    s.cmd("DELE 2")
+    retr(s, 1)
+    (batch,) = [call[1] for call in s.inbox.calls if call[0] == "open_many"]
+    assert 2 not in batch and len(batch) == pop3_server.READ_AHEAD_MESSAGES
+    for number in range(3, 34):                # served from the batch: no new read
+        retr(s, number)
+    assert sum(1 for call in s.inbox.calls if call[0] == "open_many") == 1
+    retr(s, 34)
+    assert sum(1 for call in s.inbox.calls if call[0] == "open_many") == 2
