@@ -46,6 +46,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -203,6 +204,8 @@ class PasswordChecker:
         self._cache_secret = os.urandom(32)
         self._cache: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._cache_generation = None
+        # Verifications running now, by cache key: later identical attempts wait on them.
+        self._in_flight: dict[bytes, list[Deferred]] = {}
 
     def requestAvatarId(self, credentials) -> Deferred:
         return Deferred.fromCoroutine(self._authenticate(credentials))
@@ -231,19 +234,41 @@ class PasswordChecker:
         else:
             address = self._cached(username, password)
             if address is None:
-                generation = getattr(self._userdb, "generation", None)
-                address = await self._userdb.verify(username, password)
-                if address is not None:
-                    self._remember(username, password, address, generation)
-                elif self._userdb.exists(username):
-                    reason = "wrong password"
-                else:
-                    reason = "unknown user"
+                address = await self._verify_once(username, password)
+                if address is None:
+                    reason = "wrong password" if self._userdb.exists(username) else "unknown user"
 
         if address is None:
             await self._fail(client, client_key, username, reason)
         self._client_failures.reset(client_key)
         self._log.info("authenticated {address} from {client}", address=address, client=client)
+        return address
+
+    async def _verify_once(self, username: str, password: str) -> str | None:
+        """userdb.verify, shared by concurrent attempts with the same
+        credentials: a burst of logins (1,000 IMAP clients of one user
+        reconnecting) costs one argon2id hash (64 MiB, ~50 ms), not one each."""
+        key = self._cache_key(username, password)
+        waiters = self._in_flight.get(key)
+        if waiters is not None:
+            mine = Deferred()
+            waiters.append(mine)
+            return await mine
+        self._in_flight[key] = waiters = []
+        generation = getattr(self._userdb, "generation", None)
+        try:
+            address = await self._userdb.verify(username, password)
+        except BaseException:
+            failure = Failure()
+            del self._in_flight[key]
+            for waiter in waiters:
+                waiter.errback(failure)
+            raise
+        del self._in_flight[key]
+        if address is not None:
+            self._remember(username, password, address, generation)
+        for waiter in waiters:
+            waiter.callback(address)
         return address
 
     async def _wait_before_attempt(self, client_key: str, username: str | None) -> None:

@@ -386,3 +386,38 @@ def test_failure_table_entries_expire_after_15_minutes():
 def test_failure_delay_survives_huge_counts():
     table = FailureTable(failure_delay=1.0, max_delay=30.0)
     assert table.delay(100_000) == 30.0
+
+
+class HeldPool:
+    """Verification jobs wait until the test runs them (a slow argon2 hash)."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.jobs.append((on_result, f, args, kwargs))
+
+    def run_all(self):
+        while self.jobs:
+            on_result, f, args, kwargs = self.jobs.pop(0)
+            try:
+                on_result(True, f(*args, **kwargs))
+            except BaseException:
+                on_result(False, Failure())
+
+
+@pytest.mark.parametrize("password, ok", [(PASSWORD, True), ("wrong", False)])
+def test_a_burst_of_identical_logins_costs_one_hash(users_path, clock, hasher, events, password, ok):
+    pool = HeldPool()
+    userdb = UserFile(users_path, threadpool=pool, reactor=clock, hasher=hasher)
+    checker = PasswordChecker(userdb, reactor=clock, failure_delay=0.0,
+                              log=Logger(observer=events.append), cache_ttl=60.0)
+    outcomes = [login(checker, ALICE, password, client=f"198.51.100.{n}") for n in range(1, 51)]
+    assert len(pool.jobs) == 1                 # one argon2 verification for all fifty
+    pool.run_all()
+    clock.advance(0)
+    assert hasher.verify_calls == 1
+    if ok:
+        assert all(outcome.value == ALICE for outcome in outcomes)
+    else:
+        assert all(outcome.unauthorized for outcome in outcomes)
