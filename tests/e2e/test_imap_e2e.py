@@ -177,3 +177,22 @@ def test_mbsync_syncs_both_ways(make_server, tmp_path, tls):
     done = run()
     assert done.returncode == 0, done.stdout + done.stderr
     server.find(ALICE, up)                              # now on the server
+
+
+def test_imapclient_over_starttls(make_server):
+    imapclient = pytest.importorskip("imapclient")
+    server = make_server().start()
+    mark = uuid.uuid4().hex
+    deliver(server, mark, body="over starttls")
+    client = imapclient.IMAPClient("127.0.0.1", port=server.ports["imap"], ssl=False, timeout=10)
+    assert b"LOGINDISABLED" in client.capabilities()
+    client.starttls(ssl_context=server.tls_client_context())
+    client.login(ALICE, PASSWORD)
+    assert b"IDLE" in client.capabilities() and b"UIDPLUS" in client.capabilities()
+    client.select_folder("INBOX")
+    (uid,) = client.search(["HEADER", "X-Test-Marker", mark])
+    body = client.fetch([uid], ["BODY.PEEK[TEXT]"])[uid][b"BODY[TEXT]"]
+    assert body == b"over starttls\r\n"
+    client.add_flags([uid], [b"\\Flagged"])
+    assert b"\\Flagged" in client.get_flags([uid])[uid]
+    client.logout()
