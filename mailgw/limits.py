@@ -1,7 +1,9 @@
-"""Connection limits shared by every listener's factory (SMTP, POP3, IMAP)."""
+"""What every listener shares (SMTP, POP3, IMAP): connection limits and the factory base."""
 from __future__ import annotations
 
 from collections import Counter
+
+from twisted.internet import protocol
 
 
 class ConnectionLimits:
@@ -35,3 +37,37 @@ class ConnectionLimits:
         self.open_per_client[client_ip] -= 1
         if self.open_per_client[client_ip] <= 0:
             del self.open_per_client[client_ip]
+
+
+class ListenerFactory(protocol.ServerFactory):
+    """What every listener's factory holds (SMTP, POP3, IMAP): the config,
+    its role, the portal, the clock, TLS and the connection counts. Each
+    protocol's factory adds its own parts and says which protocol to build."""
+
+    noisy = False       # the listener service logs what it listens on
+
+    def __init__(self, *, config, listener, portal, clock, limits, tls_context=None,
+                 implicit_tls: bool = False, exempt=()):
+        self.config = config
+        self.limits = limits
+        self.listener = listener
+        self.portal = portal
+        self.clock = clock
+        self.tls_context = tls_context          # for STARTTLS/STLS; None on implicit TLS
+        self.implicit_tls = implicit_tls
+        self.connections = ConnectionLimits(max_total=limits.max_connections,
+                                            max_per_client=limits.max_connections_per_ip, exempt=exempt)
+
+    def make_protocol(self):
+        raise NotImplementedError
+
+    def buildProtocol(self, addr):
+        server = self.make_protocol()
+        server.factory = self
+        return server
+
+    def admit(self, client_ip) -> bool:
+        return self.connections.admit(client_ip)
+
+    def release(self, client_ip) -> None:
+        self.connections.release(client_ip)

@@ -52,7 +52,7 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.limits import ConnectionLimits
+from mailgw.limits import ListenerFactory
 from mailgw.config_types import Config, IMAPLimits, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.imap import fetch, listing, search
@@ -164,36 +164,20 @@ def default_limits(config: Config) -> IMAPLimits:
     return limits
 
 
-class IMAPFactory(protocol.ServerFactory):
-    """One per listener: its role, limits, TLS context and connection counts.
-    `message_cache` (mailgw.imap.message.MessageCache) may be shared by the
-    listeners of one process; each factory makes its own otherwise."""
-
-    noisy = False
+class IMAPFactory(ListenerFactory):
+    """One per IMAP listener (imap with STARTTLS, imaps). `message_cache`
+    (mailgw.imap.message.MessageCache) may be shared by the listeners of one
+    process; each factory makes its own otherwise."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
                  tls_context=None, implicit_tls: bool = False, message_cache: MessageCache | None = None):
-        self.config = config
-        self.limits = config.imap if config.imap is not None else default_limits(config)
-        self.listener = listener
-        self.portal = portal
-        self.clock = clock
-        self.tls_context = tls_context          # for STARTTLS; None on implicit TLS (993)
-        self.implicit_tls = implicit_tls
+        limits = config.imap if config.imap is not None else default_limits(config)
+        super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=limits,
+                         tls_context=tls_context, implicit_tls=implicit_tls)
         self.cache = message_cache if message_cache is not None else MessageCache()
-        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
-                                            max_per_client=self.limits.max_connections_per_ip)
 
-    def buildProtocol(self, addr):
-        server = IMAPServer(self)
-        server.factory = self
-        return server
-
-    def admit(self, client_ip) -> bool:
-        return self.connections.admit(client_ip)
-
-    def release(self, client_ip) -> None:
-        self.connections.release(client_ip)
+    def make_protocol(self):
+        return IMAPServer(self)
 
 
 @implementer(IPushProducer)

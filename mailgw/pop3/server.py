@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from zope.interface import implementer
 
-from mailgw.limits import ConnectionLimits
+from mailgw.limits import ListenerFactory
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.interfaces import ISessionInfo
 from mailgw.store.events import SEEN, MessageInfo
@@ -454,35 +454,18 @@ class SessionInfo:
         self.helo = None
 
 
-class POP3Factory(protocol.ServerFactory):
-    """One per listener: holds its role, limits, TLS context and counts."""
-
-    noisy = False       # the listener service logs what it listens on
+class POP3Factory(ListenerFactory):
+    """One per POP3 listener (pop3 with STLS, pop3s)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
                  tls_context=None, implicit_tls: bool = False):
         if config.pop3 is None:
             raise ValueError("config.pop3 is missing: load the config with mailgw.config.load()")
-        self.config = config
-        self.limits = config.pop3
-        self.listener = listener
-        self.portal = portal
-        self.clock = clock
-        self.tls_context = tls_context          # for STLS; None on implicit TLS (995)
-        self.implicit_tls = implicit_tls
-        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
-                                            max_per_client=self.limits.max_connections_per_ip)
+        super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.pop3,
+                         tls_context=tls_context, implicit_tls=implicit_tls)
 
-    def buildProtocol(self, addr):
-        server = MailgwPOP3(self)
-        server.factory = self
-        return server
-
-    def admit(self, client_ip) -> bool:
-        return self.connections.admit(client_ip)
-
-    def release(self, client_ip) -> None:
-        self.connections.release(client_ip)
+    def make_protocol(self):
+        return MailgwPOP3(self)
 
 
 @implementer(IPushProducer)

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.interfaces import ISessionInfo
-from mailgw.limits import ConnectionLimits
+from mailgw.limits import ListenerFactory
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -121,35 +121,18 @@ class SessionInfo:
         return f"using {version} with cipher {cipher} ({bits} bits)"
 
 
-class SMTPFactory(protocol.ServerFactory):
-    """One per listener: holds its role, limits, TLS context and counts."""
-
-    noisy = False       # the listener service logs what it listens on
+class SMTPFactory(ListenerFactory):
+    """One per SMTP listener (relay, submission, submissions)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
                  new_queue_id, tls_context=None, implicit_tls: bool = False):
-        self.config = config
-        self.limits = config.smtp
-        self.listener = listener
-        self.portal = portal
-        self.clock = clock
+        # Trusted networks count towards the total only (see ConnectionLimits).
+        super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
+                         tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
         self.new_queue_id = new_queue_id
-        self.tls_context = tls_context          # for STARTTLS; None on implicit TLS
-        self.implicit_tls = implicit_tls
-        self.connections = ConnectionLimits(max_total=self.limits.max_connections,
-                                            max_per_client=self.limits.max_connections_per_ip,
-                                            exempt=config.trusted_networks)
 
-    def buildProtocol(self, addr):
-        server = MailgwSMTP(self)
-        server.factory = self
-        return server
-
-    def admit(self, client_ip) -> bool:
-        return self.connections.admit(client_ip)
-
-    def release(self, client_ip) -> None:
-        self.connections.release(client_ip)
+    def make_protocol(self):
+        return MailgwSMTP(self)
 
 
 class MailgwSMTP(smtp.ESMTP):
