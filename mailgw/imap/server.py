@@ -37,8 +37,6 @@ The shape of a session:
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 import re
 
@@ -52,6 +50,7 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.auth import sasl
 from mailgw.limits import ListenerFactory
 from mailgw.config_types import Config, IMAPLimits, ListenerConfig
 from mailgw.errors import MailError
@@ -778,16 +777,13 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
 
     def _sasl_plain(self, encoded: bytes):
         try:
-            decoded = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
+            authcid, password = sasl.parse_plain(sasl.decode_response(encoded))
+        except sasl.BadEncoding:
             raise BAD("Invalid base64") from None
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
-            raise BAD("Malformed PLAIN response")
-        authzid, authcid, password = parts
-        if authzid and authzid.lower() != authcid.lower():
-            # Acting as another user is never allowed.
-            return self._auth_failed(authcid, "authorization identity differs from login")
+        except sasl.MalformedPlain:
+            raise BAD("Malformed PLAIN response") from None
+        except sasl.ForeignIdentity as refused:
+            return self._auth_failed(refused.authcid, str(refused))
         return self._login(authcid, password)
 
     def _login(self, username: bytes, password: bytes):

@@ -32,8 +32,6 @@ IMailStore.mailbox(address) and adapted to IFolder.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import ipaddress
 import os
@@ -49,6 +47,7 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from zope.interface import implementer
 
+from mailgw.auth import sasl
 from mailgw.limits import ListenerFactory
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.interfaces import ISessionInfo
@@ -822,17 +821,13 @@ class MailgwPOP3(pop3.POP3):
 
     def _sasl_plain(self, encoded: bytes):
         try:
-            decoded = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
+            authcid, password = sasl.parse_plain(sasl.decode_response(encoded))
+        except sasl.BadEncoding:
             return self.reply(BAD_BASE64)
-        # RFC 4616 §2: [authzid] NUL authcid NUL passwd
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
+        except sasl.MalformedPlain:
             return self.reply(BAD_PLAIN)
-        authzid, authcid, password = parts
-        if authzid and authzid.lower() != authcid.lower():
-            # Acting as another user is never allowed.
-            return self._auth_failed(authcid, "authorization identity differs from login")
+        except sasl.ForeignIdentity as refused:
+            return self._auth_failed(refused.authcid, str(refused))
         return self._login(authcid, password)
 
     def _login(self, username: bytes, password: bytes):

@@ -25,7 +25,6 @@ through the avatar the portal returns.
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 
 from twisted.cred import credentials
@@ -36,6 +35,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 from zope.interface import implementer
 
+from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.interfaces import ISessionInfo
@@ -614,8 +614,8 @@ class MailgwSMTP(smtp.ESMTP):
 
     def _sasl_step(self, encoded: bytes):
         try:
-            decoded = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
+            decoded = sasl.decode_response(encoded)
+        except sasl.BadEncoding:
             return self.reply(codes.AUTH_BAD_BASE64)
         if self._sasl_mechanism == "LOGIN":
             if self._sasl_username is None:
@@ -624,14 +624,12 @@ class MailgwSMTP(smtp.ESMTP):
                 self._send_line(f"334 {_SASL_PASSWORD}")
                 return None
             return self._login(self._sasl_username, decoded)
-        # RFC 4616 §2: [authzid] NUL authcid NUL passwd
-        parts = decoded.split(b"\0")
-        if len(parts) != 3:
+        try:
+            authcid, password = sasl.parse_plain(decoded)
+        except sasl.MalformedPlain:
             return self.reply(codes.AUTH_BAD_BASE64.with_text("Malformed PLAIN response"))
-        authzid, authcid, password = parts
-        if authzid and authzid.lower() != authcid.lower():
-            # Acting as another user is never allowed.
-            return self._auth_failed(authcid, "authorization identity differs from login")
+        except sasl.ForeignIdentity as refused:
+            return self._auth_failed(refused.authcid, str(refused))
         return self._login(authcid, password)
 
     def _login(self, username: bytes, password: bytes):
