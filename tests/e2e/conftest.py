@@ -268,22 +268,24 @@ class MailServer:
             raise
 
     def wait_ready(self, deadline: float = START_DEADLINE) -> None:
+        """Every port accepts, and the services have started. Ports are bound
+        while the service is built, before reactor.run() installs its signal
+        handlers; the control socket line is logged once services start."""
         waiting = set(self.ports.values())
         end = time.monotonic() + deadline
-        while waiting:
+        while waiting or "control socket for `mailgw queue`" not in self.log_text():
             if self.process.poll() is not None:
                 raise ServerExited(f"twistd exited with {self.process.returncode} during start-up:\n"
                                    + self.log_tail())
             if time.monotonic() > end:
-                raise TimeoutError(f"ports {sorted(waiting)} not accepting after {deadline}s:\n" + self.log_tail())
+                raise TimeoutError(f"not ready after {deadline}s (ports still closed: {sorted(waiting)}):\n" + self.log_tail())
             for port in sorted(waiting):
                 try:
                     socket.create_connection(("127.0.0.1", port), timeout=0.25).close()
                 except OSError:
                     continue
                 waiting.discard(port)
-            if waiting:
-                time.sleep(0.05)
+            time.sleep(0.05)
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL after STOP_DEADLINE; only the process we started."""
@@ -328,13 +330,22 @@ class MailServer:
         return self.mailbox(user) / "new"
 
     def messages(self, user: str) -> dict[str, bytes]:
-        """Every message in the user's INBOX: new/ (never read) and cur/ (seen by POP3/IMAP)."""
-        found = {}
+        """Every message in the user's INBOX by file name: new/ (never read) and
+        cur/ (seen by POP3/IMAP). The store may move a file from new/ to cur/
+        between the two listings; it then counts once, under its cur/ name."""
+        found: dict[str, bytes] = {}
         for sub in ("new", "cur"):
             directory = self.mailbox(user) / sub
-            if directory.is_dir():
-                found.update({p.name: p.read_bytes() for p in sorted(directory.iterdir())})
-        return found
+            if not directory.is_dir():
+                continue
+            for path in sorted(directory.iterdir()):
+                try:
+                    found[path.name] = path.read_bytes()
+                except FileNotFoundError:
+                    pass               # moved to cur/ meanwhile: read there
+        moved = {name.split(",", 1)[0] for name in found if ",U=" in name}
+        return {name: data for name, data in found.items()
+                if ",U=" in name or name.split(",", 1)[0] not in moved}
 
     def find(self, user: str, marker: str) -> tuple[str, bytes]:
         """The one stored message of `user` carrying `marker`."""
