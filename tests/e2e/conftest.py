@@ -188,7 +188,7 @@ class MailServer:
 
     def __init__(self, root: Path, *, listeners=STANDARD_LISTENERS, port_offset: int = 0,
                  extra_server: str = "", users: dict[str, str] | None = None, users_template: Path | None = None,
-                 relay_port: int | None = None):
+                 relay_port: int | None = None, extra: str = ""):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data"
@@ -197,6 +197,7 @@ class MailServer:
         self.listener_roles = list(listeners)     # [(role, name)]
         self.port_offset = port_offset
         self.extra_server = extra_server
+        self.extra = extra                        # more config tables, e.g. "[queue]\nretry_schedule = [1]"
         self.relay_port = relay_port
         self.users = dict(USERS if users is None else users)
         self._users_template = users_template
@@ -213,7 +214,8 @@ class MailServer:
         listeners = [(role, name, f"tcp:{self.ports[name] - self.port_offset}:interface=127.0.0.1")
                      for role, name in self.listener_roles]
         self.config_path.write_text(config_text(data_dir=self.data_dir, listeners=listeners,
-                                                extra_server=self.extra_server, relay_port=self.relay_port))
+                                                extra_server=self.extra_server, extra=self.extra,
+                                                relay_port=self.relay_port))
 
     def add_users(self) -> None:
         target = self.data_dir / "users"
@@ -431,3 +433,13 @@ def make_server(tmp_path, users_template):
     yield make
     for instance in made:
         instance.forget()
+
+
+@pytest.fixture
+def sink(e2e):
+    """An aiosmtpd sink on 127.0.0.1 (tests/e2e/sink.py); pass `relay_port=sink.port` to make_server."""
+    from sink import Sink
+    instance = Sink(e2e.free_ports(1)[0])
+    instance.controller.start()
+    yield instance
+    instance.controller.stop()

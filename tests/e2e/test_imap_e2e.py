@@ -5,8 +5,6 @@ from __future__ import annotations
 import imaplib
 import os
 import shutil
-import socket
-import ssl
 import subprocess
 import time
 import uuid

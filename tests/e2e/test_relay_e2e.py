@@ -7,76 +7,15 @@ import email
 import email.policy
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
 import pytest
 
-aiosmtpd_controller = pytest.importorskip("aiosmtpd.controller", reason="aiosmtpd is in the [test] extras")
+from sink import WAIT, queue_list, server_env, wait_until_queue_empty
 
 pytestmark = pytest.mark.e2e
 ALICE = "alice@example.test"
-WAIT = 20.0
-
-
-class Sink:
-    """aiosmtpd on 127.0.0.1 that records every transaction; `refuse` maps
-    recipients to a reply to give at RCPT."""
-
-    def __init__(self, port: int):
-        self.messages: list[tuple[str, list[str], bytes]] = []
-        self.refuse: dict[str, str] = {}
-        self.arrived = threading.Event()
-        self.controller = aiosmtpd_controller.Controller(self, hostname="127.0.0.1", port=port)
-
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.refuse:
-            return self.refuse[address]
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server, session, envelope):
-        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        self.arrived.set()
-        return "250 2.0.0 Ok: sunk"
-
-    def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + WAIT
-        while len(self.messages) < count:
-            self.arrived.clear()
-            assert self.arrived.wait(max(0.0, deadline - time.monotonic())) or len(self.messages) >= count, \
-                f"sink got {len(self.messages)} of {count} messages"
-
-
-@pytest.fixture
-def sink(e2e):
-    instance = Sink(e2e.free_ports(1)[0])
-    instance.controller.start()
-    yield instance
-    instance.controller.stop()
-
-
-def queue_list(server, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mailgw.cli", "queue", "list", *args, "--config",
-                           str(server.config_path)], capture_output=True, text=True, timeout=30,
-                          env=server_env(), cwd=server.root)
-
-
-def server_env():
-    import os
-    from pathlib import Path
-    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-
-
-def wait_until_queue_empty(server) -> None:
-    deadline = time.monotonic() + WAIT
-    while True:
-        done = queue_list(server)
-        assert done.returncode == 0, done.stderr
-        if "mail queue is empty" in done.stdout:
-            return
-        assert time.monotonic() < deadline, done.stdout
 
 
 def submit(server, recipients, message: bytes, rcpt_options=()):
