@@ -568,6 +568,9 @@ QUEUE_SECONDS_LIMITS = {           # key: (default, minimum)
     "connect_timeout": (30.0, 1.0),
     "reply_timeout": (300.0, 1.0),
     "data_timeout": (600.0, 1.0),
+    # Postfix smtp_connection_cache_time_limit (2 s) and smtp_connection_reuse_time_limit (300 s).
+    "connection_cache_time": (2.0, 0.0),
+    "connection_reuse_time": (300.0, 1.0),
 }
 
 

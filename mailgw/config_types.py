@@ -113,6 +113,8 @@ class QueueConfig:
     connect_timeout: float              # seconds
     reply_timeout: float                # seconds per reply (RFC 5321 §4.5.3.2: 5 min)
     data_timeout: float                 # seconds for the data phase and its final reply (§4.5.3.2.6: 10 min)
+    connection_cache_time: float        # seconds an idle outbound connection waits for the next message (0: never reused)
+    connection_reuse_time: float        # seconds after connecting when a connection takes no new transaction
     mx_port: int                        # port used for MX delivery (25; other values only for tests)
     mx_tls: str                         # TLS policy towards MX hosts
     smarthost: RelayHost | None         # send everything here instead of the MX

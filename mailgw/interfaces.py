@@ -74,6 +74,9 @@ class IRelayTransport(Interface):
         `request`, in order. Never fails: connection, DNS and protocol
         trouble become deferred (4xx-class) or bounced (5xx-class) results."""
 
+    def close():
+        """Deferred: idle connections kept for reuse are closed (at shutdown)."""
+
 
 # -- the mailbox store (issue 4): shared by POP3 and IMAP ------------------------
 # Flags are str: the IMAP system flags "\\Seen" "\\Answered" "\\Flagged" "\\Deleted"

@@ -10,6 +10,7 @@ What this protocol does, as an explicit state machine driven by replies:
 
     greeting -> EHLO (HELO on 5xx) -> [STARTTLS -> EHLO] -> [AUTH] ->
     MAIL -> RCPT... -> [DATA -> body -> final reply] -> QUIT
+                                                     -> idle -> MAIL ... (reuse)
 
 Every command registers the handler of its reply in a FIFO (`_pending`), so
 PIPELINING (RFC 2920: MAIL and all RCPTs in one write) and lock-step use the
@@ -24,8 +25,14 @@ The outcome is one of
   greeting 4xx/5xx, EHLO refused, TLS trouble, AUTH refused, timeout before
   MAIL was answered): the caller may try the next host.
 
-`result` fires only once the connection is closed (QUIT is not waited for
-long), so a caller that counts deliveries also counts open connections.
+`result` fires once the connection is closed (QUIT is not waited for long),
+so a caller that counts deliveries also counts open connections; except when
+the protocol has a connection `cache` and the transaction ended with the
+final reply to the message: then it goes idle, registers itself with the
+cache (which bounds how many idle connections there are) and `result` fires
+at once. `reuse(request, message)` starts the next transaction on it; the
+idle timer, a reply out of turn or the peer closing ends it (QUIT) and takes
+it out of the cache.
 """
 from __future__ import annotations
 
@@ -276,15 +283,18 @@ class OutboundSMTP(Protocol):
 
     def __init__(self, *, request: DeliveryRequest, message: bytes, hostname: str, clock,
                  reply_timeout: float, data_timeout: float, tls_policy: str = TLS_NONE,
-                 tls_options=None, credentials: tuple[str, str] | None = None):
+                 tls_options=None, credentials: tuple[str, str] | None = None,
+                 cache=None, cache_key=None):
         if tls_policy in (TLS_OPPORTUNISTIC, TLS_REQUIRED) and tls_options is None:
             raise ValueError(f"TLS policy {tls_policy!r} needs tls_options")
-        self.request = request
-        self.result: defer.Deferred = defer.Deferred()
         self.greeting_name = ""
         self.extensions: dict[str, tuple[str, ...]] = {}
         self.discarded = b""             # plaintext that followed the STARTTLS 220 (dropped)
-        self._message = canonical_line_ends(message)
+        self.closed: defer.Deferred = defer.Deferred()    # fires when the connection is gone
+        self.cache_key = cache_key
+        self.transactions = 1            # on this connection, counting the current one
+        self._cache = cache
+        self._connected_at: float | None = None
         self._hostname = hostname
         self._clock = clock
         self._reply_timeout = reply_timeout
@@ -306,22 +316,51 @@ class OutboundSMTP(Protocol):
         self._starttls_tried = False
         self._authenticated = False
         self._greeted = False
+        self._closing = False
+        self._begin(request, message)
+
+    def _begin(self, request: DeliveryRequest, message: bytes):
+        """Per-transaction state: everything a reused connection starts afresh."""
+        self.request = request
+        self.result: defer.Deferred = defer.Deferred()
+        self._message = canonical_line_ends(message)
+        self._has_8bit: bool | None = None
         self._pipelined = False
         self._mail_answered = False
         self._mail_reply: Reply | None = None
         self._data_reply: Reply | None = None
+        self._final_reply = False        # the message's final reply came: the transaction is over
         n = len(request.recipients)
         self._local: list[Reply | None] = [None] * n      # refused by us before RCPT
         self._rcpt: list[Reply | None] = [None] * n
         self._outcome: SessionResult | SessionFailure | None = None
-        self._closing = False
         self._fired = False
 
     # --- connection events
 
     def connectionMade(self):
+        self._connected_at = self._clock.seconds()
         self._state = "greeting"
         self._expect(self._on_greeting)
+
+    def reuse(self, request: DeliveryRequest, message: bytes) -> defer.Deferred:
+        """The next transaction on this idle connection; Deferred like `result`.
+        A SessionFailure means nothing reached the peer's transaction state:
+        the caller can send the same request on a new connection."""
+        if self._state != "idle":
+            raise RuntimeError(f"reuse of a connection in state {self._state!r}")
+        self._cancel_timer()
+        self._begin(request, message)
+        self.transactions += 1
+        self._start_transaction()
+        return self.result
+
+    def quit_idle(self) -> defer.Deferred:
+        """Close an idle connection politely (QUIT); fires when it is closed."""
+        if self._state == "idle":
+            self._cancel_timer()
+            self._idle_expired()
+        return self.closed
 
     def dataReceived(self, data: bytes):
         if self._closing:
@@ -352,6 +391,11 @@ class OutboundSMTP(Protocol):
     def connectionLost(self, reason: Failure = None):
         self._cancel_timer()
         self._closing = True
+        if self._cache is not None:
+            self._cache.forget(self)
+        if self._fired:                  # idle, or QUIT after an idle period: nobody waits for a result
+            self.closed.callback(None)
+            return
         if self._outcome is None:
             tls_error = reason is not None and reason.check(SSL.Error) is not None
             if tls_error or self._tls_phase():
@@ -363,6 +407,7 @@ class OutboundSMTP(Protocol):
                 self._outcome = self._failure(
                     FAIL_LOST, CONNECTION_LOST._replace(text=f"Connection lost {self._during()}"))
         self._fire()
+        self.closed.callback(None)
 
     # --- reply framing
 
@@ -380,6 +425,10 @@ class OutboundSMTP(Protocol):
         if match.group(2) == b"-":
             return
         lines, self._lines = self._lines, []
+        if not self._pending and self._state == "idle":
+            # Typically "421 timeout" from a peer closing an idle connection.
+            log.debug("{peer} ended the idle connection: {code}", peer=self.greeting_name, code=code)
+            return self._close()
         if not self._pending:
             return self._protocol_error("unexpected reply")
         _, handler = self._pending.popleft()
@@ -606,7 +655,7 @@ class OutboundSMTP(Protocol):
         return None
 
     def _eight_bit(self) -> bool:
-        if not hasattr(self, "_has_8bit"):
+        if self._has_8bit is None:
             self._has_8bit = not self._message.isascii()      # C speed, no regex
         return self._has_8bit
 
@@ -657,6 +706,7 @@ class OutboundSMTP(Protocol):
 
     def _on_final(self, code, lines):
         self._data_reply = self._reply(code, lines)
+        self._final_reply = True
         self._finish()
 
     # --- outcomes
@@ -703,7 +753,7 @@ class OutboundSMTP(Protocol):
                 "ehlo": "after EHLO", "helo": "after HELO", "starttls": "after STARTTLS",
                 "auth": "during AUTH", "mail": "after MAIL FROM", "rcpt": "after RCPT TO",
                 "data": "after DATA", "data-body": "after end of data", "quit": "after QUIT",
-                }.get(self._state, "")
+                "idle": "while idle"}.get(self._state, "")
 
     def _protocol_error(self, why: str):
         log.info("protocol error from {peer} {during}: {why}", peer=self.greeting_name or "server",
@@ -718,6 +768,25 @@ class OutboundSMTP(Protocol):
 
     def _finish(self):
         self._outcome = self._session_result()
+        if self._may_idle() and self._cache.keep(self):
+            return self._idle()
+        self._quit()
+
+    def _may_idle(self) -> bool:
+        # Only after the final reply to a message: the peer's transaction is
+        # over (RFC 5321 §4.1.1.4), so the next MAIL needs no RSET.
+        return (self._cache is not None and self._final_reply and not self._closing
+                and self._clock.seconds() - self._connected_at < self._cache.reuse_time)
+
+    def _idle(self):
+        self._state = "idle"
+        self._pending.clear()
+        self._arm(self._cache.idle_time, self._idle_expired)
+        self._fire()
+
+    def _idle_expired(self):
+        self._timer = None
+        self._cache.forget(self)
         self._quit()
 
     def _quit(self):

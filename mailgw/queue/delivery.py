@@ -15,6 +15,13 @@ TLS failure is retried once on the same address without TLS (Twisted has no
 such fallback, #10334). Under `required`/`implicit` a missing STARTTLS or a
 bad certificate defers for that host and the next one is tried.
 
+Connections are reused (Postfix's connection cache): after the final reply
+to a message a connection waits `connection_cache_time` seconds in a
+ConnectionCache for the next request to the same address, port, TLS policy
+and credentials, and takes none once `connection_reuse_time` old. A reused
+connection that fails before MAIL is answered (the peer closed it meanwhile)
+costs nothing: the request goes out on a new connection.
+
 Everything becomes RecipientResults: a failed attempt defers every
 recipient with the last failure; DNS gives permanent answers for NXDOMAIN
 (5.1.2) and Null MX (5.1.10). Texts never carry internals; those are logged.
@@ -91,6 +98,51 @@ def _all(request: DeliveryRequest, reply: Reply, status: str | None = None, *, r
         for r in request.recipients))
 
 
+class ConnectionCache:
+    """Idle outbound connections (OutboundSMTP in state idle) by next hop, at
+    most `limit` in all; the most recently used is handed out first."""
+
+    def __init__(self, *, idle_time: float, reuse_time: float, limit: int):
+        self.idle_time = idle_time
+        self.reuse_time = reuse_time
+        self._limit = limit
+        self._idle: dict[tuple, list[OutboundSMTP]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def take(self, key: tuple) -> OutboundSMTP | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        protocol = idle.pop()
+        if not idle:
+            del self._idle[key]
+        self._count -= 1
+        return protocol
+
+    def keep(self, protocol: OutboundSMTP) -> bool:
+        if self._count >= self._limit:
+            return False
+        self._idle.setdefault(protocol.cache_key, []).append(protocol)
+        self._count += 1
+        return True
+
+    def forget(self, protocol: OutboundSMTP) -> None:
+        idle = self._idle.get(protocol.cache_key)
+        if idle and protocol in idle:
+            idle.remove(protocol)
+            self._count -= 1
+            if not idle:
+                del self._idle[protocol.cache_key]
+
+    def close(self) -> defer.Deferred:
+        """QUIT every idle connection; fires when all are closed."""
+        protocols = [protocol for idle in self._idle.values() for protocol in idle]
+        return defer.DeferredList([protocol.quit_idle() for protocol in protocols])
+
+
 class _Target:
     """One next hop: a host name (or IP) with how to talk to it."""
 
@@ -116,6 +168,14 @@ class RelayTransport:
         self._read_message = read_message or _read_in_thread(reactor)
         self._random = random
         self._routes = dict(self._queue.routes)
+        self._cache = ConnectionCache(idle_time=self._queue.connection_cache_time,
+                                      reuse_time=self._queue.connection_reuse_time,
+                                      limit=self._queue.max_deliveries) \
+            if self._queue.connection_cache_time > 0 else None
+
+    def close(self) -> defer.Deferred:
+        """Close idle connections politely (at shutdown)."""
+        return self._cache.close() if self._cache is not None else defer.succeed(None)
 
     def deliver(self, request: DeliveryRequest) -> defer.Deferred:
         d = defer.maybeDeferred(self._deliver, request)
@@ -210,7 +270,25 @@ class RelayTransport:
         return _all(request, _deferred(last), STATUS_DEFERRED, relay=last_relay)
 
     def _session(self, request: DeliveryRequest, message: bytes, target: _Target, ip: str, policy: str):
-        """Deferred[SessionResult | SessionFailure]: one connection to `ip`."""
+        """Deferred[SessionResult | SessionFailure]: a transaction on an idle
+        connection to `ip` if there is one, else on a new connection."""
+        key = (ip, target.port, policy, target.host, target.credentials, target.ca_file)
+        cached = self._cache.take(key) if self._cache is not None else None
+        if cached is None:
+            return self._new_session(request, message, target, ip, policy, key)
+
+        def failed(failure):
+            if failure.check(SessionFailure):
+                log.debug("{queue_id}: reused connection to {ip} failed ({kind}); a new one",
+                          queue_id=request.queue_id, ip=ip, kind=failure.value.kind)
+                return self._new_session(request, message, target, ip, policy, key)
+            log.failure("session with {ip}:{port}", failure, ip=ip, port=target.port)
+            return SessionFailure(FAIL_LOCAL, LOCAL_ERROR)
+        return cached.reuse(request, message).addErrback(failed)
+
+    def _new_session(self, request: DeliveryRequest, message: bytes, target: _Target, ip: str, policy: str,
+                     key: tuple):
+        """Deferred[SessionResult | SessionFailure]: one new connection to `ip`."""
         queue = self._queue
         try:
             tls_options = client_tls_options(policy, target.host, target.ca_file)
@@ -221,7 +299,7 @@ class RelayTransport:
         protocol = OutboundSMTP(
             request=request, message=message, hostname=self._config.hostname, clock=self._reactor,
             reply_timeout=queue.reply_timeout, data_timeout=queue.data_timeout, tls_policy=policy,
-            tls_options=tls_options, credentials=target.credentials)
+            tls_options=tls_options, credentials=target.credentials, cache=self._cache, cache_key=key)
         try:
             d = self._connect(ip, target.port, OneShotFactory(protocol),
                               tls_options if policy == TLS_IMPLICIT else None)

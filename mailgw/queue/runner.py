@@ -108,6 +108,7 @@ class QueueRunner(service.Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        return self.transport.close()        # idle outbound connections: QUIT
 
     # -- the clock ----------------------------------------------------------------
     def _schedule(self, queue_id: str, when: float) -> None:

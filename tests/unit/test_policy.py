@@ -19,7 +19,8 @@ ARRIVAL = 1_700_000_000.0
 def queue_config(**changes) -> QueueConfig:
     values = dict(retry_schedule=SCHEDULE, max_lifetime=5 * DAY, delay_notice_after=4 * HOUR,
                   max_deliveries=20, max_per_domain=5, connect_timeout=30.0, reply_timeout=300.0,
-                  data_timeout=600.0, mx_port=25, mx_tls=TLS_OPPORTUNISTIC, smarthost=None, routes=())
+                  data_timeout=600.0, connection_cache_time=2.0, connection_reuse_time=300.0, mx_port=25,
+                  mx_tls=TLS_OPPORTUNISTIC, smarthost=None, routes=())
     values.update(changes)
     return QueueConfig(**values)
 

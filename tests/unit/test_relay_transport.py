@@ -81,6 +81,8 @@ class RelayTransportTests(unittest.TestCase):
         queue.setdefault("reply_timeout", 10)
         queue.setdefault("data_timeout", 10)
         queue.setdefault("connect_timeout", 5)
+        # No connection reuse unless a test asks: the reactor must be clean after each test.
+        queue.setdefault("connection_cache_time", 0)
         config = config_module.load(None, overrides={
             "server": {"hostname": HOSTNAME, "data_dir": str(self.tmp / "data")}, "queue": queue})
         transport = RelayTransport(config=config, reactor=reactor, resolver=resolver or FakeResolver(),
@@ -437,6 +439,48 @@ class RelayTransportTests(unittest.TestCase):
         self.assertEqual((r.status, r.enhanced), (STATUS_DEFERRED, "4.3.0"))
         self.assertNotIn(str(request.message_path), r.text)
         self.flushLoggedErrors(FileNotFoundError)
+
+    # --- connection reuse
+
+    @defer.inlineCallbacks
+    def test_messages_to_the_same_host_reuse_one_connection_and_close_quits_it(self):
+        server = self.server("192.0.2.1")
+        transport = self.transport(self.mx_resolver(), mx_tls="none", connection_cache_time=30)
+        for recipient in ("a@example.net", "b@example.net", "c@example.net"):
+            result = yield transport.deliver(self.request(recipient))
+            self.assertEqual(result.results[0].status, STATUS_SENT)
+        self.assertEqual(len(server.sessions), 1)
+        self.assertEqual([t.rcpts for t in server.transactions],
+                         [["<a@example.net>"], ["<b@example.net>"], ["<c@example.net>"]])
+        yield transport.close()
+        self.assertEqual(server.sessions[0].verbs(), ["EHLO"] + ["MAIL", "RCPT", "DATA"] * 3 + ["QUIT"])
+
+    @defer.inlineCallbacks
+    def test_a_cached_connection_the_peer_dropped_costs_nothing_the_message_goes_on_a_new_one(self):
+        class Once(dict):
+            def get(self, key, default=None):
+                return self.pop(key, default)
+        server = self.server("192.0.2.1")
+        transport = self.transport(self.mx_resolver(), mx_tls="none", connection_cache_time=30)
+        first = yield transport.deliver(self.request("a@example.net"))
+        server.replies = Once(mail="drop")      # the peer goes away just as we reuse the connection
+        second = yield transport.deliver(self.request("b@example.net"))
+        self.assertEqual([first.results[0].status, second.results[0].status], [STATUS_SENT, STATUS_SENT])
+        self.assertEqual(len(server.sessions), 2)
+        self.assertEqual([t.rcpts for t in server.transactions], [["<a@example.net>"], ["<b@example.net>"]])
+        yield transport.close()
+
+    @defer.inlineCallbacks
+    def test_no_reuse_across_hosts(self):
+        first_server = self.server("192.0.2.1")
+        other_server = self.server("192.0.2.2")
+        resolver = self.mx_resolver({("example.org", "MX"): [(10, "mx2.example.org")],
+                                     ("mx2.example.org", "A"): ["192.0.2.2"]})
+        transport = self.transport(resolver, mx_tls="none", connection_cache_time=30)
+        yield transport.deliver(self.request("a@example.net"))
+        yield transport.deliver(self.request("b@example.org", domain="example.org"))
+        self.assertEqual([len(first_server.transactions), len(other_server.transactions)], [1, 1])
+        yield transport.close()
 
 
 def test_destination_is_the_relay_host_or_the_domain():

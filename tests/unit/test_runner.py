@@ -53,6 +53,10 @@ class FakeTransport:
     def destination(self, domain):
         return domain
 
+    def close(self):
+        self.closed = True
+        return defer.succeed(None)
+
     def deliver(self, request):
         self.requests.append(request)
         results = []

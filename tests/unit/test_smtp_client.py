@@ -52,13 +52,14 @@ class TLSStringTransport(StringTransport):
 
 class Conversation:
     def __init__(self, request=None, message=MESSAGE, *, policy=TLS_NONE, credentials=None,
-                 tls_options="TLS-OPTIONS"):
+                 tls_options="TLS-OPTIONS", cache=None):
         self.clock = Clock()
         self.transport = TLSStringTransport()
         self.protocol = OutboundSMTP(
             request=request or make_request(), message=message, hostname=HOSTNAME, clock=self.clock,
             reply_timeout=REPLY_TIMEOUT, data_timeout=DATA_TIMEOUT, tls_policy=policy,
-            tls_options=None if policy in (TLS_NONE, TLS_IMPLICIT) else tls_options, credentials=credentials)
+            tls_options=None if policy in (TLS_NONE, TLS_IMPLICIT) else tls_options, credentials=credentials,
+            cache=cache, cache_key=("192.0.2.1", 25) if cache is not None else None)
         self.outcomes = []
         self.protocol.result.addBoth(self.outcomes.append)
         self.protocol.makeConnection(self.transport)
@@ -628,3 +629,103 @@ def test_no_timer_left_behind():
     c.server("250 ok")
     c.to_quit()
     assert c.clock.getDelayedCalls() == []
+
+
+# --- connection reuse (the idle state) ------------------------------------------------------------
+
+IDLE_TIME = 2.0
+REUSE_TIME = 300.0
+
+
+def cached_conversation(limit=10, reuse_time=REUSE_TIME):
+    from mailgw.queue.delivery import ConnectionCache
+    cache = ConnectionCache(idle_time=IDLE_TIME, reuse_time=reuse_time, limit=limit)
+    c = Conversation(cache=cache)
+    c.greet_and_ehlo("PIPELINING", "ENHANCEDSTATUSCODES")
+    return c, cache
+
+
+def one_transaction(c, queue_id="1"):
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
+    c.server("250 2.1.0 Ok", "250 2.1.5 Ok")
+    assert c.sent() == ["DATA"]
+    c.server("354 go ahead")
+    assert c.raw() == MESSAGE + b".\r\n"
+    c.server(f"250 2.0.0 Ok: queued as {queue_id}")
+
+
+def test_after_the_final_reply_the_connection_goes_idle_and_the_result_fires_at_once():
+    c, cache = cached_conversation()
+    one_transaction(c)
+    assert c.sent() == [] and not c.transport.disconnecting      # no QUIT: kept for the next message
+    assert c.outcome.replies == (Reply(250, "2.0.0", "Ok: queued as 1"),)
+    assert cache.take(c.protocol.cache_key) is c.protocol
+
+
+def test_a_reused_connection_sends_the_next_transaction_without_a_new_greeting_or_rset():
+    c, cache = cached_conversation()
+    one_transaction(c)
+    protocol = cache.take(c.protocol.cache_key)
+    outcomes = []
+    protocol.reuse(make_request("carol@example.net"), b"Subject: two\r\n\r\nsecond\r\n").addBoth(outcomes.append)
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<carol@example.net>"]
+    c.server("250 2.1.0 Ok", "250 2.1.5 Ok")
+    assert c.sent() == ["DATA"]
+    c.server("354 go ahead")
+    assert c.raw() == b"Subject: two\r\n\r\nsecond\r\n.\r\n"
+    c.server("250 2.0.0 Ok: queued as 2")
+    [result] = outcomes
+    assert result.replies == (Reply(250, "2.0.0", "Ok: queued as 2"),)
+    assert protocol.transactions == 2 and len(cache) == 1
+
+
+def test_an_idle_connection_quits_when_its_idle_time_is_over_and_leaves_the_cache():
+    c, cache = cached_conversation()
+    one_transaction(c)
+    c.clock.advance(IDLE_TIME)
+    assert len(cache) == 0
+    c.to_quit()
+    assert c.protocol.closed.called
+
+
+def test_a_421_while_idle_closes_the_connection_and_leaves_the_cache():
+    c, cache = cached_conversation()
+    one_transaction(c)
+    c.server("421 4.4.2 mx.example.net Error: timeout exceeded")
+    assert c.closes() and len(cache) == 0 and c.protocol.closed.called
+
+
+def test_a_reused_connection_lost_before_mail_is_answered_is_a_session_failure_the_caller_can_retry():
+    c, cache = cached_conversation()
+    one_transaction(c)
+    protocol = cache.take(c.protocol.cache_key)
+    outcomes = []
+    protocol.reuse(make_request(), MESSAGE).addBoth(outcomes.append)
+    c.sent()
+    c.server_closes(ConnectionLost)
+    [failure] = outcomes
+    assert failure.check(SessionFailure) and failure.value.kind == FAIL_LOST
+    failure.trap(SessionFailure)
+
+
+def test_no_idle_after_a_transaction_without_a_final_reply():
+    c, cache = cached_conversation()
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
+    c.server("250 2.1.0 Ok", "550 5.1.1 No such user")     # no DATA: the MAIL transaction is still open
+    c.to_quit()
+    assert len(cache) == 0
+
+
+def test_no_new_transaction_on_a_connection_older_than_the_reuse_time():
+    c, cache = cached_conversation(reuse_time=REPLY_TIMEOUT / 2)
+    c.clock.advance(REPLY_TIMEOUT / 2)            # less than a reply timeout, as old as reuse_time
+    one_transaction(c)
+    c.to_quit()
+    assert len(cache) == 0
+
+
+def test_the_cache_holds_at_most_its_limit():
+    c, cache = cached_conversation(limit=0)
+    one_transaction(c)
+    c.to_quit()
+    assert len(cache) == 0
