@@ -183,11 +183,15 @@ class _Commit:
     first_error: Failure | None = None
 
 
+def _disk_full(failure: Failure) -> bool:
+    return bool(failure.check(OSError)) and failure.value.errno in _DISK_FULL_ERRNOS
+
+
 def storage_error(failure: Failure) -> MailError:
     """The MailError to show a client for a failed write (RFC 3463 §3.4)."""
     if failure.check(MailError):
         return failure.value
-    if failure.check(OSError) and failure.value.errno in _DISK_FULL_ERRNOS:
+    if _disk_full(failure):
         return StorageFull()
     return StorageFailed()
 
@@ -462,7 +466,10 @@ class DurableWriter:
         self._errback_logged(job.deferred, failure, "durable write")
 
     def _errback_logged(self, d: Deferred, failure: Failure, what: str) -> None:
-        if not failure.check(MailError):
+        if _disk_full(failure):
+            # Expected in operation, and the client gets 452 4.3.1: one line, no traceback.
+            self.log.error("{what} failed: disk full ({error})", what=what, error=failure.value)
+        elif not failure.check(MailError):
             self.log.failure("{what} failed", failure, what=what)
         d.errback(storage_error(failure))
 

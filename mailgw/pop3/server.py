@@ -48,8 +48,9 @@ from twisted.mail import pop3
 from zope.interface import implementer
 
 from mailgw.auth import sasl
-from mailgw.limits import ListenerFactory
+from mailgw.limits import ListenerFactory, cancel_timer, close_connection
 from mailgw.config_types import Config, ListenerConfig
+from mailgw.errors import TemporaryError
 from mailgw.interfaces import ISessionInfo
 from mailgw.store.events import SEEN, MessageInfo
 
@@ -491,6 +492,7 @@ class MailgwPOP3(pop3.POP3):
         self._errors = 0
         self._auth_failures = 0
         self._session_timer = None
+        self._abort_timer = None      # close_connection's: abort if the close takes too long
         self._user: bytes | None = None           # from USER, until PASS
         self._updating: defer.Deferred | None = None
         self.session: SessionInfo | None = None
@@ -531,6 +533,8 @@ class MailgwPOP3(pop3.POP3):
         if self._session_timer is not None and self._session_timer.active():
             self._session_timer.cancel()
         self._session_timer = None
+        cancel_timer(self._abort_timer)
+        self._abort_timer = None
         if self._admitted:
             self.factory.release(self.session.client_ip)
             self._admitted = False
@@ -564,7 +568,7 @@ class MailgwPOP3(pop3.POP3):
             # A registered producer holds TLS shutdown back: let go first.
             self._producing = False
             self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._abort_timer = close_connection(self.transport, self.clock)
 
     # -- IPushProducer: the transport's send buffer --------------------------------
     def pauseProducing(self):
@@ -747,7 +751,10 @@ class MailgwPOP3(pop3.POP3):
 
     def _update_failed(self, failure):
         self._updating = None
-        self.log.failure("pop3 UPDATE failed for {user}", failure=failure, user=self.user)
+        if failure.check(TemporaryError):         # e.g. disk full: expected, one line
+            self.log.warn("pop3 UPDATE failed for {user}: {error}", user=self.user, error=failure.value)
+        else:
+            self.log.failure("pop3 UPDATE failed for {user}", failure=failure, user=self.user)
         # RFC 1939 §6: "-ERR some deleted messages not removed"; the session ends anyway.
         self._close_with(UPDATE_FAILED)
         self._do_logout()
@@ -876,7 +883,10 @@ class MailgwPOP3(pop3.POP3):
             self.log.info("pop3 maildrop of {user} in use, refusing client [{client}]",
                           user=avatar.address, client=self.session.client_ip)
             return self.reply(IN_USE)
-        self.log.failure("cannot open the maildrop of {user}", failure=failure, user=avatar.address)
+        if failure.check(TemporaryError):         # e.g. disk full: expected, one line
+            self.log.warn("cannot open the maildrop of {user}: {error}", user=avatar.address, error=failure.value)
+        else:
+            self.log.failure("cannot open the maildrop of {user}", failure=failure, user=avatar.address)
         self.reply(SYS_TEMP)
 
     def _auth_failed(self, username: bytes, why: str):

@@ -29,7 +29,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgw.errors import MailError, StorageFailed
+from mailgw.errors import MailError, StorageFailed, StorageFull
 from mailgw.interfaces import IFolder
 from mailgw.store import index as ix
 from mailgw.store.maildir import _escape_hostname
@@ -389,8 +389,14 @@ class Folder:
             if failure.check(MailError):
                 self.log.warn("{folder}: {error}", folder=self, error=failure.value)
             return failure
-        self.log.failure("{folder}: store operation failed", failure, folder=self)
-        return fail(ix.storage_error(failure.value))
+        error = ix.storage_error(failure.value)
+        if isinstance(error, StorageFull):
+            # Expected in operation, and the client is told to retry: one line, no traceback.
+            self.log.error("{folder}: store operation failed: disk full ({error})", folder=self,
+                           error=failure.value)
+        else:
+            self.log.failure("{folder}: store operation failed", failure, folder=self)
+        return fail(error)
 
     def _publish(self, events) -> None:
         for event in events:
