@@ -276,6 +276,11 @@ class Maildrop:
         # Messages read ahead (index -> bytes, or None if gone): a client
         # downloading everything then costs one pool job per batch, not per RETR.
         self._ahead: dict[int, bytes | None] = {}
+        # The next batch, read while the client downloads this one, so that a
+        # RETR in order never waits for a pool job: its indices and waiters.
+        self._prefetching: set[int] = set()
+        self._prefetch_waiters: list[defer.Deferred] = []
+        self._prefetch_failed = False           # no more background reads until a RETR's own read works
 
     # -- session lifecycle ---------------------------------------------------------
     def open(self) -> defer.Deferred:
@@ -368,26 +373,72 @@ class Maildrop:
 
         if index in self._ahead:
             data = self._ahead.pop(index)
+            self._prefetch_after(index)
             return defer.fail(MessageGone(info.uid)) if data is None else defer.succeed(got(data))
+        if index in self._prefetching:
+            waiter = defer.Deferred()
+            self._prefetch_waiters.append(waiter)
+            return waiter.addCallback(lambda _: self.read(index, retrieved=retrieved))
         open_many = getattr(self.folder, "open_many", None)
         if open_many is None:
             return defer.maybeDeferred(self.folder.open, info.uid).addCallbacks(got, gone)
         # Read the next few undeleted messages too, bounded in count and octets.
-        batch, total = [index], info.size
-        for following in range(index + 1, len(self._messages)):
+        batch = self._batch(index)
+
+        def fill(contents):
+            self._prefetch_failed = False
+            self._ahead.update(zip(batch[1:], contents[1:]))
+            if contents[0] is None:
+                raise MessageGone(info.uid)
+            return got(contents[0])
+        return defer.maybeDeferred(open_many, [self._messages[i].uid for i in batch]).addCallback(fill)
+
+    def _batch(self, first: int) -> list[int]:
+        """`first` and the undeleted messages after it not yet read, up to
+        READ_AHEAD_MESSAGES / READ_AHEAD_OCTETS."""
+        batch, total = [first], self._messages[first].size
+        for following in range(first + 1, len(self._messages)):
             size = self._messages[following].size
             if len(batch) >= READ_AHEAD_MESSAGES or total + size > READ_AHEAD_OCTETS:
                 break
             if following not in self._deleted and following not in self._ahead:
                 batch.append(following)
                 total += size
+        return batch
+
+    def _prefetch_after(self, index: int) -> None:
+        """Once half the read-ahead is used, read the batch after it in the background."""
+        open_many = getattr(self.folder, "open_many", None)
+        if self._prefetching or self._prefetch_failed or self._closed or open_many is None:
+            return
+        ahead = [i for i in self._ahead if i > index]
+        if len(ahead) > READ_AHEAD_MESSAGES // 2:
+            return
+        first = max(ahead, default=index) + 1
+        while first < len(self._messages) and first in self._deleted:
+            first += 1
+        if first >= len(self._messages):
+            return
+        batch = self._batch(first)
+        self._prefetching = set(batch)
 
         def fill(contents):
-            self._ahead.update(zip(batch[1:], contents[1:]))
-            if contents[0] is None:
-                raise MessageGone(info.uid)
-            return got(contents[0])
-        return defer.maybeDeferred(open_many, [self._messages[i].uid for i in batch]).addCallback(fill)
+            if not self._closed:
+                self._ahead.update(zip(batch, contents))
+
+        def failed(failure):
+            # Not fatal: each RETR of these messages reads it again (and reports).
+            self._prefetch_failed = True
+            self.log.info("{address}: read-ahead failed: {why}", address=self.address,
+                          why=failure.getErrorMessage())
+
+        def done(_):
+            self._prefetching = set()
+            waiters, self._prefetch_waiters = self._prefetch_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        d = defer.maybeDeferred(open_many, [self._messages[i].uid for i in batch])
+        d.addCallbacks(fill, failed).addBoth(done)
 
     def delete(self, index: int) -> None:
         self._deleted.add(index)

@@ -781,14 +781,58 @@ def test_pipelined_replies_equal_one_by_one_replies(state, lines):
 
 def test_read_ahead_is_bounded_and_skips_deleted_messages():
     from mailgw.pop3 import server as pop3_server
-    bodies = [b"x" * 100 + b"\r\n" for _ in range(40)]
+    size = pop3_server.READ_AHEAD_MESSAGES
+    bodies = [b"x" * 100 + b"\r\n" for _ in range(2 * size + 8)]
     s = logged_in(*bodies)
     s.cmd("DELE 2")
     retr(s, 1)
-    (batch,) = [call[1] for call in s.inbox.calls if call[0] == "open_many"]
-    assert 2 not in batch and len(batch) == pop3_server.READ_AHEAD_MESSAGES
-    for number in range(3, 34):                # served from the batch: no new read
+
+    def batches():
+        return [call[1] for call in s.inbox.calls if call[0] == "open_many"]
+    (first,) = batches()
+    assert 2 not in first and len(first) == size
+    # The next batch is read in the background once half of this one is used,
+    # so a download in order never waits for a read; none is read twice.
+    for number in range(3, size + 2):
         retr(s, number)
-    assert sum(1 for call in s.inbox.calls if call[0] == "open_many") == 1
-    retr(s, 34)
+    assert len(batches()) == 2
+    second = batches()[1]
+    assert len(second) == size and not set(first) & set(second)
+    for number in range(size + 2, len(bodies) + 1):
+        assert retr(s, number)[1] == bodies[number - 1]
+    uids = [uid for batch in batches() for uid in batch]
+    assert len(uids) == len(set(uids)) == len(bodies) - 1      # every message read once; 2 never
+
+
+def test_a_retr_of_a_message_being_read_ahead_waits_for_that_read():
+    from mailgw.pop3 import server as pop3_server
+    size = pop3_server.READ_AHEAD_MESSAGES
+    bodies = [f"message {i}\r\n".encode() for i in range(2 * size)]
+    s = logged_in(*bodies)
+    retr(s, 1)
+    s.inbox.hold = []                              # reads from now on wait
+    for number in range(2, size // 2 + 2):
+        retr(s, number)                            # from the first batch; starts the background read
+    assert len(s.inbox.hold) == 1
+    s.server.dataReceived(f"RETR {size + 1}\r\n".encode())
+    assert s.raw() == b""                          # waits for the read in flight, no second read
+    (d, result), = s.inbox.hold
+    s.inbox.hold = None
+    d.callback(result)
+    status, body, rest = unstuff_multiline(s.raw())
+    assert status.startswith(b"+OK") and body == bodies[size] and rest == b""
     assert sum(1 for call in s.inbox.calls if call[0] == "open_many") == 2
+
+
+def test_a_failed_read_ahead_costs_nothing_the_retr_reads_again():
+    from mailgw.pop3 import server as pop3_server
+    size = pop3_server.READ_AHEAD_MESSAGES
+    bodies = [f"message {i}\r\n".encode() for i in range(2 * size)]
+    s = logged_in(*bodies)
+    retr(s, 1)
+    s.inbox.fail["open_many"] = OSError("EIO")        # the background read fails
+    for number in range(2, size // 2 + 2):
+        retr(s, number)
+    del s.inbox.fail["open_many"]
+    assert retr(s, size + 1)[1] == bodies[size]
+    assert sum(1 for call in s.inbox.calls if call[0] == "open_many") == 3
