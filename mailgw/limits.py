@@ -5,6 +5,26 @@ from collections import Counter
 
 from twisted.internet import protocol
 
+# Seconds a connection we close may take to go: its last reply to drain and, on
+# TLS, the client's answer to our close_notify. Twisted's TLS waits for that
+# answer without limit (RFC 8446 §6.1 does not require waiting at all), so a
+# client that never answers, or never reads, would keep its connection, its
+# slot in the limits below and a file descriptor after every timeout. After
+# the grace the connection is aborted (the queue's client does the same).
+CLOSE_GRACE = 2.0
+
+
+def close_connection(transport, clock):
+    """loseConnection now; abortConnection CLOSE_GRACE seconds later if the
+    connection is still there. Returns the timer: cancel it in connectionLost."""
+    transport.loseConnection()
+    return clock.callLater(CLOSE_GRACE, transport.abortConnection)
+
+
+def cancel_timer(timer) -> None:
+    if timer is not None and timer.active():
+        timer.cancel()
+
 
 class ConnectionLimits:
     """Open connections of one listener, in total and per client address.

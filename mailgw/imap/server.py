@@ -51,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.auth import sasl
-from mailgw.limits import ListenerFactory
+from mailgw.limits import ListenerFactory, close_connection
 from mailgw.config_types import Config, IMAPLimits, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.imap import fetch, listing, search
@@ -221,6 +221,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._sasl_tag = b""
         self._login_timer = None
         self._session_timer = None
+        self._abort_timer = None      # close_connection's: abort if the close takes too long
         self._output_paused = False
         self._output_waiter: defer.Deferred | None = None
         self._streaming = False
@@ -253,7 +254,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
     def connectionLost(self, reason=protocol.connectionDone):
         self._mode = CLOSING
         self.setTimeout(None)
-        for name in ("_login_timer", "_session_timer", "_idle_timer", "_idle_flush"):
+        for name in ("_login_timer", "_session_timer", "_idle_timer", "_idle_flush", "_abort_timer"):
             timer = getattr(self, name)
             if timer is not None and timer.active():
                 timer.cancel()
@@ -286,7 +287,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._mode = CLOSING
         self._buffer = bytearray()
         self._offset = self._scan = 0
-        self.transport.loseConnection()
+        self._abort_timer = close_connection(self.transport, self.clock)
 
     # -- output ---------------------------------------------------------------
     def _write(self, data: bytes) -> None:
@@ -678,7 +679,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._tagged(tag, "OK", "LOGOUT completed")
         self._deselect()
         self._mode = CLOSING
-        self.transport.loseConnection()
+        self._abort_timer = close_connection(self.transport, self.clock)
         return NO_REPLY
 
     def do_ID(self, tag, reader, uid):

@@ -39,7 +39,7 @@ from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.interfaces import ISessionInfo
-from mailgw.limits import ListenerFactory
+from mailgw.limits import ListenerFactory, cancel_timer, close_connection
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -158,6 +158,8 @@ class MailgwSMTP(smtp.ESMTP):
         self._auth_failures = 0
         self._commands_without_mail = 0
         self._session_timer = None
+        self._abort_timer = None      # close_connection's: abort if the close takes too long
+        self._producing = False       # _ReplyBackpressure is registered with the transport
         self.session: SessionInfo | None = None
         self.user: str | None = None
         self._logout = None
@@ -185,6 +187,7 @@ class MailgwSMTP(smtp.ESMTP):
             self.transport.setTcpNoDelay(True)
         # The transport tells this producer when its write buffer fills up.
         self.transport.registerProducer(_ReplyBackpressure(self), True)
+        self._producing = True
         self._login_anonymous()
         self._send_line(f"220 {self.factory.config.hostname} ESMTP mailgw")
         self.setTimeout(self.limits.command_timeout)
@@ -194,6 +197,8 @@ class MailgwSMTP(smtp.ESMTP):
         self.setTimeout(None)
         if self._session_timer is not None and self._session_timer.active():
             self._session_timer.cancel()
+        cancel_timer(self._abort_timer)
+        self._abort_timer = None
         if self._admitted:
             self.factory.release(self.session.client_ip)
             self._admitted = False
@@ -213,7 +218,12 @@ class MailgwSMTP(smtp.ESMTP):
         self.reply(reply)
         self._mode = CLOSING
         self._buffer = b""
-        self.transport.loseConnection()
+        if self._producing:
+            # A registered producer holds TLS shutdown back (every close of a
+            # TLS session would wait for the client): let go first.
+            self._producing = False
+            self.transport.unregisterProducer()
+        self._abort_timer = close_connection(self.transport, self.clock)
 
     # -- replies ----------------------------------------------------------
     def _send_line(self, text: str) -> None:
