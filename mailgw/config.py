@@ -75,6 +75,8 @@ SMTP_INTEGER_LIMITS: dict[str, tuple[int, int, int | None]] = {
     "max_connections": (500, 1, None),
     "max_connections_per_ip": (20, 1, None),
     "max_auth_failures": (3, 1, None),
+    # Failed logins in a row from one address (any protocol) before its logins are refused; 0 = never.
+    "auth_lockout_failures": (10, 0, None),
 }
 # key: (default seconds, minimum seconds). Below the RFC 5321 §4.5.3.2 minimums is
 # allowed on purpose (tests, hostile networks); the defaults follow the RFC.
@@ -83,6 +85,8 @@ SMTP_SECONDS_LIMITS: dict[str, tuple[float, float]] = {
     "data_timeout": (180.0, 1.0),
     "session_timeout": (3600.0, 1.0),
     "auth_failure_delay": (1.0, 0.0),
+    "auth_max_delay": (30.0, 0.0),
+    "auth_lockout_time": (900.0, 1.0),
 }
 
 # [pop3]: key: (default, minimum, maximum); maximum None = unbounded.

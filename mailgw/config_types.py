@@ -54,6 +54,9 @@ class SMTPLimits:
     max_connections_per_ip: int    # per listener, per client address
     auth_failure_delay: float      # seconds added per consecutive failed login from an address
     max_auth_failures: int         # failed AUTH in one session before 421 and close
+    auth_max_delay: float          # the failure delay never grows beyond this (seconds)
+    auth_lockout_failures: int     # failed logins in a row from an address before its logins are refused (0: never)
+    auth_lockout_time: float       # seconds those logins are refused
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,14 @@ class PermanentError(MailError):
     """A 5xx: the client must not retry as is."""
 
 
+class LoginsRefused(TemporaryError):
+    """Too many failed logins from this client address: every login from it is
+    refused, without checking the password, until the lockout ends."""
+
+    def __init__(self, text: str = "Too many failed logins from your address, try again later"):
+        super().__init__(454, "4.7.0", text)
+
+
 class StorageFull(TemporaryError):
     """The disk is full (ENOSPC/EDQUOT). RFC 3463 §3.4 4.3.1: mail system full."""
 

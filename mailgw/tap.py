@@ -200,7 +200,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
         log.info("{count} message(s) waiting in the relay queue", count=len(waiting))
 
     userdb = UserFile(config.users_file, threadpool=auth_pool, reactor=reactor)
-    checker = PasswordChecker(userdb, reactor=reactor, failure_delay=config.smtp.auth_failure_delay)
+    checker = PasswordChecker(userdb, reactor=reactor, failure_delay=config.smtp.auth_failure_delay,
+                              max_delay=config.smtp.auth_max_delay,
+                              lockout_failures=config.smtp.auth_lockout_failures,
+                              lockout_time=config.smtp.auth_lockout_time)
     router = Router(config, userdb)
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])

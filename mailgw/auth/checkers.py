@@ -21,7 +21,11 @@ previous delay has run out, so parallel connections gain nothing. A success
 resets the client's counter. A per-user counter grows the same way and slows
 answers to failures against that user from anywhere (a distributed guesser),
 but a correct password from a client without recent failures is never delayed
-by it: a legitimate user is not locked out by someone else's guessing. IPv6
+by it: a legitimate user is not locked out by someone else's guessing.
+After `lockout_failures` consecutive failures from one client (0: never),
+every login from that client fails at once with LoginsRefused (a temporary
+error; the password is not even checked) for `lockout_time` seconds: the
+guesser stops costing argon2 time, and users elsewhere are unaffected. IPv6
 clients are counted per /64, the block one subscriber usually has. Both
 tables are bounded (`max_entries`) and forget a key `failure_expiry` seconds
 after its last failure.
@@ -50,6 +54,8 @@ from twisted.python.failure import Failure
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from mailgw.errors import LoginsRefused
 
 UNKNOWN_CLIENT = "unknown"
 DEFAULT_MAX_ENTRIES = 10_000
@@ -190,8 +196,13 @@ class PasswordChecker:
     def __init__(self, userdb, *, reactor, failure_delay: float = 1.0, max_delay: float = 30.0,
                  log: Logger | None = None, cache_ttl: float = 60.0,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
-                 failure_expiry: float = DEFAULT_FAILURE_EXPIRY):
+                 failure_expiry: float = DEFAULT_FAILURE_EXPIRY,
+                 lockout_failures: int = 0, lockout_time: float = 900.0):
         self._userdb = userdb
+        self._lockout_failures = lockout_failures
+        self._lockout_time = lockout_time
+        self._locked_out: OrderedDict[str, float] = OrderedDict()      # client key -> until
+        self._max_entries = max_entries
         self._reactor = reactor
         self._log = log if log is not None else _log
         self._client_failures = FailureTable(failure_delay=failure_delay, max_delay=max_delay,
@@ -222,6 +233,7 @@ class PasswordChecker:
         except (UnicodeError, AttributeError):
             password = None
 
+        self._check_lockout(client, client_key, username)
         await self._wait_before_attempt(client_key, username)
 
         address = None
@@ -280,9 +292,33 @@ class PasswordChecker:
         if wait > 0:
             await deferLater(self._reactor, wait)
 
+    def _check_lockout(self, client: str, client_key: str, username: str | None) -> None:
+        until = self._locked_out.get(client_key)
+        if until is None:
+            return
+        now = self._reactor.seconds()
+        if now >= until:
+            del self._locked_out[client_key]
+            return
+        self._log.warn("login for {username} from {client} refused: locked out for {left:.0f} s more",
+                       username=_loggable(username), client=client, left=until - now)
+        raise LoginsRefused()
+
+    def _lock_out(self, client: str, client_key: str, now: float) -> None:
+        while self._locked_out and (len(self._locked_out) >= self._max_entries
+                                    or next(iter(self._locked_out.values())) <= now):
+            self._locked_out.popitem(last=False)     # bounded; expired ones first in line
+        self._locked_out.pop(client_key, None)
+        self._locked_out[client_key] = now + self._lockout_time
+        self._client_failures.reset(client_key)
+        self._log.warn("{client}: {count} failed logins in a row, refusing its logins for {seconds:.0f} s",
+                       client=client, count=self._lockout_failures, seconds=self._lockout_time)
+
     async def _fail(self, client: str, client_key: str, username: str | None, reason: str):
         now = self._reactor.seconds()
         until = self._client_failures.record_failure(client_key, now)
+        if self._lockout_failures and self._client_failures.count(client_key, now) >= self._lockout_failures:
+            self._lock_out(client, client_key, now)
         if username is not None:
             until = max(until, self._user_failures.record_failure(username, now))
         self._log.warn(

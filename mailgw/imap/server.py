@@ -53,7 +53,7 @@ from zope.interface import implementer
 from mailgw.auth import sasl
 from mailgw.limits import ListenerFactory, close_connection
 from mailgw.config_types import Config, IMAPLimits, ListenerConfig
-from mailgw.errors import MailError
+from mailgw.errors import LoginsRefused, MailError
 from mailgw.imap import fetch, listing, search
 from mailgw.imap.mailbox import SequenceError, SessionView, normalise_name
 from mailgw.imap.message import MessageCache, parse_header_of
@@ -811,6 +811,9 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(username, "bad credentials")
+            if failure.check(LoginsRefused):       # the checker logged it
+                self._auth_failed(username, "address locked out")
+                return ("NO", b"UNAVAILABLE", failure.value.text)      # RFC 5530: temporary
             self.log.failure("IMAP login error for client {client}", failure=failure,
                              client=self.session.client_ip)
             return ("NO", b"UNAVAILABLE", "Authentication temporarily unavailable")

@@ -50,7 +50,7 @@ from zope.interface import implementer
 from mailgw.auth import sasl
 from mailgw.limits import ListenerFactory, cancel_timer, close_connection
 from mailgw.config_types import Config, ListenerConfig
-from mailgw.errors import TemporaryError
+from mailgw.errors import LoginsRefused, TemporaryError
 from mailgw.interfaces import ISessionInfo
 from mailgw.store.events import SEEN, MessageInfo
 
@@ -905,6 +905,9 @@ class MailgwPOP3(pop3.POP3):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(username, "bad credentials")
+            if failure.check(LoginsRefused):       # the checker logged it
+                return self._auth_failed(username, "address locked out",
+                                         err(failure.value.text, "SYS/TEMP"))
             self.log.failure("POP3 login error for client {client}", failure=failure,
                              client=self.session.client_ip)
             if self._state != CLOSING:
@@ -940,13 +943,13 @@ class MailgwPOP3(pop3.POP3):
             self.log.failure("cannot open the maildrop of {user}", failure=failure, user=avatar.address)
         self.reply(SYS_TEMP)
 
-    def _auth_failed(self, username: bytes, why: str):
+    def _auth_failed(self, username: bytes, why: str, reply: Reply = AUTH_FAILED):
         if self._state == CLOSING:
             return
         self._auth_failures += 1
         self.log.warn("pop3 login failed user={user!r} client=[{client}]: {why}",
                       user=username.decode("utf-8", "replace")[:100], client=self.session.client_ip, why=why)
-        self.reply(AUTH_FAILED)
+        self.reply(reply)
         if self._auth_failures >= self.limits.max_auth_failures:
             self._close_with(TOO_MANY_AUTH_FAILURES)
 

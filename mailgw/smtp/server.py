@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
-from mailgw.errors import MailError
+from mailgw.errors import LoginsRefused, MailError
 from mailgw.interfaces import ISessionInfo
 from mailgw.limits import ListenerFactory, cancel_timer, close_connection
 from mailgw.smtp import codes
@@ -657,15 +657,19 @@ class MailgwSMTP(smtp.ESMTP):
         def failed(failure):
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(username, "bad credentials")
+            if failure.check(LoginsRefused):       # the checker logged it
+                error = failure.value
+                return self._auth_failed(username, "address locked out",
+                                         Reply(error.code, error.enhanced, error.text))
             self.log.failure("AUTH error for client {client}", failure=failure, client=self.session.client_ip)
             self.reply(codes.AUTH_TEMPORARY)
         return login.addCallbacks(succeeded, failed)
 
-    def _auth_failed(self, username: bytes, why: str):
+    def _auth_failed(self, username: bytes, why: str, reply: Reply = codes.AUTH_FAILED):
         self._auth_failures += 1
         self.log.warn("AUTH failed user={user!r} client=[{client}]: {why}",
                       user=username.decode("utf-8", "replace")[:100], client=self.session.client_ip, why=why)
-        self.reply(codes.AUTH_FAILED)
+        self.reply(reply)
         if self._auth_failures >= self.limits.max_auth_failures:
             self._close_with(codes.TOO_MANY_AUTH_FAILURES)
 

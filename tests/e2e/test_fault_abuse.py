@@ -363,6 +363,39 @@ def test_password_guessing_over_smtp_pop3_and_imap_adds_up_and_never_locks_out_t
     assert_no_traceback(server)
 
 
+def test_an_address_that_keeps_guessing_is_refused_for_a_while_on_every_protocol_and_no_one_else_is(make_server):
+    server = start_configured(make_server(), {"auth_lockout_failures": 3, "auth_lockout_time": 600.0})
+    locked, elsewhere = "127.0.0.8", "127.0.0.9"
+    conn = Conn(server.ports["imap"], source=locked)
+    assert conn.line().startswith(b"* OK ")
+    conn.send(b"a STARTTLS\r\n")
+    assert conn.lines_until(b"a ")[-1].startswith(b"a OK")
+    conn.start_tls()
+    for n in range(3):
+        conn.send(f'g{n} LOGIN {ALICE} "guess-{n}"\r\n'.encode())
+        assert conn.lines_until(f"g{n} ".encode())[-1].startswith(f"g{n} NO [AUTHENTICATIONFAILED]".encode())
+    conn.close()
+    # Now even the right password from that address is refused, with a temporary error.
+    conn, reply, _ = imap_login(server, locked, PASSWORD)
+    assert reply.startswith(b"b NO [UNAVAILABLE] Too many failed logins from your address"), reply
+    conn.close()
+    conn, reply, _ = pop3_login(server, locked, PASSWORD)
+    assert reply.startswith(b"-ERR [SYS/TEMP] Too many failed logins from your address"), reply
+    conn.close()
+    conn, reply, _ = smtp_auth(server, locked, PASSWORD)
+    assert reply.startswith(b"454 4.7.0 Too many failed logins from your address"), reply
+    conn.close()
+    # The user herself, from another address, is not affected.
+    conn, reply, _ = imap_login(server, elsewhere, PASSWORD)
+    assert reply.startswith(b"b OK"), reply
+    conn.close()
+    log = server.log_text()
+    assert f"{locked}: 3 failed logins in a row, refusing its logins for 600 s" in log
+    assert log.count(f"login for '{ALICE}' from {locked} refused: locked out") == 3
+    assert not any(f"guess-{n}" in log for n in range(3)) and PASSWORD not in log
+    assert_no_traceback(server)
+
+
 # -- 3. slow and silent clients --------------------------------------------------
 
 SMTP_TIMEOUTS = {"command_timeout": 1.0, "data_timeout": 1.0, "session_timeout": 2.5}

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 from argon2 import PasswordHasher
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from mailgw.auth.checkers import FailureTable, PasswordChecker, _throttle_key
 from mailgw.auth.userdb import UserFile, hash_password, write_users
+from fuzzing import fuzz_settings
 
 
 class FakeReactor(Clock):
@@ -281,7 +282,7 @@ def test_unexpected_errors_pass_through_and_are_not_counted(clock):
     assert outcome.box[0].check(RuntimeError)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(200)
 @given(username=st.one_of(st.binary(max_size=40), st.text(max_size=40)),
        password=st.one_of(st.binary(max_size=40), st.text(max_size=40)))
 def test_any_input_gives_an_address_or_unauthorized(userdb, clock, username, password):
@@ -421,3 +422,70 @@ def test_a_burst_of_identical_logins_costs_one_hash(users_path, clock, hasher, e
         assert all(outcome.value == ALICE for outcome in outcomes)
     else:
         assert all(outcome.unauthorized for outcome in outcomes)
+
+
+# -- lockout: temporary refusal per address after N failures in a row ------------------------
+
+def lockout_checker(userdb, clock, events, failures=3, seconds=600.0):
+    return PasswordChecker(userdb, reactor=clock, failure_delay=1.0, max_delay=4.0,
+                           log=Logger(observer=events.append), cache_ttl=0,
+                           lockout_failures=failures, lockout_time=seconds)
+
+
+def refused(outcome) -> bool:
+    from mailgw.errors import LoginsRefused
+    assert outcome.fired, "not fired yet"
+    return isinstance(outcome.box[0], Failure) and outcome.box[0].check(LoginsRefused) is not None
+
+
+def test_after_n_failures_an_address_is_refused_even_with_the_right_password(userdb, clock, events, hasher):
+    checker = lockout_checker(userdb, clock, events)
+    for _ in range(3):
+        delay_of_next_failure(checker, clock)
+    verifications = hasher.verify_calls
+    outcome = login(checker, ALICE, PASSWORD)
+    assert refused(outcome), "answered at once with a temporary refusal"
+    assert hasher.verify_calls == verifications, "a locked-out guesser costs no argon2 time"
+    outcome.box[0].trap(Exception)
+    logged = [formatEvent(e) for e in events]
+    assert any("3 failed logins in a row, refusing its logins for 600 s" in line for line in logged)
+    assert not any(PASSWORD in line for line in logged)
+
+
+def test_a_locked_out_address_does_not_lock_out_the_user_elsewhere(userdb, clock, events):
+    checker = lockout_checker(userdb, clock, events)
+    for _ in range(3):
+        delay_of_next_failure(checker, clock)
+    assert login(checker, ALICE, PASSWORD, client=HOME).value == ALICE
+
+
+def test_the_lockout_ends_after_its_time(userdb, clock, events):
+    checker = lockout_checker(userdb, clock, events, seconds=600.0)
+    for _ in range(3):
+        delay_of_next_failure(checker, clock)
+    clock.advance(590.0)                      # counted from the 3rd failure, answered 4 s later
+    outcome = login(checker, ALICE, PASSWORD)
+    assert refused(outcome)
+    outcome.box[0].trap(Exception)
+    clock.advance(10.0)
+    assert login(checker, ALICE, PASSWORD).value == ALICE
+
+
+def test_lockout_zero_never_locks_out(userdb, clock, events):
+    checker = lockout_checker(userdb, clock, events, failures=0)
+    for _ in range(12):
+        delay_of_next_failure(checker, clock)
+    outcome = login(checker, ALICE, PASSWORD)
+    while not outcome.fired:
+        clock.advance(1.0)
+    assert outcome.value == ALICE
+
+
+def test_a_success_before_the_nth_failure_resets_the_count(userdb, clock, events):
+    checker = lockout_checker(userdb, clock, events)
+    for _ in range(2):
+        delay_of_next_failure(checker, clock)
+    assert login(checker, ALICE, PASSWORD).value == ALICE
+    for _ in range(2):
+        delay_of_next_failure(checker, clock)
+    assert login(checker, ALICE, PASSWORD).value == ALICE
