@@ -121,6 +121,7 @@ class SessionView:
         self.recent: set[int] = set()
         self.keywords: set[str] = set()
         self.on_change: Callable[[], None] | None = None
+        self.on_expunged: Callable[[tuple[int, ...]], None] | None = None   # store event, at once
         self.closed = False
         self._new = False
         self._expunged: set[int] = set()
@@ -166,6 +167,8 @@ class SessionView:
             self._flag_changes.update(event.uids)
         elif isinstance(event, Expunged):
             self._expunged.update(event.uids)
+            if self.on_expunged is not None:
+                self.on_expunged(event.uids)
         else:
             return
         if self.on_change is not None:

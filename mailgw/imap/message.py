@@ -648,6 +648,11 @@ class MessageCache:
         self.trim()
         return entry
 
+    def discard(self, key) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.weight
+
     def trim(self) -> None:
         while self.bytes > self.max_bytes and len(self._entries) > 1:
             _, old = self._entries.popitem(last=False)

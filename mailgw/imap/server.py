@@ -848,7 +848,16 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._deselect()
 
         def got(folder):
-            return SessionView(folder, readonly=readonly).start()
+            view = SessionView(folder, readonly=readonly)
+            prefix = self._cache_prefix(folder)
+            cache = self.cache
+
+            def forget(uids):
+                # Parsed headers of expunged messages are dead weight in the shared cache.
+                for uid in uids:
+                    cache.discard(prefix + (uid,))
+            view.on_expunged = forget
+            return view.start()
 
         def started(view):
             if self._mode == CLOSING:
@@ -1289,8 +1298,9 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
         self._write(b"* SEARCH" + b"".join(b" %d" % hit for hit in hits) + b"\r\n")
         return OK("SEARCH completed")
 
-    def _cache_prefix(self) -> tuple:
-        folder = self.view.folder
+    def _cache_prefix(self, folder=None) -> tuple:
+        """Keys of `folder`'s (default: the selected one's) messages in the shared MessageCache."""
+        folder = folder or self.view.folder
         return (self.account.address, folder.name, folder.uidvalidity)
 
     @staticmethod

@@ -242,3 +242,17 @@ def test_selected_mailbox_deleted_by_another_session_is_no_nonexistent():
     assert a.run("NOOP", expect="NO")[-1].endswith("NO [NONEXISTENT] The selected mailbox no longer exists")
     assert a.run("STORE 1 +FLAGS (\\Seen)", expect="NO")[-1].endswith("NO [NONEXISTENT] The selected mailbox no longer exists")
     assert a.run("SELECT INBOX")[-1].endswith("OK [READ-WRITE] SELECT completed")
+
+
+def test_parsed_headers_of_expunged_messages_leave_the_shared_cache():
+    # Soak finding: the cache kept dead entries until LRU pushed them out, so
+    # a busy server's memory grew for hours.
+    a, b = sessions(2)
+    b.server.cache = a.server.cache = a.factory.cache        # one cache per process, as in tap.py
+    a.run("FETCH 1:3 (ENVELOPE)")
+    cache = a.factory.cache
+    assert len(cache) == 3
+    b.run("STORE 2 +FLAGS.SILENT (\\Deleted)")
+    b.run("EXPUNGE")
+    assert len(cache) == 2 and all(key[-1] != 2 for key in cache._entries)
+    assert cache.bytes == sum(entry.weight for entry in cache._entries.values())
