@@ -391,6 +391,10 @@ class MailgwSMTP(smtp.ESMTP):
     def _greet(self, rest: str, *, esmtp: bool):
         if not rest or " " in rest or not rest.isprintable():
             return self.reply(codes.BAD_ARGUMENTS.with_text("HELO/EHLO requires a domain name or address literal"))
+        if not rest.isascii():
+            # RFC 5321 §4.1.1.1: EHLO takes an (ASCII) domain; SMTPUTF8 (RFC 6531)
+            # cannot be in use before our reply to it, so an IDN comes as A-labels.
+            return self.reply(codes.BAD_ARGUMENTS.with_text("HELO/EHLO domain must be ASCII (IDNs as A-labels)"))
         # RFC 5321 §4.1.4: EHLO resets the transaction like RSET.
         self._reset_transaction()
         self.session.helo = rest

@@ -8,12 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgw import config as config_module
 from mailgw.config import EMBEDDED_DEFAULT, ConfigError, check_main, load
 from mailgw.config_types import ListenerConfig
+from fuzzing import fuzz_settings
 
 
 def write(tmp_path: Path, text: str, name: str = "mailgw.toml") -> Path:
@@ -585,7 +586,7 @@ overrides_strategy = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(overrides=overrides_strategy)
 def test_any_values_give_a_config_or_a_config_error(overrides):
     try:

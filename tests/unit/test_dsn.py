@@ -6,13 +6,14 @@ import email.policy
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgw.queue import model
 from mailgw.queue.dsn import RETURN_LIMIT, build_dsn, dsn_envelope_fields, should_send
 from mailgw.queue.model import RecipientResult
 from mailgw.queue.policy import KIND_DELAY, KIND_FAILURE, KIND_SUCCESS
+from fuzzing import fuzz_settings
 
 NOW = 1_700_003_600.0           # Tue, 14 Nov 2023 23:13:20 +0000
 ARRIVAL = 1_700_000_000.0       # Tue, 14 Nov 2023 22:13:20 +0000
@@ -469,7 +470,7 @@ def test_dsn_envelope_fields():
 
 # -- fuzz: whatever comes back from the network or the spool, the DSN is well formed --------------
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(150)
 @given(original=st.binary(max_size=3000),
        text=st.text(max_size=600),
        enhanced=st.text(max_size=12),

@@ -9,6 +9,7 @@ from mailgw.config_types import TLS_OPPORTUNISTIC, QueueConfig
 from mailgw.queue import model
 from mailgw.queue.policy import (KIND_DELAY, KIND_FAILURE, KIND_SUCCESS, classify, deadline,
                                  delay_notice_due, is_expired, next_attempt, retry_delay, wants_notice)
+from fuzzing import fuzz_settings
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -99,6 +100,7 @@ def test_a_whole_life_of_retries_ends_exactly_at_the_deadline():
     assert times == sorted(times) and len(set(times)) == len(times)
 
 
+@fuzz_settings(300)
 @given(attempts=st.integers(min_value=0, max_value=10_000),
        elapsed=st.floats(min_value=0, max_value=10 * DAY, allow_nan=False))
 def test_next_attempt_is_never_in_the_past_nor_after_the_deadline(attempts, elapsed):

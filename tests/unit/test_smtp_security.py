@@ -4,7 +4,10 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, strategies as st
 
+from fuzzing import fuzz_settings
+from mailgw.smtp.server import has_long_line
 from smtp_harness import Session
 
 RELAY_CLIENT = "10.1.1.1"
@@ -195,13 +198,8 @@ def test_client_that_never_reads_replies_cannot_grow_our_buffers():
     assert s.read() == ["250 2.0.0 Ok"] * 50_040
 
 
-def test_long_line_check_agrees_with_the_definition():
-    from hypothesis import given, settings, strategies as st
-    from mailgw.smtp.server import has_long_line
-
-    @settings(max_examples=500, deadline=None)
-    @given(st.lists(st.sampled_from([0, 1, 5, 997, 998, 999, 1000, 2500]), max_size=8))
-    def check(lengths):
-        data = b"\n".join(b"a" * n for n in lengths)
-        assert has_long_line(data, 998) == (max(map(len, data.split(b"\n"))) > 998)
-    check()
+@fuzz_settings(500)
+@given(st.lists(st.sampled_from([0, 1, 5, 997, 998, 999, 1000, 2500]), max_size=8))
+def test_long_line_check_agrees_with_the_definition(lengths):
+    data = b"\n".join(b"a" * n for n in lengths)
+    assert has_long_line(data, 998) == (max(map(len, data.split(b"\n"))) > 998)

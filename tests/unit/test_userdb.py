@@ -16,6 +16,7 @@ from zope.interface.verify import verifyObject
 from mailgw.auth import userdb
 from mailgw.auth.userdb import UserFile, hash_password, parse_users, validate_address, write_users
 from mailgw.interfaces import IUserDB
+from fuzzing import fuzz_settings
 
 
 class FakeReactor(Clock):
@@ -307,6 +308,7 @@ def test_rejection_message_is_clear():
         validate_address("a/b@example.test")
 
 
+@fuzz_settings(300)
 @given(st.text(max_size=80))
 def test_any_accepted_address_is_a_safe_directory_name(text):
     """SECURITY: the local part and domain become directory names in the store."""
