@@ -217,7 +217,7 @@ def _utf8_addr_xtext(value: str) -> str:
         if 0x21 <= ord(char) <= 0x7E and char not in "+=\\":
             out.append(char)
         else:
-            out.append(f"\\x{{{ord(char):X}}}")
+            out.append(f"\\x{{{ord(char):02X}}}")        # HEXPOINT: 2 to 6 digits
     return "".join(out)
 
 

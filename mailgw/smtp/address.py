@@ -121,10 +121,33 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def decode_xtext(value: str) -> str:
-    """RFC 3461 §4: xtext, "+" followed by two upper-case hex digits."""
+    """RFC 3461 §4: xtext, "+" followed by two upper-case hex digits. The
+    encoded octets must form UTF-8 (the client's xtext() encodes it so)."""
     if not _XTEXT.fullmatch(value):
         raise AddressError(codes.BAD_ARGUMENTS.with_text("Invalid xtext"))
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    octets = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode("utf-8"))
+    try:
+        return octets.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AddressError(codes.BAD_ARGUMENTS.with_text("Invalid xtext")) from None
+
+
+# RFC 6533 §3: utf-8-addr-xtext / utf-8-addr-unitext: QCHAR (no "+", "=", "\\")
+# or UTF-8 (unitext), and \x{HEXPOINT} for any code point.
+_UTF8_ADDR = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\x\{[0-9A-F]{2,6}\})+")
+
+
+def decode_utf8_addr(value: str) -> str:
+    """The address of an ORCPT of type utf-8, its \\x{HEX} escapes undone."""
+    if not _UTF8_ADDR.fullmatch(value):
+        raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter"))
+
+    def char(match):
+        point = int(match.group(1), 16)
+        if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:
+            raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter"))
+        return chr(point)
+    return re.sub(r"\\x\{([0-9A-F]{2,6})\}", char, value)
 
 
 @dataclass(frozen=True)
@@ -198,7 +221,9 @@ def parse_rcpt_to(rest: str, *, smtputf8: bool) -> RcptTo:
             addr_type, _, encoded = (value or "").partition(";")
             if not addr_type or not encoded or not re.fullmatch(r"[A-Za-z0-9-]+", addr_type):
                 raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter"))
-            orcpt = f"{addr_type.lower()};{decode_xtext(encoded)}"
+            addr_type = addr_type.lower()
+            decoded = decode_utf8_addr(encoded) if addr_type == "utf-8" else decode_xtext(encoded)
+            orcpt = f"{addr_type};{decoded}"
         else:
             raise AddressError(codes.UNKNOWN_PARAMETER.with_text(f"Unsupported parameter {key}"))
     # RFC 5321 §4.5.1: <postmaster> without a domain must be accepted.
