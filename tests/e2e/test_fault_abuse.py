@@ -376,19 +376,15 @@ def test_an_address_that_keeps_guessing_is_refused_for_a_while_on_every_protocol
         assert conn.lines_until(f"g{n} ".encode())[-1].startswith(f"g{n} NO [AUTHENTICATIONFAILED]".encode())
     conn.close()
     # Now even the right password from that address is refused, with a temporary error.
-    conn, reply, _ = imap_login(server, locked, PASSWORD)
-    assert reply.startswith(b"b NO [UNAVAILABLE] Too many failed logins from your address"), reply
-    conn.close()
-    conn, reply, _ = pop3_login(server, locked, PASSWORD)
-    assert reply.startswith(b"-ERR [SYS/TEMP] Too many failed logins from your address"), reply
-    conn.close()
-    conn, reply, _ = smtp_auth(server, locked, PASSWORD)
-    assert reply.startswith(b"454 4.7.0 Too many failed logins from your address"), reply
-    conn.close()
-    # The user herself, from another address, is not affected.
-    conn, reply, _ = imap_login(server, elsewhere, PASSWORD)
-    assert reply.startswith(b"b OK"), reply
-    conn.close()
+    refusal = b"Too many failed logins from your address"
+    for attempt_login, source, expected in [
+            (imap_login, locked, b"b NO [UNAVAILABLE] " + refusal),
+            (pop3_login, locked, b"-ERR [SYS/TEMP] " + refusal),
+            (smtp_auth, locked, b"454 4.7.0 " + refusal),
+            (imap_login, elsewhere, b"b OK")]:          # the user herself, elsewhere: not affected
+        conn, reply, _ = attempt_login(server, source, PASSWORD)
+        assert reply.startswith(expected), (attempt_login.__name__, reply)
+        conn.close()
     log = server.log_text()
     assert f"{locked}: 3 failed logins in a row, refusing its logins for 600 s" in log
     assert log.count(f"login for '{ALICE}' from {locked} refused: locked out") == 3
