@@ -7,6 +7,8 @@
     mailgw queue release ID           undo hold, and try it now
     mailgw queue delete ID            drop it; the sender is not told
     mailgw queue bounce ID            give up now and send the sender a failure notice
+    mailgw queue stats [--json]       messages queued and held; with a server running, deliveries in
+                                      progress and the counts since it started (sent, deferred, ...)
 
 How this command and a running server agree (docs/spool-format.md §4):
 
@@ -58,6 +60,7 @@ USAGE = """usage: mailgw queue list [--json]      [--config PATH]
        mailgw queue release ID         [--config PATH]
        mailgw queue delete ID          [--config PATH]
        mailgw queue bounce ID          [--config PATH]
+       mailgw queue stats [--json]     [--config PATH]
 
   list       every queued message, oldest first: id, age, size, sender, and each
              recipient's state, attempts and last error
@@ -112,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id", metavar="ID")
     flush = commands.add_parser("flush", parents=[common], add_help=False)
     flush.add_argument("ids", metavar="ID", nargs="*")
+    stats = commands.add_parser("stats", parents=[common], add_help=False)
+    stats.add_argument("--json", action="store_true")
     for name in ("hold", "release", "delete", "bounce"):
         commands.add_parser(name, parents=[common], add_help=False).add_argument("id", metavar="ID")
     return parser
@@ -244,6 +249,12 @@ class _Online:
     def act(self, command: str, queue_id: str) -> None:
         self._call({"cmd": command, "id": queue_id}, waiting_for=queue_id)
 
+    def stats(self) -> dict:
+        result = self._call({"cmd": "stats"})
+        if not isinstance(result, dict):
+            raise QueueError("mailgw sent an answer of the wrong shape")
+        return result
+
 
 class _Offline:
     """No server: the spool files, changed while holding the server lock."""
@@ -294,6 +305,10 @@ class _Offline:
 
     def show(self, queue_id: str) -> dict:
         return dict(self._load(queue_id), in_flight=False)
+
+    def stats(self) -> dict:
+        envelopes = self.envelopes()
+        return {"messages": len(envelopes), "held": sum(1 for e in envelopes if e.get("hold"))}
 
     def flush(self, ids: list[str] | None) -> list[str]:
         if ids is None:
@@ -436,7 +451,27 @@ def _act(backend, args, ids, now) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"list": _list, "show": _show, "flush": _flush,
+def _stats(backend, args, ids, now) -> int:
+    stats = backend.stats()
+    if args.json:
+        print(_json(stats))
+        return EXIT_OK
+    print(f"queue: {_plural(int(_number(stats.get('messages'))), 'message')}, {int(_number(stats.get('held')))} held")
+    if not backend.online:
+        print("mailgw is not running: no deliveries in progress, no counts")
+        return EXIT_OK
+    print(f"deliveries: {stats.get('deliveries_active')} in progress, {stats.get('deliveries_waiting')} waiting "
+          f"for a slot; {stats.get('in_flight')} messages being tried; "
+          f"{stats.get('idle_connections')} idle connections kept for reuse")
+    since = stats.get("since")
+    counters = stats.get("counters") or {}
+    shown = ", ".join(f"{_safe(key)} {int(_number(value))}" for key, value in counters.items()) or "nothing yet"
+    uptime = f" (for {human_duration(now - _number(since))})" if since else ""
+    print(f"since mailgw started{uptime}: {shown}")
+    return EXIT_OK
+
+
+_COMMANDS = {"list": _list, "show": _show, "flush": _flush, "stats": _stats,
              "hold": _act, "release": _act, "delete": _act, "bounce": _act}
 
 

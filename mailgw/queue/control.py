@@ -21,6 +21,7 @@ an error never carries a traceback (those go to the server log).
     {"cmd": "show", "id": ID}                -> envelope + "in_flight"
     {"cmd": "flush", "ids": [ID, ...]|null}  -> [ID, ...] flushed (held ones are skipped)
     {"cmd": "hold"|"release"|"delete"|"bounce", "id": ID} -> ID, once the runner has done it
+    {"cmd": "stats"}                         -> QueueRunner.stats(): the queue now, counts since start
 """
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ class ControlFactory(protocol.Factory):
         self.runner = runner
         self.log = log or _log
         self._commands = {
-            "list": self._list, "show": self._show, "flush": self._flush,
+            "list": self._list, "show": self._show, "flush": self._flush, "stats": self._stats,
             "hold": self._single, "release": self._single, "delete": self._single, "bounce": self._single,
         }
 
@@ -255,6 +256,9 @@ class ControlFactory(protocol.Factory):
 
     def _list(self, command, request):
         return self.runner.snapshot()
+
+    def _stats(self, command, request):
+        return self.runner.stats()
 
     def _show(self, command, request):
         queue_id = _queue_id(request)

@@ -173,6 +173,10 @@ class RelayTransport:
                                       limit=self._queue.max_deliveries) \
             if self._queue.connection_cache_time > 0 else None
 
+    def idle_connections(self) -> int:
+        """Connections waiting in the cache for the next message."""
+        return len(self._cache) if self._cache is not None else 0
+
     def close(self) -> defer.Deferred:
         """Close idle connections politely (at shutdown)."""
         return self._cache.close() if self._cache is not None else defer.succeed(None)

@@ -84,6 +84,7 @@ class QueueRunner(service.Service):
         self._active_total = 0
         self._active_destinations: Counter = Counter()
         self.counters: Counter = Counter()     # sent / deferred / bounced / expired / notices
+        self.started_at: float | None = None
         spool.add_listener(self.add)
 
     # -- feeding ----------------------------------------------------------------
@@ -102,6 +103,7 @@ class QueueRunner(service.Service):
 
     def startService(self):
         super().startService()
+        self.started_at = self.clock.seconds()
         self._arm()
 
     def stopService(self):
@@ -363,6 +365,20 @@ class QueueRunner(service.Service):
             envelope["in_flight"] = queue_id in self._attempts
             out.append(envelope)
         return out
+
+    def stats(self) -> dict:
+        """What `mailgw queue stats` shows: the queue now and the counts since start."""
+        idle = getattr(self.transport, "idle_connections", None)
+        return {
+            "messages": len(self.envelopes),
+            "held": sum(1 for envelope in self.envelopes.values() if envelope.get("hold")),
+            "in_flight": len(self._attempts),
+            "deliveries_active": self._active_total,
+            "deliveries_waiting": sum(len(jobs) for jobs in self._waiting.values()),
+            "idle_connections": idle() if callable(idle) else None,
+            "since": self.started_at,
+            "counters": dict(sorted(self.counters.items())),
+        }
 
     def _envelope(self, queue_id: str) -> dict:
         if queue_id not in self.envelopes:

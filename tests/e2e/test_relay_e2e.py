@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import subprocess
 import sys
 import time
@@ -41,6 +42,11 @@ def test_submission_is_relayed_through_the_smarthost_and_the_queue_empties(make_
     wait_until_queue_empty(server)
     log = server.log_text()
     assert "to=<friend@remote.test>" in log and "status=sent" in log
+    stats = subprocess.run([sys.executable, "-m", "mailgw.cli", "queue", "stats", "--json", "--config",
+                            str(server.config_path)], capture_output=True, text=True, timeout=30,
+                           env=server_env(), cwd=server.root)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["counters"]["sent"] == 2      # one per recipient, one connection kept
 
 
 def test_a_refused_recipient_bounces_to_the_local_sender(make_server, sink):

@@ -140,6 +140,13 @@ def test_list_text(rig, capsys):
         f"-- 2 messages, {2 * size} octets, 1 held\n")
 
 
+def test_stats_offline_counts_the_spool(rig, capsys):
+    rig.typical()
+    assert run(capsys, "stats") == (
+        0, "queue: 2 messages, 1 held\nmailgw is not running: no deliveries in progress, no counts\n", "")
+    assert json.loads(run(capsys, "stats", "--json")[1]) == {"messages": 2, "held": 1}
+
+
 def test_list_json(rig, capsys):
     held, deferred = rig.typical()
     code, out, _ = run(capsys, "list", "--json")
@@ -370,6 +377,11 @@ class Runner:
     def snapshot(self):
         return [dict(self.envelopes[i], in_flight=i in self.slow) for i in sorted(self.envelopes)]
 
+    def stats(self):
+        return {"messages": len(self.envelopes), "held": 1, "in_flight": 0, "deliveries_active": 2,
+                "deliveries_waiting": 5, "idle_connections": 3, "since": 1_800_000_000 - 7200,
+                "counters": {"deferred": 4, "sent": 10}}
+
     def flush(self, ids=None):
         chosen = sorted(self.envelopes) if ids is None else ids
         return [i for i in chosen if not self.envelopes[i].get("hold")]
@@ -503,3 +515,15 @@ def test_a_stale_socket_left_by_a_dead_server_is_not_trusted(rig, capsys):
     s.close()                                             # nobody listens; no lock held
     code, out, _ = run(capsys, "list")
     assert code == 0 and "QUEUE ID" in out                # offline: the lock decides, not the socket
+
+
+def test_online_stats_come_from_the_server(rig, server, capsys):
+    rig.typical()
+    server()
+    code, out, err = run(capsys, "stats")
+    assert (code, err) == (0, "")
+    assert out == ("queue: 2 messages, 1 held\n"
+                   "deliveries: 2 in progress, 5 waiting for a slot; 0 messages being tried; "
+                   "3 idle connections kept for reuse\n"
+                   "since mailgw started (for 2h): deferred 4, sent 10\n")
+    assert json.loads(run(capsys, "stats", "--json")[1])["counters"] == {"deferred": 4, "sent": 10}

@@ -64,6 +64,9 @@ class FakeRunner:
         self.deferreds.append(d)
         return d
 
+    def stats(self):
+        return {"messages": len(self.envelopes), "counters": {"sent": 3}}
+
     def hold(self, queue_id):
         return self._action("hold", queue_id)
 
@@ -115,6 +118,10 @@ def test_list_answers_the_runners_snapshot():
     assert answer["ok"] is True
     assert [e["id"] for e in answer["result"]] == [ID1, ID2]
     assert answer["result"][0]["in_flight"] is False
+
+
+def test_stats_answers_the_runners_stats():
+    assert Client().ask({"cmd": "stats"}) == {"ok": True, "result": {"messages": 2, "counters": {"sent": 3}}}
 
 
 def test_show_answers_one_envelope():

@@ -157,6 +157,20 @@ def test_4xx_is_retried_on_schedule_then_delivered(tmp_path):
     assert len(rig.transport.requests) == 3 and rig.queued_ids() == []
 
 
+def test_stats_count_what_happened_since_start(tmp_path):
+    rig = Rig(tmp_path, queue={"retry_schedule": [300]})
+    rig.transport.script["bob@remote.test"] = [STATUS_DEFERRED]
+    rig.enqueue()
+    rig.run()
+    stats = rig.runner.stats()
+    assert stats["counters"] == {"deferred": 1}
+    assert (stats["messages"], stats["held"], stats["in_flight"], stats["deliveries_active"]) == (1, 0, 0, 0)
+    assert stats["since"] == rig.clock.seconds()
+    rig.run(300)
+    stats = rig.runner.stats()
+    assert stats["counters"] == {"deferred": 1, "sent": 1} and stats["messages"] == 0
+
+
 def test_5xx_bounces_at_once_with_an_rfc3464_report_to_a_local_sender(tmp_path):
     rig = Rig(tmp_path)
     rig.transport.default = STATUS_BOUNCED
