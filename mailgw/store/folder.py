@@ -495,22 +495,24 @@ class Folder:
             mask = self._keyword_mask(ctx, keywords, create=mode != "remove")
             result = {}
             listing = None
+            # Few distinct info strings in a folder: work each one out once per job.
+            letters_after: dict[str, str] = {}
             for uid in uids:
                 rec = st.recs.get(uid)
                 if rec is None:
                     continue
-                system = {c for c in rec.letters if c in LETTER_FLAGS}
-                extra = {c for c in rec.letters if c not in LETTER_FLAGS}
-                if mode == "add":
-                    system |= letters
-                    kw = rec.kw | mask
-                elif mode == "remove":
-                    system -= letters
-                    kw = rec.kw & ~mask
-                else:
-                    system = set(letters)
-                    kw = mask
-                new_letters = "".join(sorted(system | extra))
+                new_letters = letters_after.get(rec.letters)
+                if new_letters is None:
+                    system = {c for c in rec.letters if c in LETTER_FLAGS}
+                    extra = {c for c in rec.letters if c not in LETTER_FLAGS}
+                    if mode == "add":
+                        system |= letters
+                    elif mode == "remove":
+                        system -= letters
+                    else:
+                        system = set(letters)
+                    new_letters = letters_after[rec.letters] = "".join(sorted(system | extra))
+                kw = rec.kw | mask if mode == "add" else rec.kw & ~mask if mode == "remove" else mask
                 if new_letters == rec.letters and kw == rec.kw:
                     result[uid] = rec.info.flags
                     continue

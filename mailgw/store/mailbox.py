@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from weakref import WeakValueDictionary
 
@@ -31,6 +32,10 @@ SEPARATOR = "/"         # IMAP hierarchy separator; "." in the directory name
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ESCAPE = re.compile(r"%([0-9A-F]{2})")
 SUBSCRIPTIONS_HEADER = b"mailgw-subscriptions 1\n"
+# Folders kept loaded after their last user left (MailStore._recent): at most
+# this many, holding at most this many messages together (~0.5 KiB each).
+KEEP_FOLDERS = 16
+KEEP_MESSAGES = 100_000
 
 
 # -- folder names <-> directory names --------------------------------------------------
@@ -105,6 +110,11 @@ class MailStore:
         # One object per mailbox / folder while anyone holds it.
         self._mailboxes: WeakValueDictionary = WeakValueDictionary()
         self._folders: WeakValueDictionary = WeakValueDictionary()
+        # The folders used last stay loaded after their last session has gone,
+        # so a client that reconnects (most do, per command or per check)
+        # revalidates a snapshot (two stats and a header read) instead of
+        # parsing the index again. Bounded in folders and in messages.
+        self._recent: OrderedDict[tuple[str, str], Folder] = OrderedDict()
         self._ready: set[str] = set()         # addresses whose default folders exist
         self._watched: set[Folder] = set()    # folders with subscribers (polled)
         self._loop: LoopingCall | None = None
@@ -147,15 +157,29 @@ class MailStore:
         return self._mail_dir / domain / local
 
     def _folder(self, address: str, name: str, path: Path) -> Folder:
-        folder = self._folders.get((address, name))
+        key = (address, name)
+        folder = self._folders.get(key)
         if folder is None or folder._gone:
             folder = Folder(self, address, name, path)
-            self._folders[(address, name)] = folder
+            self._folders[key] = folder
+        self._recent[key] = folder
+        self._recent.move_to_end(key)
+        self._trim_recent()
         return folder
 
+    def _trim_recent(self) -> None:
+        messages = sum(len(f._state.recs) for f in self._recent.values() if f._state is not None)
+        while self._recent and (len(self._recent) > KEEP_FOLDERS or messages > KEEP_MESSAGES):
+            _, oldest = self._recent.popitem(last=False)
+            if oldest._state is not None:
+                messages -= len(oldest._state.recs)
+
     def _forget(self, folder: Folder) -> None:
-        if self._folders.get((folder.address, folder.name)) is folder:
-            del self._folders[(folder.address, folder.name)]
+        key = (folder.address, folder.name)
+        if self._folders.get(key) is folder:
+            del self._folders[key]
+        if self._recent.get(key) is folder:
+            del self._recent[key]
         self._unwatch(folder)
 
     def _watch(self, folder: Folder) -> None:

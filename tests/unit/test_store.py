@@ -168,6 +168,33 @@ def test_one_folder_object_per_folder_and_inbox_is_case_insensitive(store):
     failure(box.folder("Nope"), KeyError)
 
 
+def test_a_folder_stays_loaded_after_its_last_user_so_a_reconnect_does_not_parse_the_index(store, monkeypatch):
+    import gc
+    box = store.mailbox(ALICE)
+    inbox = result(box.folder("INBOX"))
+    result(inbox.append(b"Subject: one\r\n\r\nbody\r\n"))
+    age_directories(inbox)
+    result(inbox.sync())                       # now the snapshot's mtimes can be trusted
+    first = id(inbox)
+    del inbox
+    gc.collect()
+    parsed = []
+    real_parse = ix.parse_index
+    monkeypatch.setattr(ix, "parse_index", lambda data: parsed.append(1) or real_parse(data))
+    again = result(box.folder("INBOX"))
+    result(again.sync())
+    assert id(again) == first and parsed == [] and len(again.messages()) == 1
+
+
+def test_loaded_folders_are_bounded(store):
+    from mailgw.store import mailbox as mailbox_module
+    box = store.mailbox(ALICE)
+    for n in range(mailbox_module.KEEP_FOLDERS + 5):
+        result(box.create(f"F{n}"))
+        result(box.folder(f"F{n}"))
+    assert len(store._recent) == mailbox_module.KEEP_FOLDERS
+
+
 def test_unsafe_addresses_are_refused(store):
     for address in ("../x@example.org", "a@b@c", ".alice@example.org", "alice@exa/mple.org", "ALICE@example.org"):
         with pytest.raises(ValueError):
