@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
-from mailgw.auth.realm import MailRealm
+from mailgw.realm import MailRealm
 from mailgw.auth.userdb import UserFile
 from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES,
                                  Config)

@@ -2,5 +2,5 @@
 
 `server.POP3Factory` is the listener's factory; `server.Maildrop` is the
 POP3 avatar (a twisted.mail.pop3.IMailbox over the user's INBOX IFolder) that
-mailgw.auth.realm hands out.
+mailgw.realm hands out.
 """

@@ -20,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
 from zope.interface import implementer
 
-from mailgw.auth.realm import MailRealm
+from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
 from mailgw.imap.server import IMAPFactory
 from mailgw.interfaces import IFolder, IMailStore, IUserMailbox

@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from mailgw import config as config_module
-from mailgw.auth.realm import MailRealm
+from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
 from mailgw.errors import StorageFull
 from mailgw.interfaces import ILocalStore, ISpool, IUserDB

@@ -21,7 +21,7 @@ from twisted.mail import pop3
 from zope.interface.verify import verifyObject
 
 from mailgw import config as config_module
-from mailgw.auth.realm import MailRealm
+from mailgw.realm import MailRealm
 from mailgw.config import ConfigError, load
 from mailgw.config_types import ListenerConfig, POP3Limits
 from mailgw.interfaces import IFolder, IMailStore, ISessionInfo, IUserMailbox

@@ -1,6 +1,7 @@
 """The twisted.cred realm: one avatar per protocol for an authenticated (or
-anonymous) identity. SMTP gets an IMessageDelivery; POP3 and IMAP avatars
-join here with their issues."""
+anonymous) identity: SMTP an IMessageDelivery, POP3 a Maildrop, IMAP an
+IMAPAccount. It sits above the protocols (it builds their avatars), next to
+the composition root; auth/ below them only checks passwords."""
 from __future__ import annotations
 
 from twisted.cred.checkers import ANONYMOUS
