@@ -497,8 +497,12 @@ class Folder:
             listing = None
             # Few distinct info strings in a folder: work each one out once per job.
             letters_after: dict[str, str] = {}
+            # 10,000 messages per STORE are common (mark all read): the loop
+            # keeps to locals and does per message only what differs.
+            recs, by_name, cur, rename = st.recs, st.by_name, self._cur, os.rename
+            changed = False
             for uid in uids:
-                rec = st.recs.get(uid)
+                rec = recs.get(uid)
                 if rec is None:
                     continue
                 new_letters = letters_after.get(rec.letters)
@@ -516,23 +520,30 @@ class Folder:
                 if new_letters == rec.letters and kw == rec.kw:
                     result[uid] = rec.info.flags
                     continue
-                name = make_name(rec.key, uid, new_letters)
+                name = f"{rec.key},U={uid}:2,{new_letters}"          # make_name
                 if name != rec.name:
                     try:
-                        os.rename(f"{self._cur}/{rec.name}", f"{self._cur}/{name}")
+                        rename(f"{cur}/{rec.name}", f"{cur}/{name}")
                     except FileNotFoundError:
                         if listing is None:
-                            listing = self._keys(self._cur)
+                            listing = self._keys(cur)
                         current = listing.get(rec.key)
                         if current is None:  # removed by someone who does not take our lock
                             st.drop(uid)
-                            ctx.dirty = ctx.changed = True
+                            changed = True
                             continue
-                        os.rename(f"{self._cur}/{current}", f"{self._cur}/{name}")
-                    ctx.synced_dirs.add(self._cur)
+                        rename(f"{cur}/{current}", f"{cur}/{name}")
+                    changed = True
                 new = self._rec(ctx, uid, name, rec.key, rec.size, rec.internaldate, kw, new_letters)
-                st.put(new, rec)
+                # st.put, with the key unchanged
+                if name != rec.name:
+                    by_name.pop(rec.name, None)
+                    by_name[name] = uid
+                recs[uid] = new
                 result[uid] = new.info.flags
+                ctx.dirty = ctx.changed = True
+            if changed:
+                ctx.synced_dirs.add(cur)
                 ctx.dirty = ctx.changed = True
             self._commit(ctx)
         return self._outcome(snap, ctx, result)
