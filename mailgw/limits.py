@@ -1,9 +1,10 @@
-"""What every listener shares (SMTP, POP3, IMAP): connection limits and the factory base."""
+"""What every listener shares (SMTP, POP3, IMAP): connection limits, the
+factory base, closing with a deadline, and running commands one at a time."""
 from __future__ import annotations
 
 from collections import Counter
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 
 # Seconds a connection we close may take to go: its last reply to drain and, on
 # TLS, the client's answer to our close_notify. Twisted's TLS waits for that
@@ -24,6 +25,36 @@ def close_connection(transport, clock):
 def cancel_timer(timer) -> None:
     if timer is not None and timer.active():
         timer.cancel()
+
+
+class SerialCommands:
+    """Mixin for line protocols (SMTP, POP3): one command at a time. A handler
+    that returns a Deferred holds the input after it until the Deferred fires.
+    Errors go to the protocol's `_reply_error` (its one place for turning
+    errors into replies); then `_after_command` lets the protocol read on."""
+
+    _busy = False                  # a command's Deferred is outstanding
+
+    def _run(self, handler, *args) -> None:
+        try:
+            result = handler(*args)
+        except Exception as error:
+            self._reply_error(error)
+            return
+        if isinstance(result, defer.Deferred):
+            self._busy = True
+            result.addErrback(self._reply_error)
+            result.addBoth(self._command_done)
+
+    def _command_done(self, _) -> None:
+        self._busy = False
+        self._after_command()
+
+    def _reply_error(self, error) -> None:
+        raise NotImplementedError
+
+    def _after_command(self) -> None:
+        raise NotImplementedError
 
 
 class ConnectionLimits:

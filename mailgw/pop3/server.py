@@ -48,7 +48,7 @@ from twisted.mail import pop3
 from zope.interface import implementer
 
 from mailgw.auth import sasl
-from mailgw.limits import ListenerFactory, cancel_timer, close_connection
+from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import LoginsRefused, TemporaryError
 from mailgw.interfaces import ISessionInfo
@@ -520,7 +520,7 @@ class POP3Factory(ListenerFactory):
 
 
 @implementer(IPushProducer)
-class MailgwPOP3(pop3.POP3):
+class MailgwPOP3(SerialCommands, pop3.POP3):
     log = Logger()
 
     def __init__(self, factory: POP3Factory):
@@ -726,20 +726,7 @@ class MailgwPOP3(pop3.POP3):
                 line = line[:-1]
             return line
 
-    def _run(self, handler, *args) -> None:
-        """Call a handler; a Deferred result holds later input until it fires."""
-        try:
-            result = handler(*args)
-        except Exception as error:
-            self._reply_error(error)
-            return
-        if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._reply_error)
-            result.addBoth(self._command_done)
-
-    def _command_done(self, _):
-        self._busy = False
+    def _after_command(self) -> None:
         if self._state != CLOSING:
             self._process()
 

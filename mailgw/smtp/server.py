@@ -39,7 +39,7 @@ from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import LoginsRefused, MailError
 from mailgw.interfaces import ISessionInfo
-from mailgw.limits import ListenerFactory, cancel_timer, close_connection
+from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -135,7 +135,7 @@ class SMTPFactory(ListenerFactory):
         return MailgwSMTP(self)
 
 
-class MailgwSMTP(smtp.ESMTP):
+class MailgwSMTP(SerialCommands, smtp.ESMTP):
     log = Logger()
 
     def __init__(self, factory: SMTPFactory):
@@ -333,20 +333,7 @@ class MailgwSMTP(smtp.ESMTP):
                 continue
             return line
 
-    def _run(self, handler, *args) -> None:
-        """Call a handler; a Deferred result holds later input until it fires."""
-        try:
-            result = handler(*args)
-        except Exception as error:
-            self._reply_error(error)
-            return
-        if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._reply_error)
-            result.addBoth(self._command_done)
-
-    def _command_done(self, _):
-        self._busy = False
+    def _after_command(self) -> None:
         if self._mode == DATA and self._buffer:
             # Body bytes that arrived while the 354 was pending.
             self._body += self._buffer
