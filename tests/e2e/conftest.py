@@ -69,6 +69,18 @@ def server_env() -> dict:
     return env
 
 
+def wait_until(condition, what: str, within: float = 10.0, poll: float = 0.05):
+    """Poll `condition` until it returns something true, and return that. For
+    real processes, which have no Clock to drive; bounded by `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {within}s: {what}"
+        time.sleep(poll)
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports that were free on 127.0.0.1 a moment ago."""
     sockets = []
@@ -321,6 +333,9 @@ class MailServer:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_for_log(self, text: str, within: float = 10.0) -> None:
+        wait_until(lambda: text in self.log_text(), f"{text!r} in the log\n{self.log_tail()}", within, poll=0.02)
 
     # -- storage ----------------------------------------------------------------
     def mailbox(self, user: str) -> Path:

@@ -149,13 +149,6 @@ class Conn:
                 pass
 
 
-def wait_for_log(server, text: str, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while text not in server.log_text():
-        assert time.monotonic() < deadline, f"not logged within {within}s: {text!r}\n{server.log_tail()}"
-        time.sleep(0.02)
-
-
 def assert_no_traceback(server) -> None:
     log = server.log_text(every_start=True)
     assert "Traceback" not in log and "Unhandled" not in log, server.log_tail(80)
@@ -240,8 +233,8 @@ def test_connection_flood_is_refused_with_the_protocols_reply_and_closed_not_lef
     finally:
         for conn in held:
             conn.close()
-    wait_for_log(limited, f"connection limit: refusing 127.0.0.1 on {listener}")
-    wait_for_log(limited, f"connection limit: refusing {LEGIT} on {listener}")
+    limited.wait_for_log(f"connection limit: refusing 127.0.0.1 on {listener}")
+    limited.wait_for_log(f"connection limit: refusing {LEGIT} on {listener}")
     assert_no_traceback(limited)
 
 
@@ -332,7 +325,7 @@ def test_password_guessing_over_smtp_pop3_and_imap_adds_up_and_never_locks_out_t
 
     thread = threading.Thread(target=newcomer_guesses, daemon=True)
     thread.start()
-    wait_for_log(server, f"authentication failed for '{ALICE}' from {NEWCOMER}")
+    server.wait_for_log(f"authentication failed for '{ALICE}' from {NEWCOMER}")
     conn, reply, imap_ok = imap_login(server, LEGIT, PASSWORD)
     assert reply.startswith(b"b OK"), reply
     conn.command(b"c LOGOUT")
@@ -592,7 +585,7 @@ def test_garbage_mailbox_index_is_logged_and_rebuilt_with_the_same_uids(make_ser
     index.write_bytes(b"\x00\xff garbage \x89PNG\r\n" * 40)
     again, after = imap_view(server)
     assert again == uidvalidity and after == before           # same UIDs, flags kept (they are in the names)
-    wait_for_log(server, "index corrupt")
+    server.wait_for_log("index corrupt")
     assert index.read_bytes().startswith(b"mailgw-index 1 "), "the index was not rewritten"
     late = uuid.uuid4().hex
     deliver(server, late)
@@ -626,7 +619,7 @@ def test_garbage_spool_entries_are_set_aside_at_start_and_queued_mail_still_goes
     queue_id = server.send(client, "sender@elsewhere.test", ["far@remote.test"],
                            server.build_message(mark, to="far@remote.test"))
     client.quit()
-    wait_for_log(server, f"{queue_id}: to=<far@remote.test>")      # one failed attempt
+    server.wait_for_log(f"{queue_id}: to=<far@remote.test>")      # one failed attempt
     server.stop()
 
     active = server.queue_active

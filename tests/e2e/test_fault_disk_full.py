@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from sink import WAIT, queue_list, wait_until_queue_empty
 
 pytestmark = pytest.mark.e2e
@@ -46,7 +47,6 @@ SENDER = "sender@elsewhere.test"
 TRUSTED = "127.0.0.2"
 TMPFS_SIZE = "8m"
 FILLER = "filler"
-POLL = 0.05
 RETRY_EVERY_SECOND = "[queue]\nretry_schedule = [1]\n"
 
 
@@ -135,16 +135,6 @@ def watched(server) -> list[Path]:
     box = server.mailbox(ALICE)
     queue = server.data_dir / "queue"
     return [box / "tmp", box / "new", box / "cur", queue / "incoming", queue / "active"]
-
-
-def wait_for(condition, what: str, deadline: float = WAIT):
-    end = time.monotonic() + deadline
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < end, f"not within {deadline}s: {what}"
-        time.sleep(POLL)
 
 
 def tracebacks(server, allowed: tuple[str, ...] = ()) -> list[str]:
@@ -347,7 +337,7 @@ def test_queued_mail_survives_failed_envelope_updates_and_goes_out_after_space_r
     active, incoming = server.queue_active, server.data_dir / "queue" / "incoming"
     env_path, msg_path = active / f"{queue_id}.env", active / f"{queue_id}.msg"
     original = msg_path.read_bytes()
-    wait_for(lambda: attempts, "a first (refused) delivery attempt")
+    wait_until(lambda: attempts, "a first (refused) delivery attempt", WAIT)
 
     filler = fill(server)
     # The runner starts an attempt only once the previous one's envelope update
@@ -355,9 +345,9 @@ def test_queued_mail_survives_failed_envelope_updates_and_goes_out_after_space_r
     # fill) is over, and once k+3 is seen, the updates of k+1 and k+2 ran on
     # the full disk. Had either succeeded, the envelope would have changed.
     k = len(attempts)
-    wait_for(lambda: len(attempts) >= k + 1, "an attempt on the full disk")
+    wait_until(lambda: len(attempts) >= k + 1, "an attempt on the full disk", WAIT)
     on_disk = env_path.read_bytes()
-    wait_for(lambda: len(attempts) >= k + 3, "two more attempts on the full disk")
+    wait_until(lambda: len(attempts) >= k + 3, "two more attempts on the full disk", WAIT)
     assert env_path.read_bytes() == on_disk, "an envelope update succeeded on a full disk?"
     # The entry is whole: a valid envelope, the message, nothing in incoming/.
     envelope = json.loads(on_disk)
