@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 from pathlib import Path
 
 from twisted.cred.checkers import AllowAnonymousAccess, ICredentialsChecker
@@ -18,7 +17,6 @@ from zope.interface import implementer
 from mailgw import config as config_module
 from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
-from mailgw.errors import StorageFull
 from mailgw.interfaces import ILocalStore, ISpool, IUserDB
 from mailgw.smtp.delivery import Router
 from mailgw.smtp.server import SMTPFactory

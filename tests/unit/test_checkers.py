@@ -11,7 +11,6 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -19,23 +18,7 @@ from zope.interface.verify import verifyObject
 from mailgw.auth.checkers import FailureTable, PasswordChecker, _throttle_key
 from mailgw.auth.userdb import UserFile, hash_password, write_users
 from fuzzing import fuzz_settings
-
-
-class FakeReactor(Clock):
-    """A Clock that also runs callFromThread at once (for deferToThreadPool)."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class SyncThreadPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+from threadless import ImmediatePool, ThreadlessClock
 
 
 class CountingHasher(PasswordHasher):
@@ -87,7 +70,7 @@ def creds(username, password, client=ATTACKER):
 
 @pytest.fixture
 def clock():
-    return FakeReactor()
+    return ThreadlessClock()
 
 
 @pytest.fixture
@@ -104,7 +87,7 @@ def users_path(tmp_path):
 
 @pytest.fixture
 def userdb(users_path, clock, hasher):
-    return UserFile(users_path, threadpool=SyncThreadPool(), reactor=clock, hasher=hasher)
+    return UserFile(users_path, threadpool=ImmediatePool(), reactor=clock, hasher=hasher)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from mailgw.durable import DurableWriter
 from mailgw.queue.spool import Spool
+from threadless import ImmediatePool
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT_SECONDS = 60.0
@@ -164,13 +165,6 @@ class ImmediateReactor:
 
     def seconds(self):
         return time.time()
-
-
-class ImmediatePool:
-    joined = False
-
-    def callInThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 def recovering_spool(tmp_path):

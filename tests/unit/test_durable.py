@@ -17,23 +17,10 @@ from mailgw import durable
 from mailgw.durable import DurableWriter, rename_noreplace
 from mailgw.errors import StorageFailed, StorageFull
 from mailgw.interfaces import IDurableWriter
+from threadless import ImmediatePool, ThreadlessClock
 
 
 # -- fakes --------------------------------------------------------------------
-
-
-class ImmediateReactor:
-    """callFromThread runs at once: everything happens on the test's thread."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class ImmediatePool:
-    joined = False
-
-    def callInThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 class ManualPool:
@@ -144,7 +131,7 @@ def make_dirs(tmp_path):
 
 @pytest.fixture
 def recording_writer():
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=ImmediatePool())
     writer._os = RecordingOS()
     writer.events = []
     writer.log = Logger(observer=writer.events.append)
@@ -155,7 +142,7 @@ def recording_writer():
 
 
 def test_provides_the_interface():
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=ImmediatePool())
     assert verifyObject(IDurableWriter, writer)
 
 
@@ -277,7 +264,7 @@ def test_never_removes_a_tmp_file_it_did_not_create(tmp_path, recording_writer):
 def test_stopped_pool_fails_instead_of_hanging(tmp_path):
     pool = ImmediatePool()
     pool.joined = True
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=pool)
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=pool)
     writer.log = Logger(observer=lambda event: None)
     final, tmp = make_dirs(tmp_path)
     result_of(writer.commit([(final, tmp, "a", b"1")])).trap(StorageFailed)
@@ -288,7 +275,7 @@ def test_stopped_pool_fails_instead_of_hanging(tmp_path):
 
 def manual_writer():
     pool = ManualPool()
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=pool)
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=pool)
     writer._os = RecordingOS()
     return writer, pool
 
@@ -463,7 +450,7 @@ def test_remove_unlinks_in_order_then_syncs_and_never_fails(tmp_path, recording_
 # -- unnamed files: O_TMPFILE + linkat(AT_EMPTY_PATH) ------------------------------
 
 def tmpfile_writer():
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=ImmediatePool())
     writer.events = []
     writer.log = Logger(observer=writer.events.append)
     return writer

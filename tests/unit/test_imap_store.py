@@ -1,6 +1,6 @@
 """IMAP sessions on the real mailbox store (mailgw.store.mailbox.MailStore over
 Maildir in a temporary directory). The store's file work runs at once on the
-test's thread (the store tests' FakePool + ImmediateReactor); its poll of
+test's thread (the store tests' ImmediatePool + ThreadlessClock); its poll of
 subscribed folders is driven by the Clock."""
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ store_module = pytest.importorskip("mailgw.store.mailbox")
 folder_module = pytest.importorskip("mailgw.store.folder")
 
 try:  # rootdir-relative import, or tests as a package
-    from test_store import FakePool, ImmediateReactor, make_store, result
+    from test_store import make_store, result
 except ImportError:  # pragma: no cover
-    from tests.unit.test_store import FakePool, ImmediateReactor, make_store, result
+    from tests.unit.test_store import make_store, result
+from threadless import ImmediatePool, ThreadlessClock
 
 ALICE = "alice@example.test"
 
@@ -31,8 +32,8 @@ def _quiet_store_logs(monkeypatch):
 
 @pytest.fixture
 def world(tmp_path):
-    reactor = ImmediateReactor()
-    store = make_store(tmp_path / "mail", reactor=reactor, pool=FakePool())
+    reactor = ThreadlessClock()
+    store = make_store(tmp_path / "mail", reactor=reactor, pool=ImmediatePool())
     return store, reactor, tmp_path / "mail" / "example.test" / "alice"
 
 

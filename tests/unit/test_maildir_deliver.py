@@ -5,7 +5,6 @@ import errno
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 from twisted.internet.defer import succeed
@@ -18,9 +17,10 @@ from mailgw.interfaces import ILocalStore
 from mailgw.store.maildir import MaildirStore
 
 try:  # the fakes live with the writer's tests (rootdir-relative import, or tests as a package)
-    from test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+    from test_durable import RecordingOS, result_of
 except ImportError:  # pragma: no cover
-    from tests.unit.test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+    from tests.unit.test_durable import RecordingOS, result_of
+from threadless import ImmediatePool, ThreadlessClock
 
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nline 1\r\nline 2\r\n"
 NAME = re.compile(
@@ -31,7 +31,7 @@ NAME = re.compile(
 
 @pytest.fixture
 def writer():
-    writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+    writer = DurableWriter(reactor=ThreadlessClock(), threadpool=ImmediatePool())
     writer._os = RecordingOS()
     writer.log = Logger(observer=lambda event: None)
     return writer

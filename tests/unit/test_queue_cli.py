@@ -18,13 +18,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from twisted.internet import task
 
 from mailgw import cli
 from mailgw.durable import DurableWriter
 from mailgw.queue import admin, control
 from mailgw.queue.admin import queue_main
 from mailgw.queue.spool import Spool, check_envelope, decode_envelope, new_queue_id
+from threadless import ImmediatePool, ThreadlessClock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NOW = 1_800_000_000.0
@@ -32,18 +32,6 @@ MESSAGE = (b"Received: from c.test (c.test [10.0.0.1])\r\n\tby mx.example.test; 
            b"From: Alice <alice@example.test>\r\nSubject: quarterly report\r\nX-Evil: \x1b[31mred\r\n"
            b"\r\nTHE SECRET BODY\r\n")
 WAIT = 30.0   # seconds: upper bound for every wait on the fake server
-
-
-class ThreadlessClock(task.Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class ImmediatePool:
-    joined = False
-
-    def callInThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 @pytest.fixture

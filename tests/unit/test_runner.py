@@ -9,7 +9,7 @@ import email.policy
 from pathlib import Path
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from mailgw.durable import DurableWriter
 from mailgw.queue.model import STATUS_BOUNCED, STATUS_DEFERRED, STATUS_SENT, AttemptResult, RecipientResult
@@ -18,6 +18,7 @@ from mailgw.queue.spool import Spool, new_queue_id
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from smtp_harness import FakeUserDB, make_config
+from threadless import ImmediatePool, ThreadlessClock
 
 HOUR = 3600.0
 REPLIES = {
@@ -25,18 +26,6 @@ REPLIES = {
     STATUS_DEFERRED: (451, "4.3.0", "try again later"),
     STATUS_BOUNCED: (550, "5.1.1", "no such user"),
 }
-
-
-class ThreadlessClock(task.Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class ImmediatePool:
-    joined = False
-
-    def callInThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 class FakeTransport:
@@ -276,7 +265,7 @@ def test_mixed_outcomes_are_kept_per_recipient(tmp_path):
 def test_restart_continues_where_it_stopped(tmp_path):
     rig = Rig(tmp_path, queue={"retry_schedule": [300]})
     rig.transport.script = {"a@one.test": [STATUS_SENT], "b@two.test": [STATUS_DEFERRED]}
-    queue_id = rig.enqueue(recipients=("a@one.test", "b@two.test"))
+    rig.enqueue(recipients=("a@one.test", "b@two.test"))
     rig.run()
     rig.runner.stopService()
     # A new process: recover from disk and go on.

@@ -1,9 +1,7 @@
 """What the server hands to the store and the spool, and how storage errors become replies."""
 from __future__ import annotations
 
-import re
 
-from twisted.internet import defer
 
 from mailgw.errors import StorageFull
 from smtp_harness import Session

@@ -1,7 +1,6 @@
 """Every SMTP limit is explicit, configurable, and answered with the right code."""
 from __future__ import annotations
 
-from twisted.internet import defer, task
 
 from smtp_harness import Session, make_config
 from test_smtp_security import start_data

@@ -17,9 +17,10 @@ from mailgw.interfaces import ISpool
 from mailgw.queue.spool import EnvelopeError, Spool, check_envelope, is_queue_id, new_queue_id
 
 try:  # the fakes live with the writer's tests (rootdir-relative import, or tests as a package)
-    from test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+    from test_durable import RecordingOS, result_of
 except ImportError:  # pragma: no cover
-    from tests.unit.test_durable import ImmediatePool, ImmediateReactor, RecordingOS, result_of
+    from tests.unit.test_durable import RecordingOS, result_of
+from threadless import ImmediatePool, ThreadlessClock
 
 MESSAGE = b"Received: from x\r\nSubject: hi\r\n\r\nbody\r\n"
 CROCKFORD = set("0123456789ABCDEFGHJKMNPQRSTVWXYZ")
@@ -54,7 +55,7 @@ class Env:
     def __init__(self, tmp_path):
         self.clock = Clock()
         self.clock.advance(1700000000)
-        self.writer = DurableWriter(reactor=ImmediateReactor(), threadpool=ImmediatePool())
+        self.writer = DurableWriter(reactor=ThreadlessClock(), threadpool=ImmediatePool())
         self.writer._os = RecordingOS()
         self.writer.log = Logger(observer=lambda event: None)
         self.events = []

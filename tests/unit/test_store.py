@@ -1,6 +1,6 @@
 """The mailbox store: MailStore / UserMailbox / Folder over Maildir (issue 4).
 
-Everything runs synchronously (FakePool + ImmediateReactor) except the tests
+Everything runs synchronously (ImmediatePool + ThreadlessClock) except the tests
 marked "real thread pool"; polling is driven by the Clock.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mailgw.store.events import Added, Expunged, FlagsChanged, MessageInfo, Sync
 from mailgw.store.folder import Folder, crlf_size, parse_name
 from mailgw.store.mailbox import MailStore, decode_dirname, folder_dirname
 from mailgw.store.maildir import MaildirStore
+from threadless import ImmediatePool, ThreadlessClock
 
 try:  # rootdir-relative import, or tests as a package
     from test_durable import RecordingOS
@@ -36,33 +37,6 @@ MESSAGE = b"From: bob@example.net\r\nSubject: hello\r\n\r\nline 1\r\nline 2\r\n"
 
 
 # -- fakes -----------------------------------------------------------------------------------
-
-class FakePool:
-    """Runs every job at once on the caller's thread (what deferToThreadPool
-    and DurableWriter call: callInThreadWithCallback and callInThread)."""
-
-    joined = False
-
-    def __init__(self):
-        self.jobs = 0
-
-    def callInThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.jobs += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class ImmediateReactor(Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
 
 def result(d):
     """The result of a fired Deferred; a failure is raised."""
@@ -87,8 +61,8 @@ def quiet(obj):
 
 
 def make_store(mail_dir, *, reactor=None, pool=None):
-    reactor = reactor or ImmediateReactor()
-    pool = pool or FakePool()
+    reactor = reactor or ThreadlessClock()
+    pool = pool or ImmediatePool()
     writer = DurableWriter(reactor=reactor, threadpool=pool)
     store = MailStore(mail_dir, reactor=reactor, threadpool=pool, writer=writer)
     store.reactor, store.pool, store.writer = reactor, pool, writer

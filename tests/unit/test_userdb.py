@@ -8,7 +8,6 @@ import pytest
 from argon2 import PasswordHasher
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -17,29 +16,7 @@ from mailgw.auth import userdb
 from mailgw.auth.userdb import UserFile, hash_password, parse_users, validate_address, write_users
 from mailgw.interfaces import IUserDB
 from fuzzing import fuzz_settings
-
-
-class FakeReactor(Clock):
-    """A Clock that also runs callFromThread at once (for deferToThreadPool)."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class SyncThreadPool:
-    """Runs 'threaded' work at once, counting it: proves the pool is used."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
+from threadless import ImmediatePool, ThreadlessClock
 
 
 class CountingHasher(PasswordHasher):
@@ -77,12 +54,12 @@ def events(monkeypatch):
 
 @pytest.fixture
 def clock():
-    return FakeReactor()
+    return ThreadlessClock()
 
 
 @pytest.fixture
 def pool():
-    return SyncThreadPool()
+    return ImmediatePool()
 
 
 @pytest.fixture
@@ -130,7 +107,7 @@ def test_hashing_runs_in_the_thread_pool(users_path, clock, pool, hasher):
     db = make_db(users_path, clock, pool, hasher)
     result_of(db.verify(ALICE, "alice-pw"))
     result_of(db.verify("nobody@example.test", "x"))
-    assert pool.calls == 2
+    assert pool.jobs == 2
 
 
 def test_unknown_user_still_costs_a_verification_no_timing_oracle(users_path, clock, pool, hasher):
