@@ -20,6 +20,16 @@ class MailError(Exception):
         return self.code >= 500
 
 
+def log_failure(log, failure, message: str, **fields) -> None:
+    """Log a failed operation: a MailError (disk full, a write that failed) is
+    expected in operation and gets one line; anything else is a bug or an
+    environmental surprise and gets its traceback."""
+    if failure.check(MailError):
+        log.error(message + " ({error})", error=failure.value, **fields)
+    else:
+        log.failure(message, failure, **fields)
+
+
 class TemporaryError(MailError):
     """A 4xx: the client should try again later."""
 

@@ -50,7 +50,7 @@ from zope.interface import implementer
 from mailgw.auth import sasl
 from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection
 from mailgw.config_types import Config, ListenerConfig
-from mailgw.errors import LoginsRefused, TemporaryError
+from mailgw.errors import LoginsRefused, log_failure
 from mailgw.interfaces import ISessionInfo
 from mailgw.store.events import SEEN, MessageInfo
 
@@ -789,10 +789,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
 
     def _update_failed(self, failure):
         self._updating = None
-        if failure.check(TemporaryError):         # e.g. disk full: expected, one line
-            self.log.warn("pop3 UPDATE failed for {user}: {error}", user=self.user, error=failure.value)
-        else:
-            self.log.failure("pop3 UPDATE failed for {user}", failure=failure, user=self.user)
+        log_failure(self.log, failure, "pop3 UPDATE failed for {user}", user=self.user)
         # RFC 1939 §6: "-ERR some deleted messages not removed"; the session ends anyway.
         self._close_with(UPDATE_FAILED)
         self._do_logout()
@@ -924,10 +921,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
             self.log.info("pop3 maildrop of {user} in use, refusing client [{client}]",
                           user=avatar.address, client=self.session.client_ip)
             return self.reply(IN_USE)
-        if failure.check(TemporaryError):         # e.g. disk full: expected, one line
-            self.log.warn("cannot open the maildrop of {user}: {error}", user=avatar.address, error=failure.value)
-        else:
-            self.log.failure("cannot open the maildrop of {user}", failure=failure, user=avatar.address)
+        log_failure(self.log, failure, "cannot open the maildrop of {user}", user=avatar.address)
         self.reply(SYS_TEMP)
 
     def _auth_failed(self, username: bytes, why: str, reply: Reply = AUTH_FAILED):

@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.config_types import Config
-from mailgw.errors import MailError
+from mailgw.errors import log_failure
 from mailgw.queue import dsn, policy
 from mailgw.queue.model import (
     BOUNCED, EXPIRED, PENDING, SENT, STATUS_BOUNCED, STATUS_SENT,
@@ -220,12 +220,8 @@ class QueueRunner(service.Service):
     def _finish(self, attempt: _Attempt) -> None:
         def failed(failure):
             attempt.failed = True
-            if failure.check(MailError):      # disk full, or a write that failed: expected, one line
-                self.log.error("{queue_id}: could not record the attempt ({error}); it will be retried",
-                               queue_id=attempt.queue_id, error=failure.value)
-            else:
-                self.log.failure("{queue_id}: could not record the attempt; it will be retried",
-                                 failure, queue_id=attempt.queue_id)
+            log_failure(self.log, failure, "{queue_id}: could not record the attempt, it will be retried",
+                        queue_id=attempt.queue_id)
         self._apply(attempt).addErrback(failed).addBoth(lambda _: self._attempt_over(attempt))
 
     def _attempt_over(self, attempt: _Attempt) -> None:

@@ -358,7 +358,7 @@ def test_queued_mail_survives_failed_envelope_updates_and_goes_out_after_space_r
     listed = queue_list(server)
     assert listed.returncode == 0 and queue_id in listed.stdout, (listed.stdout, listed.stderr)
     assert sink.messages == []
-    assert "could not record the attempt (" in server.log_text(), "the failed update is reported, in one line"
+    assert "could not record the attempt, it will be retried (" in server.log_text(), "the failed update is reported, in one line"
     assert_no_traceback(server)
 
     # Space returns and the smarthost takes the mail: delivered without a restart.
