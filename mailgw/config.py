@@ -450,6 +450,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     elif users_file_text == "" and data_dir is not None:
         users_file = data_dir / "users"
     io_threads = server.integer("io_threads", 8, 1, 256)
+    smtp_workers = server.integer("smtp_workers", 0, 0, 64)
     user = server.string("user", "")
     if user:
         try:
@@ -481,6 +482,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         mail_dir=data_dir / "mail",
         queue_dir=data_dir / "queue",
         io_threads=io_threads,
+        smtp_workers=smtp_workers,
         user=user,
         tls=tls,
         smtp=smtp,

@@ -145,3 +145,4 @@ class Config:
     source: Path | None = field(default=None)   # the file this came from (None: embedded default)
     pop3: POP3Limits | None = field(default=None)     # None only in configs built by hand in tests
     imap: IMAPLimits | None = field(default=None)     # None only in configs built by hand in tests
+    smtp_workers: int = 0                  # SMTP worker processes (0: SMTP in the main process)

@@ -40,6 +40,7 @@ from mailgw.smtp.delivery import Router
 from mailgw.smtp.server import SMTPFactory
 from mailgw.store.maildir import MaildirStore
 from mailgw import tls
+from mailgw.workers import SMTPWorkers
 
 log = Logger()
 
@@ -223,26 +224,49 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     tls_options = tls.server_options(config.tls)
 
     imap_cache = MessageCache()      # parsed headers, shared by the IMAP listeners
+    worker_sockets = []              # (name, fd, family) of the SMTP ports the workers accept on
     for listener in config.listeners:
-        implicit = listener.role in IMPLICIT_TLS_ROLES
-        common = dict(config=config, listener=listener, portal=portal, clock=reactor,
-                      tls_context=None if implicit else tls_options, implicit_tls=implicit)
-        if listener.role in SMTP_ROLES:
-            factory = SMTPFactory(new_queue_id=new_queue_id, **common)
-        elif listener.role in (ROLE_POP3, ROLE_POP3S):
-            factory = POP3Factory(**common)
-        elif listener.role in (ROLE_IMAP, ROLE_IMAPS):
-            factory = IMAPFactory(message_cache=imap_cache, **common)
-        else:   # config validation admits no other role
-            raise AssertionError(listener.role)
-        if implicit:
-            # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
-            factory = TLSMemoryBIOFactory(tls_options, False, factory)
-            factory.noisy = False
+        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
+                                   imap_cache=imap_cache)
         description = offset_endpoint(listener.endpoint, port_offset)
-        ListenerService(reactor, description, factory, listener.name).setServiceParent(top)
+        listening = ListenerService(reactor, description, factory, listener.name)
+        listening.setServiceParent(top)
+        if config.smtp_workers and listener.role in SMTP_ROLES:
+            # Bound here (as root if need be), accepted on only by the workers.
+            listening.port.stopReading()
+            worker_sockets.append((listener.name, listening.port.fileno(), _family(listening.port)))
+    if worker_sockets:
+        SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
+                    sockets=worker_sockets, checker=checker, runner=runner, spool=spool,
+                    mail_store=mail_store, threadpool=io_pool).setServiceParent(top)
     PrivilegeDrop(config).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
+
+
+def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None):
+    """The protocol factory for one configured listener (wrapped in TLS for
+    the implicit-TLS roles). Shared by the main process and the SMTP workers."""
+    implicit = listener.role in IMPLICIT_TLS_ROLES
+    common = dict(config=config, listener=listener, portal=portal, clock=clock,
+                  tls_context=None if implicit else tls_options, implicit_tls=implicit)
+    if listener.role in SMTP_ROLES:
+        factory = SMTPFactory(new_queue_id=new_queue_id, **common)
+    elif listener.role in (ROLE_POP3, ROLE_POP3S):
+        factory = POP3Factory(**common)
+    elif listener.role in (ROLE_IMAP, ROLE_IMAPS):
+        factory = IMAPFactory(message_cache=imap_cache, **common)
+    else:   # config validation admits no other role
+        raise AssertionError(listener.role)
+    if implicit:
+        # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        factory.noisy = False
+    return factory
+
+
+def _family(port) -> int:
+    """The address family of a listening port, for adoptStreamPort in a worker."""
+    return port.socket.family
 
 
 def makeService(options: Options) -> service.MultiService:

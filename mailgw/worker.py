@@ -1,0 +1,147 @@
+"""`python -m mailgw.worker`: one SMTP worker process, started by the main
+process (workers.SMTPWorkers) with the listening sockets from fd 3 on and
+the pipe to the main process on stdin/stdout. The composition root of a
+worker, as tap.py is the main process's: it wires the SMTP half of mailgw
+(store, spool, router, realm) with a password checker that asks the main
+process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+
+from twisted.application import service
+from twisted.cred.checkers import AllowAnonymousAccess
+from twisted.cred.portal import Portal
+from twisted.internet import stdio
+from twisted.logger import Logger, globalLogBeginner
+from twisted.python.threadpool import ThreadPool
+
+from mailgw import config as config_module
+from mailgw import tls
+from mailgw.auth.userdb import UserFile
+from mailgw.config_types import SMTP_ROLES, Config
+from mailgw.durable import DurableWriter
+from mailgw.queue.spool import Spool
+from mailgw.realm import MailRealm
+from mailgw.smtp.delivery import Router
+from mailgw.store.maildir import MaildirStore
+from mailgw.tap import ThreadPoolService, listener_factory
+from mailgw.workers import MasterLink, RemoteChecker, StderrLog, ignore_sigint
+
+log = Logger()
+
+
+def share_of_limits(config: Config, workers: int) -> Config:
+    """Each of `workers` processes admits its share of the SMTP connection
+    limits (rounded up), so the configured figures bound the whole server."""
+    smtp = config.smtp
+    return dataclasses.replace(config, smtp=dataclasses.replace(
+        smtp,
+        max_connections=math.ceil(smtp.max_connections / workers),
+        max_connections_per_ip=math.ceil(smtp.max_connections_per_ip / workers)))
+
+
+class AdoptedPorts(service.Service):
+    """The inherited listening sockets, accepted on while the service runs."""
+
+    def __init__(self, reactor, sockets):
+        self.reactor = reactor
+        self.sockets = sockets          # [(fd, family, factory)]
+        self.ports = []
+
+    def startService(self):
+        super().startService()
+        for fd, family, factory in self.sockets:
+            self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+            os.close(fd)      # adoptStreamPort made its own copy
+
+    def stopService(self):
+        super().stopService()
+        ports, self.ports = self.ports, []
+        for port in ports:
+            port.stopListening()
+
+
+def build(config: Config, reactor, *, sockets, workers: int, link: MasterLink) -> service.MultiService:
+    """Everything one worker runs. `sockets`: [(listener name, fd, family)]."""
+    top = service.MultiService()
+    config = share_of_limits(config, workers)
+    io_pool = ThreadPool(minthreads=0, maxthreads=config.io_threads, name="mailgw-io")
+    ThreadPoolService(io_pool).setServiceParent(top)
+
+    writer = DurableWriter(reactor=reactor, threadpool=io_pool)
+    store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname,
+                         on_delivered=lambda addresses: link.send("delivered", _as_list(addresses)))
+    spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
+    spool.add_listener(lambda envelope: link.send("queued", envelope))
+    userdb = UserFile(config.users_file, threadpool=io_pool, reactor=reactor)
+    router = Router(config, userdb)
+    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
+    portal = Portal(realm, [RemoteChecker(link), AllowAnonymousAccess()])
+    tls_options = tls.server_options(config.tls)      # the main process made the certificate
+
+    listeners = {listener.name: listener for listener in config.listeners}
+    adopted = []
+    for name, fd, family in sockets:
+        listener = listeners[name]
+        if listener.role not in SMTP_ROLES:
+            raise SystemExit(f"mailgw worker: listener {name!r} is not an SMTP listener")
+        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options)
+        adopted.append((fd, family, factory))
+    AdoptedPorts(reactor, adopted).setServiceParent(top)
+    return top
+
+
+def _as_list(addresses) -> list[str]:
+    return [addresses] if isinstance(addresses, str) else list(addresses)
+
+
+def parse_socket(text: str) -> tuple[str, int, int]:
+    """NAME=FD:FAMILY -> (name, fd, family)."""
+    name, _, rest = text.rpartition("=")
+    fd, _, family = rest.partition(":")
+    return name, int(fd), int(family)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailgw.worker",
+                                     description="An SMTP worker; started by `twistd mailgw`, not by hand.")
+    parser.add_argument("--config")
+    parser.add_argument("--number", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--socket", action="append", type=parse_socket, default=[])
+    args = parser.parse_args(argv)
+
+    ignore_sigint()
+    globalLogBeginner.beginLoggingTo([StderrLog()], redirectStandardIO=False)
+    try:
+        config = config_module.load(args.config)
+    except (config_module.ConfigError, OSError) as error:
+        log.critical("cannot load the configuration: {error}", error=error)
+        return 1
+
+    from twisted.internet import reactor
+    top = None
+
+    def master_gone():
+        # The main process stopped us or died: finish what runs and exit.
+        if reactor.running:
+            reactor.stop()
+
+    link = MasterLink(on_lost=master_gone)
+    stdio.StandardIO(link, reactor=reactor)
+    top = build(config, reactor, sockets=args.socket, workers=args.workers, link=link)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    log.info("worker {number} of {workers} accepting SMTP (pid {pid})", number=args.number,
+             workers=args.workers, pid=os.getpid())
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""SMTP worker processes: the main process and its helpers, and the pipe
+protocol between them.
+
+With `[server] smtp_workers = N` (N > 0) the main process binds every SMTP
+listener as usual but does not accept on it: N worker processes
+(`python -m mailgw.worker`, see worker.py) inherit the listening sockets and
+accept, run the SMTP sessions and commit messages (Maildir, spool) with the
+same durable writer. One reactor thread per CPU instead of one for all.
+
+What must stay in one place stays in the main process, reached over each
+worker's stdin/stdout (a private pipe, so passwords may cross it):
+
+- password checks (`auth`): the failure delays and lockouts of SMTP, POP3
+  and IMAP are one table, whichever process the client reached;
+- the relay queue (`queued`): the runner learns of each committed entry;
+- IMAP IDLE wake-ups (`delivered`).
+
+Workers log to stderr, one `LEVEL<TAB>text` line per event; the main
+process re-logs each line under the worker's name. A worker that exits is
+started again (after a back-off if it keeps dying); a worker whose pipe
+closes (the main process died) stops. Messages are committed before their
+250 whatever happens to the pipe: an entry whose `queued` line was lost is
+found by a scan of the spool when its worker exits.
+
+Messages are one line each: a verb, a space, a JSON value (no raw newline can
+appear in JSON text).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+
+from twisted.application import service
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol
+from twisted.logger import Logger, LogLevel
+from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
+from twisted.cred.checkers import ICredentialsChecker
+
+from mailgw.errors import LoginsRefused, TemporaryError, log_failure
+
+log = Logger()
+
+# A pipe line: an envelope with many long recipients can reach a few hundred KiB.
+MAX_LINE = 16 * 1024 * 1024
+# Seconds a worker gets to finish after its pipe closes, then SIGKILL.
+STOP_GRACE = 10.0
+# Restart back-off for a worker that keeps exiting (seconds: first, factor, cap).
+RESTART_FIRST, RESTART_FACTOR, RESTART_MAX = 0.5, 2.0, 30.0
+# A worker that ran this long before exiting restarts after RESTART_FIRST again.
+RESTART_STABLE = 60.0
+
+LEVELS = {level.name: level for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
+                                          LogLevel.critical)}
+
+
+def encode(verb: str, value) -> bytes:
+    return verb.encode("ascii") + b" " + json.dumps(value, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def decode(line: bytes) -> tuple[str, object]:
+    """(verb, value); ValueError for anything else."""
+    verb, _, payload = line.partition(b" ")
+    return verb.decode("ascii"), json.loads(payload)
+
+
+def _b64(data) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+# -- the main process's side -------------------------------------------------------------------
+
+
+class _Lines:
+    """Splits one pipe of a worker into lines for `handle(line)`."""
+
+    def __init__(self, handle, overflow):
+        self.handle = handle
+        self.overflow = overflow
+        self._buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self.handle(line)
+        if len(self._buffer) > MAX_LINE:
+            self._buffer = b""
+            self.overflow()
+
+
+class WorkerProcess(protocol.ProcessProtocol):
+    """The main process's end of one worker: answers its requests and
+    forwards its log lines."""
+
+    def __init__(self, pool: "SMTPWorkers", number: int):
+        self.pool = pool
+        self.number = number
+        self.name = f"smtp-worker-{number}"
+        self.started_at = pool.clock.seconds()
+        self.ended = defer.Deferred()
+        self._out = _Lines(self._request, lambda: self._broken("request line too long"))
+        self._err = _Lines(self._log_line, lambda: None)
+
+    # ProcessProtocol
+    def outReceived(self, data):
+        self._out.dataReceived(data)
+
+    def errReceived(self, data):
+        self._err.dataReceived(data)
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+        self.pool.worker_ended(self, reason.value)
+
+    # requests
+    def _request(self, line: bytes) -> None:
+        try:
+            verb, value = decode(line)
+            handler = {"queued": self._queued, "delivered": self._delivered, "auth": self._auth}[verb]
+            handler(value)
+        except Exception:
+            log.failure("{worker}: bad request {line!r}", worker=self.name, line=line[:200])
+
+    def _queued(self, envelope) -> None:
+        self.pool.runner.add(envelope)
+
+    def _delivered(self, addresses) -> None:
+        if self.pool.mail_store is not None:
+            self.pool.mail_store.delivered(addresses)
+
+    def _auth(self, request) -> None:
+        number = request["id"]
+        creds = UsernamePassword(base64.b64decode(request["username"]), base64.b64decode(request["password"]))
+        creds.client_ip = request["client"]
+        d = defer.maybeDeferred(self.pool.checker.requestAvatarId, creds)
+
+        def answer(result):
+            self._send("auth", {"id": number, "result": "ok", "address": result})
+
+        def refused(failure):
+            if failure.check(UnauthorizedLogin):
+                outcome = "fail"
+            elif failure.check(LoginsRefused):
+                outcome = "refused"
+            else:
+                log_failure(log, failure, "{worker}: password check failed", worker=self.name)
+                outcome = "error"
+            self._send("auth", {"id": number, "result": outcome})
+
+        d.addCallbacks(answer, refused)
+
+    def _send(self, verb: str, value) -> None:
+        if self.transport is not None:
+            self.transport.write(encode(verb, value))
+
+    def _log_line(self, line: bytes) -> None:
+        level_name, _, text = line.decode("utf-8", "replace").partition("\t")
+        level = LEVELS.get(level_name)
+        if level is None:       # not one of ours: a traceback printed by Python itself
+            level, text = LogLevel.error, line.decode("utf-8", "replace")
+        log.emit(level, "{text}", text=text, log_system=self.name)
+
+    def _broken(self, why: str) -> None:
+        log.error("{worker}: {why}; stopping it", worker=self.name, why=why)
+        self.stop()
+
+    def stop(self) -> None:
+        """Close its stdin (it finishes and exits); SIGKILL after STOP_GRACE."""
+        if self.ended.called or self.transport is None:
+            return
+        self.transport.closeStdin()
+        timer = self.pool.clock.callLater(STOP_GRACE, self._kill)
+        self.ended.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+    def _kill(self) -> None:
+        try:
+            self.transport.signalProcess("KILL")
+        except Exception:     # already gone
+            pass
+
+
+class SMTPWorkers(service.Service):
+    """Starts `count` worker processes sharing `sockets` (the SMTP listening
+    ports, as (listener name, fd, address family) ) and keeps them running."""
+
+    def __init__(self, *, reactor, clock, count: int, config_path, sockets, checker, runner, spool,
+                 mail_store=None, threadpool=None, python=sys.executable):
+        self.reactor = reactor
+        self.clock = clock
+        self.count = count
+        self.config_path = config_path
+        self.sockets = tuple(sockets)
+        self.checker = checker
+        self.runner = runner
+        self.spool = spool
+        self.mail_store = mail_store
+        self.threadpool = threadpool
+        self.python = python
+        self.workers: dict[int, WorkerProcess] = {}
+        self._restart_delay: dict[int, float] = {}
+        self._restart_timers: dict[int, object] = {}
+
+    def startService(self):
+        super().startService()
+        for number in range(1, self.count + 1):
+            self._spawn(number)
+
+    def command(self, number: int) -> tuple[list[str], dict]:
+        """(argv, childFDs) for worker `number`: its sockets from fd 3 on."""
+        argv = [self.python, "-m", "mailgw.worker", "--number", str(number), "--workers", str(self.count)]
+        if self.config_path is not None:
+            argv += ["--config", str(self.config_path)]
+        child_fds = {0: "w", 1: "r", 2: "r"}
+        for offset, (name, fd, family) in enumerate(self.sockets):
+            child_fds[3 + offset] = fd
+            argv += ["--socket", f"{name}={3 + offset}:{family}"]
+        return argv, child_fds
+
+    def _spawn(self, number: int) -> None:
+        self._restart_timers.pop(number, None)
+        argv, child_fds = self.command(number)
+        worker = WorkerProcess(self, number)
+        self.workers[number] = worker
+        self.reactor.spawnProcess(worker, self.python, argv, env=dict(os.environ), childFDs=child_fds)
+        log.info("started {worker} (pid {pid})", worker=worker.name, pid=worker.transport.pid)
+
+    def worker_ended(self, worker: WorkerProcess, reason) -> None:
+        if self.workers.get(worker.number) is worker:
+            del self.workers[worker.number]
+        # Its last `queued` lines may not have arrived: look for entries the runner does not know.
+        self._adopt_unknown_entries()
+        if not self.running:
+            return
+        ran = self.clock.seconds() - worker.started_at
+        delay = RESTART_FIRST if ran >= RESTART_STABLE else self._restart_delay.get(worker.number, RESTART_FIRST)
+        self._restart_delay[worker.number] = min(delay * RESTART_FACTOR, RESTART_MAX)
+        log.error("{worker} exited ({reason}); starting it again in {delay:.1f} s", worker=worker.name,
+                  reason=str(reason), delay=delay)
+        self._restart_timers[worker.number] = self.clock.callLater(delay, self._spawn, worker.number)
+
+    def _adopt_unknown_entries(self) -> defer.Deferred:
+        known = set(self.runner.envelopes)
+
+        def scan():
+            found = []
+            for queue_id in self.spool.ids():
+                if queue_id not in known:
+                    try:
+                        found.append(self.spool.load(queue_id)[0])
+                    except (KeyError, ValueError, OSError):
+                        pass        # gone meanwhile, or the runner's start-up recovery's business
+            return found
+
+        def adopt(envelopes):
+            for envelope in envelopes:
+                if envelope["id"] not in self.runner.envelopes:
+                    log.info("{queue_id}: found in the spool after a worker exited", queue_id=envelope["id"])
+                    self.runner.add(envelope)
+
+        if self.threadpool is None:
+            d = defer.maybeDeferred(scan)
+        else:
+            from twisted.internet.threads import deferToThreadPool
+            d = deferToThreadPool(self.reactor, self.threadpool, scan)
+        d.addCallback(adopt)
+        d.addErrback(lambda failure: log_failure(log, failure, "spool scan after a worker exited failed"))
+        return d
+
+    def stopService(self):
+        super().stopService()
+        for timer in self._restart_timers.values():
+            if timer.active():
+                timer.cancel()
+        self._restart_timers.clear()
+        ended = []
+        for worker in list(self.workers.values()):
+            ended.append(worker.ended)
+            worker.stop()
+        return defer.DeferredList(ended)
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+
+
+class MasterLink(LineOnlyReceiver):
+    """The worker's end of the pipe (its stdin/stdout): requests out, answers in.
+    When the pipe closes (the main process is gone or stops us), `on_lost` runs."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE
+
+    def __init__(self, on_lost=None):
+        self.on_lost = on_lost
+        self._next_id = 0
+        self._waiting: dict[int, defer.Deferred] = {}
+        self.connected_to_master = False
+
+    def connectionMade(self):
+        self.connected_to_master = True
+
+    def connectionLost(self, reason=None):
+        self.connected_to_master = False
+        waiting, self._waiting = self._waiting, {}
+        for d in waiting.values():
+            d.errback(TemporaryError(454, "4.7.0", "Authentication service restarting, try again later"))
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def send(self, verb: str, value) -> None:
+        if self.connected_to_master:
+            self.transport.write(encode(verb, value))
+
+    def request(self, verb: str, value: dict) -> defer.Deferred:
+        if not self.connected_to_master:
+            return defer.fail(TemporaryError(454, "4.7.0", "Authentication service unavailable, try again later"))
+        self._next_id += 1
+        d = self._waiting[self._next_id] = defer.Deferred()
+        self.send(verb, dict(value, id=self._next_id))
+        return d
+
+    def lineReceived(self, line):
+        try:
+            verb, answer = decode(line)
+            d = self._waiting.pop(answer["id"])
+        except (ValueError, KeyError, TypeError):
+            log.error("bad answer from the main process: {line!r}", line=line[:200])
+            return
+        d.callback(answer)
+
+    def lineLengthExceeded(self, line):
+        log.error("answer from the main process too long; dropped")
+
+
+@implementer(ICredentialsChecker)
+class RemoteChecker:
+    """The worker's password checker: asks the main process's checker, so
+    failure delays and lockouts count across every process and protocol."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, link: MasterLink):
+        self.link = link
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        request = {"username": _b64(credentials.username), "password": _b64(credentials.password),
+                   "client": str(getattr(credentials, "client_ip", "unknown"))}
+        return self.link.request("auth", request).addCallback(self._outcome)
+
+    @staticmethod
+    def _outcome(answer: dict) -> str:
+        result = answer.get("result")
+        if result == "ok":
+            return answer["address"]
+        if result == "fail":
+            raise UnauthorizedLogin("authentication failed")
+        if result == "refused":
+            raise LoginsRefused()
+        raise TemporaryError(454, "4.7.0", "Temporary authentication failure")
+
+
+class StderrLog:
+    """The worker's log observer: `LEVEL<TAB>text` lines on stderr (a pipe
+    the main process reads); newlines inside a message become spaces."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+
+    def __call__(self, event) -> None:
+        from twisted.logger import formatEventAsClassicLogText
+        text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
+        if text is None:
+            return
+        level = event.get("log_level", LogLevel.info)
+        text = text.strip().replace("\n", " | ")
+        try:
+            self.stream.write(f"{level.name}\t{text}\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass          # the main process is gone; the pipe's loss stops us
+
+
+def ignore_sigint() -> None:
+    """A worker stops when its pipe closes, not on the terminal's Ctrl-C (the
+    main process gets that and stops the workers in order)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
