@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 
 # Seconds a connection we close may take to go: its last reply to drain and, on
 # TLS, the client's answer to our close_notify. Twisted's TLS waits for that
@@ -25,6 +25,30 @@ def close_connection(transport, clock):
 def cancel_timer(timer) -> None:
     if timer is not None and timer.active():
         timer.cancel()
+
+
+def send_now(transport, data: bytes) -> None:
+    """transport.write(data), but on a plain TCP connection with nothing
+    queued the bytes go to the socket at once.
+
+    Twisted's write only queues: the send happens on the reactor's next turn,
+    after two epoll_ctl calls (start and stop watching for writability). For
+    a client that sends one command and waits for its reply (POP3 RETR one
+    by one), that turn is most of our share of the round trip. What the
+    kernel does not take now is queued as usual, behind nothing, so order is
+    kept; with TLS, or anything already queued, it is a plain write. Relies
+    on FileDescriptor's buffer attributes (Twisted is pinned in pyproject)."""
+    if (type(transport) is tcp.Server and not transport.TLS and transport.connected
+            and not transport.disconnecting and not transport._tempDataBuffer
+            and len(transport.dataBuffer) == transport.offset):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:     # EAGAIN, or an error the queued write will report
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 class SerialCommands:

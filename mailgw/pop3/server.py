@@ -48,7 +48,7 @@ from twisted.mail import pop3
 from zope.interface import implementer
 
 from mailgw.auth import sasl
-from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection
+from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection, send_now
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import LoginsRefused, log_failure
 from mailgw.interfaces import ISessionInfo
@@ -637,7 +637,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
 
     # -- replies --------------------------------------------------------------------
     def _send_line(self, text: str) -> None:
-        self.transport.write(text.encode("utf-8") + b"\r\n")
+        send_now(self.transport, text.encode("utf-8") + b"\r\n")
 
     def reply(self, reply: Reply, **fields) -> None:
         if fields:
@@ -651,7 +651,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
     def _reply_multiline(self, first: Reply, lines: list[str]) -> None:
         """RFC 1939 §3: a status line, lines (none starting with "." here), then "."."""
         text = "\r\n".join([first.line(), *lines, "."]) + "\r\n"
-        self.transport.write(text.encode("utf-8"))
+        send_now(self.transport, text.encode("utf-8"))
 
     def _reply_error(self, failure_or_error) -> None:
         """The one place where unexpected exceptions become replies."""
@@ -1011,10 +1011,10 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
     def _send_message(self, data: bytes):
         if self._state == CLOSING:
             return
-        # One call for status, whole stuffed message and terminator: the
-        # transport keeps the pieces as they are (no per-line Python work).
-        self.transport.writeSequence([
-            f"+OK {_count(len(data), 'octet')}\r\n".encode("ascii"), stuff(data), b".\r\n"])
+        # One send for status, whole stuffed message and terminator (no
+        # per-line Python work, one segment train for the client).
+        send_now(self.transport, b"".join([
+            f"+OK {_count(len(data), 'octet')}\r\n".encode("ascii"), stuff(data), b".\r\n"]))
 
     def _read_failed(self, failure, index: int):
         if self._state == CLOSING:
