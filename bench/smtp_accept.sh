@@ -1,12 +1,13 @@
 #!/bin/bash
 # SMTP benchmark: mailgw next to the reference peers, in the same run.
 #
-#   bench/smtp_accept.sh [--relay] [--reps N] [--out PREFIX] [--io-threads N] [--port P]
+#   bench/smtp_accept.sh [--relay] [--reps N] [--out PREFIX] [--io-threads N] [--workers N] [--port P]
 #                        [--peers "postfix aiosmtpd twistd"] [--no-peers] [--keep-data]
 #   bench/smtp_accept.sh [--relay] --serve SECONDS [--io-threads N] [--port P] [--config-append FILE]
 #       only steps 1-2: run mailgw alone for at most SECONDS (for bench/profile_smtp.py),
 #       print its pid file and Maildir, stop it on exit (or on Ctrl-C / SIGTERM to this script);
 #       with --relay also smtp-sink if it is not running yet (mailgw relays to it)
+#   --workers N: [server] smtp_workers = N (SMTP worker processes; default: the config's default, 0)
 #   --config-append FILE: TOML appended to the generated mailgw.toml (experiments, e.g. a
 #       [queue] table with max_per_domain; copied into PREFIX.env.txt). Not for published runs.
 #
@@ -49,6 +50,7 @@ TWISTD=${TWISTD:-twistd}
 REPS=3
 PORT=""
 IO_THREADS=""
+WORKERS=""
 PEERS=""
 PEERS_SET=0
 RELAY=0
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
     --reps) REPS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --io-threads) IO_THREADS=$2; shift 2 ;;
+    --workers) WORKERS=$2; shift 2 ;;
     --port) PORT=$2; shift 2 ;;
     --peers) PEERS=$2; PEERS_SET=1; shift 2 ;;
     --no-peers) PEERS=""; PEERS_SET=1; shift ;;
@@ -136,6 +139,7 @@ trap 'exit 130' INT TERM
   echo "trusted_networks = [\"127.0.0.0/8\"]"
   echo "data_dir = \"$D/data\""
   [ -n "$IO_THREADS" ] && echo "io_threads = $IO_THREADS"
+  [ -n "$WORKERS" ] && echo "smtp_workers = $WORKERS"
   if [ "$RELAY" = 1 ]; then
     echo
     echo "# everything non-local goes to Postfix smtp-sink (counts, stores nothing); the rest of"
@@ -233,6 +237,7 @@ fi
   echo "mailgw uncommitted in mailgw/: $(git -C "$REPO" status --porcelain -- mailgw twisted | tr '\n' ' ')"
   echo "uncommitted in the SMTP/queue/store path (smtp/ queue/ store/ durable.py tap.py): $(git -C "$REPO" status --porcelain -- mailgw/smtp mailgw/queue mailgw/store mailgw/durable.py mailgw/tap.py twisted | tr '\n' ' ')"
   echo "io_threads: ${IO_THREADS:-default}"
+  echo "smtp_workers: ${WORKERS:-default}"
   [ -n "$APPEND" ] && echo "config appended from $APPEND: $(tr '\n' ' ' < "$APPEND")"
   true
 } | tee "$OUT.env.txt"
