@@ -38,7 +38,6 @@ from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.logger import Logger, LogLevel
-from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 from twisted.cred.checkers import ICredentialsChecker
 
@@ -137,8 +136,14 @@ class WorkerProcess(protocol.ProcessProtocol):
 
     def _auth(self, request) -> None:
         number = request["id"]
-        creds = UsernamePassword(base64.b64decode(request["username"]), base64.b64decode(request["password"]))
-        creds.client_ip = request["client"]
+        try:
+            creds = UsernamePassword(base64.b64decode(request["username"], validate=True),
+                                     base64.b64decode(request["password"], validate=True))
+            creds.client_ip = str(request["client"])
+        except (KeyError, ValueError, TypeError):
+            log.error("{worker}: malformed auth request {id}", worker=self.name, id=number)
+            self._send("auth", {"id": number, "result": "error"})
+            return
         d = defer.maybeDeferred(self.pool.checker.requestAvatarId, creds)
 
         def answer(result):
@@ -227,9 +232,22 @@ class SMTPWorkers(service.Service):
         self._restart_timers.pop(number, None)
         argv, child_fds = self.command(number)
         worker = WorkerProcess(self, number)
+        try:
+            self.reactor.spawnProcess(worker, self.python, argv, env=dict(os.environ), childFDs=child_fds)
+        except Exception:       # fork or pipe failed (EMFILE, EAGAIN...): try again later
+            log.failure("cannot start {worker}", worker=worker.name)
+            self._restart_later(number)
+            return
         self.workers[number] = worker
-        self.reactor.spawnProcess(worker, self.python, argv, env=dict(os.environ), childFDs=child_fds)
         log.info("started {worker} (pid {pid})", worker=worker.name, pid=worker.transport.pid)
+
+    def _restart_later(self, number: int, ran: float = 0.0) -> float:
+        """Schedule worker `number` again; the delay doubles while it keeps failing."""
+        delay = RESTART_FIRST if ran >= RESTART_STABLE else self._restart_delay.get(number, RESTART_FIRST)
+        self._restart_delay[number] = min(delay * RESTART_FACTOR, RESTART_MAX)
+        if self.running:
+            self._restart_timers[number] = self.clock.callLater(delay, self._spawn, number)
+        return delay
 
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         if self.workers.get(worker.number) is worker:
@@ -238,12 +256,9 @@ class SMTPWorkers(service.Service):
         self._adopt_unknown_entries()
         if not self.running:
             return
-        ran = self.clock.seconds() - worker.started_at
-        delay = RESTART_FIRST if ran >= RESTART_STABLE else self._restart_delay.get(worker.number, RESTART_FIRST)
-        self._restart_delay[worker.number] = min(delay * RESTART_FACTOR, RESTART_MAX)
+        delay = self._restart_later(worker.number, ran=self.clock.seconds() - worker.started_at)
         log.error("{worker} exited ({reason}); starting it again in {delay:.1f} s", worker=worker.name,
                   reason=str(reason), delay=delay)
-        self._restart_timers[worker.number] = self.clock.callLater(delay, self._spawn, worker.number)
 
     def _adopt_unknown_entries(self) -> defer.Deferred:
         known = set(self.runner.envelopes)
@@ -289,15 +304,13 @@ class SMTPWorkers(service.Service):
 # -- the worker's side ---------------------------------------------------------------------------
 
 
-class MasterLink(LineOnlyReceiver):
+class MasterLink(protocol.Protocol):
     """The worker's end of the pipe (its stdin/stdout): requests out, answers in.
     When the pipe closes (the main process is gone or stops us), `on_lost` runs."""
 
-    delimiter = b"\n"
-    MAX_LENGTH = MAX_LINE
-
     def __init__(self, on_lost=None):
         self.on_lost = on_lost
+        self._lines = _Lines(self._answer, lambda: log.error("answer from the main process too long; dropped"))
         self._next_id = 0
         self._waiting: dict[int, defer.Deferred] = {}
         self.connected_to_master = False
@@ -325,7 +338,10 @@ class MasterLink(LineOnlyReceiver):
         self.send(verb, dict(value, id=self._next_id))
         return d
 
-    def lineReceived(self, line):
+    def dataReceived(self, data: bytes) -> None:
+        self._lines.dataReceived(data)
+
+    def _answer(self, line: bytes) -> None:
         try:
             verb, answer = decode(line)
             d = self._waiting.pop(answer["id"])
@@ -333,9 +349,6 @@ class MasterLink(LineOnlyReceiver):
             log.error("bad answer from the main process: {line!r}", line=line[:200])
             return
         d.callback(answer)
-
-    def lineLengthExceeded(self, line):
-        log.error("answer from the main process too long; dropped")
 
 
 @implementer(ICredentialsChecker)
@@ -367,7 +380,8 @@ class RemoteChecker:
 
 class StderrLog:
     """The worker's log observer: `LEVEL<TAB>text` lines on stderr (a pipe
-    the main process reads); newlines inside a message become spaces."""
+    the main process reads), LEVEL as LogLevel.name (`info`, `warn`...);
+    a message's newlines (tracebacks) become " | " to keep it one line."""
 
     def __init__(self, stream=None):
         self.stream = stream if stream is not None else sys.stderr
