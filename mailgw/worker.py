@@ -8,9 +8,8 @@ process.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
+import select
 import sys
 
 from twisted.application import service
@@ -35,14 +34,27 @@ from mailgw.workers import MasterLink, RemoteChecker, StderrLog, ignore_sigint
 log = Logger()
 
 
-def share_of_limits(config: Config, workers: int) -> Config:
-    """Each of `workers` processes admits its share of the SMTP connection
-    limits (rounded up), so the configured figures bound the whole server."""
-    smtp = config.smtp
-    return dataclasses.replace(config, smtp=dataclasses.replace(
-        smtp,
-        max_connections=math.ceil(smtp.max_connections / workers),
-        max_connections_per_ip=math.ceil(smtp.max_connections_per_ip / workers)))
+def accept_exclusively(reactor, port) -> bool:
+    """Let epoll wake only one of the processes waiting on a shared listening
+    socket (EPOLLEXCLUSIVE, Linux 4.5) instead of every worker for every new
+    connection, of which all but one find nothing to accept.
+
+    Twisted registers a reader with plain EPOLLIN; a listening port is only
+    ever a reader, so it is registered again here with the flag, and
+    Twisted's own unregister on stopReading still applies. Returns False
+    (and changes nothing) on other reactors or kernels."""
+    poller = getattr(reactor, "_poller", None)
+    flag = getattr(select, "EPOLLEXCLUSIVE", None)
+    fd = port.fileno()
+    if not isinstance(poller, select.epoll) or flag is None or fd not in getattr(reactor, "_reads", ()):
+        return False
+    poller.unregister(fd)
+    try:
+        poller.register(fd, select.EPOLLIN | flag)
+    except OSError:
+        poller.register(fd, select.EPOLLIN)
+        return False
+    return True
 
 
 class AdoptedPorts(service.Service):
@@ -56,8 +68,10 @@ class AdoptedPorts(service.Service):
     def startService(self):
         super().startService()
         for fd, family, factory in self.sockets:
-            self.ports.append(self.reactor.adoptStreamPort(fd, family, factory))
+            port = self.reactor.adoptStreamPort(fd, family, factory)
             os.close(fd)      # adoptStreamPort made its own copy
+            accept_exclusively(self.reactor, port)
+            self.ports.append(port)
 
     def stopService(self):
         super().stopService()
@@ -68,8 +82,10 @@ class AdoptedPorts(service.Service):
 
 def build(config: Config, reactor, *, sockets, workers: int, link: MasterLink) -> service.MultiService:
     """Everything one worker runs. `sockets`: [(listener name, fd, family)]."""
+    # Connection limits count per worker: dividing them would refuse a client
+    # below the configured figure whenever the kernel hands one worker most
+    # connections (EPOLLEXCLUSIVE wakes the same idle worker first).
     top = service.MultiService()
-    config = share_of_limits(config, workers)
     io_pool = ThreadPool(minthreads=0, maxthreads=config.io_threads, name="mailgw-io")
     ThreadPoolService(io_pool).setServiceParent(top)
 

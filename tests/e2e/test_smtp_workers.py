@@ -299,21 +299,26 @@ def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_im
     locked, elsewhere = "127.0.0.8", "127.0.0.9"
     port = server.ports["submission"]
 
-    # Connections from the guessing address, held open until both workers serve one.
+    # Connections from the guessing address, two on each worker. An idle
+    # worker takes every new connection (EPOLLEXCLUSIVE wakes one, the same
+    # one while it is idle), so the others are stopped (SIGSTOP: not waiting
+    # in epoll) while a connection for the remaining one is opened.
     by_worker: dict[int, list[smtplib.SMTP]] = {}
     opened = []
     try:
-        for _ in range(40):
-            client = submission_client(server, locked)
-            opened.append(client)
-            held = by_worker.setdefault(serving_worker(server, client.sock, port, workers), [])
-            if len(held) == 2:      # enough on that one (and far from its share of max_connections_per_ip)
-                client.quit()
-                continue
-            held.append(client)
-            if len(by_worker) == 2 and sum(map(len, by_worker.values())) >= 3:
-                break
-        assert len(by_worker) == 2, f"40 connections, all on one worker: {by_worker}"
+        for target in sorted(workers):
+            others = workers - {target}
+            for pid in others:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                for _ in range(2):
+                    client = submission_client(server, locked)
+                    opened.append(client)
+                    by_worker.setdefault(serving_worker(server, client.sock, port, workers), []).append(client)
+            finally:
+                for pid in others:
+                    os.kill(pid, signal.SIGCONT)
+        assert sorted(by_worker) == sorted(workers) and all(len(c) == 2 for c in by_worker.values()), by_worker
         first, second = by_worker.values()
         guessers = [first[0], second[0], (first[1:] + second[1:])[0]]     # both workers guess
         for n, client in enumerate(guessers):
@@ -480,9 +485,10 @@ def test_a_delivery_through_a_worker_wakes_imap_idle_in_the_main_process_at_once
         server.find(ALICE, f"idle-{n}")
 
 
-def test_each_worker_admits_its_share_of_the_connection_limit(make_server):
-    """max_connections_per_ip = 2 with two workers: one each, so never more
-    than 2 sessions from one address, however the kernel spreads them."""
+def test_each_worker_admits_up_to_the_connection_limit(make_server):
+    """max_connections_per_ip = 2 with two workers: each worker admits 2 from
+    one address (a client is never refused below the configured figure), so
+    the server as a whole admits at most 2 x 2."""
     server = start_with_smtp(make_server(extra_server=WORKERS), {"max_connections_per_ip": 2})
     workers = wait_for_workers(server)
     port = server.ports["relay"]
@@ -490,7 +496,7 @@ def test_each_worker_admits_its_share_of_the_connection_limit(make_server):
     refused = 0
     opened = []
     try:
-        for _ in range(4):
+        for _ in range(6):
             conn = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=("127.0.0.6", 0))
             opened.append(conn)
             reply = conn.recv(4096)
@@ -499,9 +505,9 @@ def test_each_worker_admits_its_share_of_the_connection_limit(make_server):
             else:
                 assert reply.startswith(b"421 4.7.0 Too many connections"), reply
                 refused += 1
-        assert 1 <= len(admitted) <= 2 and refused == 4 - len(admitted), (admitted, refused)
+        assert 2 <= len(admitted) <= 4 and refused == 6 - len(admitted), (admitted, refused)
         on = [pid for _, pid in admitted]
-        assert len(set(on)) == len(on), f"two sessions on one worker: {on}"
+        assert all(on.count(pid) <= 2 for pid in on), f"more than 2 sessions on one worker: {on}"
         # Another address is not affected.
         client = server.smtp("relay")
         assert client.noop()[0] == 250

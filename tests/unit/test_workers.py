@@ -31,7 +31,7 @@ from zope.interface.verify import verifyObject
 from mailgw import workers
 from mailgw.config import load as load_config
 from mailgw.errors import LoginsRefused, TemporaryError
-from mailgw.worker import parse_socket, share_of_limits
+from mailgw.worker import parse_socket
 from mailgw.workers import (MAX_LINE, RESTART_FACTOR, RESTART_FIRST, RESTART_MAX, RESTART_STABLE, STOP_GRACE,
                             MasterLink, RemoteChecker, SMTPWorkers, StderrLog, WorkerProcess, decode, encode)
 from threadless import ImmediatePool, ThreadlessClock
@@ -1034,41 +1034,6 @@ def test_stderr_log_lines_are_relogged_by_the_main_process_at_the_same_level(wor
 # -- mailgw.worker helpers -----------------------------------------------------------------------
 
 
-def with_limits(config, max_connections, per_ip):
-    return dataclasses.replace(config, smtp=dataclasses.replace(
-        config.smtp, max_connections=max_connections, max_connections_per_ip=per_ip))
-
-
-def test_share_of_limits_divides_the_connection_limits_rounding_up():
-    config = with_limits(load_config(None), 10, 4)
-    shared = share_of_limits(config, 3)
-    assert (shared.smtp.max_connections, shared.smtp.max_connections_per_ip) == (4, 2)
-
-
-def test_share_of_limits_of_the_default_config():
-    config = load_config(None)
-    shared = share_of_limits(config, 3)
-    assert shared.smtp.max_connections == math.ceil(config.smtp.max_connections / 3)
-    assert shared.smtp.max_connections_per_ip == math.ceil(config.smtp.max_connections_per_ip / 3)
-    assert shared.smtp.max_connections < config.smtp.max_connections
-
-
-def test_share_of_limits_leaves_everything_else_alone():
-    config = load_config(None)
-    shared = share_of_limits(config, 4)
-    assert with_limits(shared, config.smtp.max_connections, config.smtp.max_connections_per_ip) == config
-
-
-def test_share_of_limits_with_one_worker_changes_nothing():
-    config = load_config(None)
-    assert share_of_limits(config, 1) == config
-
-
-def test_share_of_limits_never_rounds_a_limit_down_to_zero():
-    shared = share_of_limits(with_limits(load_config(None), 3, 1), 8)
-    assert (shared.smtp.max_connections, shared.smtp.max_connections_per_ip) == (1, 1)
-
-
 @pytest.mark.parametrize("text, parsed", [("relay=3:2", ("relay", 3, 2)), ("smtp-in=12:10", ("smtp-in", 12, 10))])
 def test_parse_socket(text, parsed):
     assert parse_socket(text) == parsed
@@ -1078,3 +1043,50 @@ def test_parse_socket(text, parsed):
 def test_parse_socket_rejects_malformed_text_with_value_error(text):
     with pytest.raises(ValueError):        # what argparse turns into a usage error
         parse_socket(text)
+
+
+# -- worker.py: one worker woken per new connection ------------------------------------------------
+
+
+def test_shared_listening_socket_is_registered_with_epollexclusive():
+    """EPOLLEXCLUSIVE cannot be modified later (EINVAL): that is how the test
+    sees the flag. Without it every worker wakes for every connection."""
+    import errno
+    import select
+    import socket as socket_module
+
+    from twisted.internet import epollreactor
+    from twisted.internet.protocol import ServerFactory
+
+    from mailgw.worker import accept_exclusively
+
+    reactor = epollreactor.EPollReactor()
+    listening = socket_module.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(5)
+    listening.setblocking(False)
+    try:
+        port = reactor.adoptStreamPort(listening.fileno(), socket_module.AF_INET, ServerFactory())
+        fd = port.fileno()
+        reactor._poller.modify(fd, select.EPOLLIN)          # plain registration: modifiable
+        assert accept_exclusively(reactor, port) is True
+        with pytest.raises(OSError) as refused:
+            reactor._poller.modify(fd, select.EPOLLIN)
+        assert refused.value.errno == errno.EINVAL
+        assert fd in reactor._reads
+        port.stopListening()                                 # Twisted's unregister still works
+        assert fd not in reactor._reads
+    finally:
+        listening.close()
+        reactor._poller.close()
+
+
+def test_accept_exclusively_leaves_other_reactors_alone():
+    from twisted.internet.testing import MemoryReactor
+
+    from mailgw.worker import accept_exclusively
+
+    class Port:
+        def fileno(self):
+            return 7
+    assert accept_exclusively(MemoryReactor(), Port()) is False
