@@ -1,12 +1,12 @@
 """`twistd mailgw`: options and the composition root.
 
-This is the one place that wires concrete parts together (and the one place
-that touches the global reactor): config -> thread pools, store, spool,
-users, portal -> one listener per configured endpoint.
+This is the main process's composition root (worker.py is an SMTP
+worker's): it wires concrete parts together and touches the global reactor:
+config -> thread pools, store, spool, users, portal -> one listener per
+configured endpoint, and the SMTP workers when configured.
 """
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import re
@@ -14,10 +14,9 @@ import re
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints, threads
+from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.names import client as dns_client
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -25,21 +24,18 @@ from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
 from mailgw.realm import MailRealm
 from mailgw.auth.userdb import UserFile
-from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES,
-                                 Config)
+from mailgw.config_types import SMTP_ROLES, Config
 from mailgw.imap.message import MessageCache
-from mailgw.imap.server import IMAPFactory
-from mailgw.pop3.server import POP3Factory
 from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
 from mailgw.queue import control
 from mailgw.queue.delivery import RelayTransport
 from mailgw.queue.runner import QueueRunner
-from mailgw.queue.spool import Spool, new_queue_id
+from mailgw.queue.spool import Spool
 from mailgw.smtp.delivery import Router
-from mailgw.smtp.server import SMTPFactory
 from mailgw.store.maildir import MaildirStore
 from mailgw import tls
+from mailgw.services import ListenerService, ThreadPoolService, listener_factory, socket_family
 from mailgw.workers import SMTPWorkers
 
 log = Logger()
@@ -79,63 +75,6 @@ class Options(usage.Options):
             raise usage.UsageError("invalid configuration:\n  " + "\n  ".join(error.errors))
         except OSError as error:
             raise usage.UsageError(f"cannot read configuration {path}: {error.strerror}")
-
-
-class ThreadPoolService(service.Service):
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self):
-        super().startService()
-        self.pool.start()
-
-    def stopService(self):
-        super().stopService()
-        self.pool.stop()
-
-
-def _cannot_listen(description: str, role: str, error: BaseException) -> str:
-    lines = [f"mailgw: cannot listen on {description} ({role}): {error}"]
-    os_error = getattr(error, "socketError", None) or error
-    if getattr(os_error, "errno", None) == errno.EACCES:
-        lines.append("mailgw: ports below 1024 need root (twistd --uid/--gid drops privileges after "
-                     "binding); or start with --port-offset 10000, or change [[listeners]] in the config.")
-    elif getattr(os_error, "errno", None) == errno.EADDRINUSE:
-        lines.append("mailgw: another program already listens there (a system Postfix?); stop it, "
-                     "or start with --port-offset 10000, or change [[listeners]] in the config.")
-    else:
-        lines.append("mailgw: check the endpoint in [[listeners]], or start with --port-offset 10000.")
-    return "\n".join(lines)
-
-
-class ListenerService(service.Service):
-    """One listening port. It binds while the service is being built, i.e.
-    as the user twistd starts as and before twistd writes its pidfile, so a
-    port that cannot be bound ends the start with one clear message, no
-    traceback and no stale pidfile."""
-
-    def __init__(self, reactor, description: str, factory, role: str):
-        self.reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.role = role
-        self.port = None
-        failure = []
-        endpoint = endpoints.serverFromString(reactor, description)
-        endpoint.listen(factory).addCallbacks(self._listening, failure.append)
-        if failure:
-            raise SystemExit(_cannot_listen(description, role, failure[0].value))
-
-    def _listening(self, port):
-        self.port = port
-        address = port.getHost()
-        log.info("listening for {role} on {host}:{port}", role=self.role, host=address.host, port=address.port)
-
-    def stopService(self):
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
 
 
 def drop_privileges(config: Config) -> None:
@@ -234,39 +173,13 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
         if config.smtp_workers and listener.role in SMTP_ROLES:
             # Bound here (as root if need be), accepted on only by the workers.
             listening.port.stopReading()
-            worker_sockets.append((listener.name, listening.port.fileno(), _family(listening.port)))
+            worker_sockets.append((listener.name, listening.port.fileno(), socket_family(listening.port)))
     if worker_sockets:
         SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
                     sockets=worker_sockets, checker=checker, runner=runner, spool=spool,
                     mail_store=mail_store, threadpool=io_pool).setServiceParent(top)
     PrivilegeDrop(config).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
-
-
-def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None):
-    """The protocol factory for one configured listener (wrapped in TLS for
-    the implicit-TLS roles). Shared by the main process and the SMTP workers."""
-    implicit = listener.role in IMPLICIT_TLS_ROLES
-    common = dict(config=config, listener=listener, portal=portal, clock=clock,
-                  tls_context=None if implicit else tls_options, implicit_tls=implicit)
-    if listener.role in SMTP_ROLES:
-        factory = SMTPFactory(new_queue_id=new_queue_id, **common)
-    elif listener.role in (ROLE_POP3, ROLE_POP3S):
-        factory = POP3Factory(**common)
-    elif listener.role in (ROLE_IMAP, ROLE_IMAPS):
-        factory = IMAPFactory(message_cache=imap_cache, **common)
-    else:   # config validation admits no other role
-        raise AssertionError(listener.role)
-    if implicit:
-        # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
-        factory = TLSMemoryBIOFactory(tls_options, False, factory)
-        factory.noisy = False
-    return factory
-
-
-def _family(port) -> int:
-    """The address family of a listening port, for adoptStreamPort in a worker."""
-    return port.socket.family
 
 
 def makeService(options: Options) -> service.MultiService:

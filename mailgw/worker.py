@@ -28,7 +28,7 @@ from mailgw.queue.spool import Spool
 from mailgw.realm import MailRealm
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
-from mailgw.tap import ThreadPoolService, listener_factory
+from mailgw.services import ThreadPoolService, listener_factory
 from mailgw.workers import MasterLink, RemoteChecker, StderrLog, ignore_sigint
 
 log = Logger()

@@ -1,0 +1,102 @@
+"""The services and factories both composition roots build from: the main
+process's (tap.py) and an SMTP worker's (worker.py)."""
+from __future__ import annotations
+
+import errno
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from mailgw.config_types import IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES, Config
+from mailgw.imap.server import IMAPFactory
+from mailgw.pop3.server import POP3Factory
+from mailgw.queue.spool import new_queue_id
+from mailgw.smtp.server import SMTPFactory
+
+log = Logger()
+
+
+class ThreadPoolService(service.Service):
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+def _cannot_listen(description: str, role: str, error: BaseException) -> str:
+    lines = [f"mailgw: cannot listen on {description} ({role}): {error}"]
+    os_error = getattr(error, "socketError", None) or error
+    if getattr(os_error, "errno", None) == errno.EACCES:
+        lines.append("mailgw: ports below 1024 need root (twistd --uid/--gid drops privileges after "
+                     "binding); or start with --port-offset 10000, or change [[listeners]] in the config.")
+    elif getattr(os_error, "errno", None) == errno.EADDRINUSE:
+        lines.append("mailgw: another program already listens there (a system Postfix?); stop it, "
+                     "or start with --port-offset 10000, or change [[listeners]] in the config.")
+    else:
+        lines.append("mailgw: check the endpoint in [[listeners]], or start with --port-offset 10000.")
+    return "\n".join(lines)
+
+
+class ListenerService(service.Service):
+    """One listening port. It binds while the service is being built, i.e.
+    as the user twistd starts as and before twistd writes its pidfile, so a
+    port that cannot be bound ends the start with one clear message, no
+    traceback and no stale pidfile."""
+
+    def __init__(self, reactor, description: str, factory, role: str):
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.role = role
+        self.port = None
+        failure = []
+        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint.listen(factory).addCallbacks(self._listening, failure.append)
+        if failure:
+            raise SystemExit(_cannot_listen(description, role, failure[0].value))
+
+    def _listening(self, port):
+        self.port = port
+        address = port.getHost()
+        log.info("listening for {role} on {host}:{port}", role=self.role, host=address.host, port=address.port)
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None):
+    """The protocol factory for one configured listener (wrapped in TLS for
+    the implicit-TLS roles). Shared by the main process and the SMTP workers."""
+    implicit = listener.role in IMPLICIT_TLS_ROLES
+    common = dict(config=config, listener=listener, portal=portal, clock=clock,
+                  tls_context=None if implicit else tls_options, implicit_tls=implicit)
+    if listener.role in SMTP_ROLES:
+        factory = SMTPFactory(new_queue_id=new_queue_id, **common)
+    elif listener.role in (ROLE_POP3, ROLE_POP3S):
+        factory = POP3Factory(**common)
+    elif listener.role in (ROLE_IMAP, ROLE_IMAPS):
+        factory = IMAPFactory(message_cache=imap_cache, **common)
+    else:   # config validation admits no other role
+        raise AssertionError(listener.role)
+    if implicit:
+        # RFC 8314 §3.3: TLS from the first byte; no STARTTLS/STLS is offered inside.
+        factory = TLSMemoryBIOFactory(tls_options, False, factory)
+        factory.noisy = False
+    return factory
+
+
+def socket_family(port) -> int:
+    """The address family of a listening port, for adoptStreamPort in a worker."""
+    return port.socket.family
