@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet import stdio
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 from twisted.python.threadpool import ThreadPool
 
@@ -29,7 +30,7 @@ from mailgw.realm import MailRealm
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw.services import ThreadPoolService, listener_factory
-from mailgw.workers import MasterLink, RemoteChecker, StderrLog, ignore_sigint
+from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_sigint
 
 log = Logger()
 
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     ignore_sigint()
-    globalLogBeginner.beginLoggingTo([StderrLog()], redirectStandardIO=False)
+    log_lines = StderrLog(hold=True)
+    globalLogBeginner.beginLoggingTo([log_lines], redirectStandardIO=False)
     try:
         config = config_module.load(args.config)
     except (config_module.ConfigError, OSError) as error:
@@ -148,8 +150,12 @@ def main(argv=None) -> int:
         if reactor.running:
             reactor.stop()
 
-    link = MasterLink(on_lost=master_gone)
+    link = MasterLink(on_lost=master_gone, clock=reactor)
     stdio.StandardIO(link, reactor=reactor)
+    flushing = LoopingCall(log_lines.flush)
+    flushing.clock = reactor
+    flushing.start(FLUSH_DELAY, now=False)
+    reactor.addSystemEventTrigger("after", "shutdown", log_lines.flush)
     top = build(config, reactor, sockets=args.socket, workers=args.workers, link=link)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

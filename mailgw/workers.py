@@ -37,6 +37,7 @@ from twisted.application import service
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 from twisted.cred.checkers import ICredentialsChecker
@@ -53,6 +54,13 @@ STOP_GRACE = 10.0
 RESTART_FIRST, RESTART_FACTOR, RESTART_MAX = 0.5, 2.0, 30.0
 # A worker that ran this long before exiting restarts after RESTART_FIRST again.
 RESTART_STABLE = 60.0
+# A worker's notices (queued, delivered) and log lines wait this long (seconds)
+# to go out together: at a few hundred messages a second the main process then
+# wakes a few dozen times a second, not twice per message. Password checks
+# are never held back. So the runner learns of a new entry, and IDLE of a new
+# message, up to this much later.
+FLUSH_DELAY = 0.05
+FLUSH_BYTES = 64 * 1024
 
 LEVELS = {level.name: level for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
                                           LogLevel.critical)}
@@ -304,22 +312,42 @@ class SMTPWorkers(service.Service):
 # -- the worker's side ---------------------------------------------------------------------------
 
 
+@implementer(IHalfCloseableProtocol)
 class MasterLink(protocol.Protocol):
     """The worker's end of the pipe (its stdin/stdout): requests out, answers in.
-    When the pipe closes (the main process is gone or stops us), `on_lost` runs."""
+    When the pipe closes (the main process is gone or stops us), `on_lost` runs.
 
-    def __init__(self, on_lost=None):
+    With a `clock`, notices (`send`) are held up to FLUSH_DELAY and written
+    together; requests (`request`) go at once, with whatever is held."""
+
+    def __init__(self, on_lost=None, clock=None):
         self.on_lost = on_lost
+        self.clock = clock
         self._lines = _Lines(self._answer, lambda: log.error("answer from the main process too long; dropped"))
         self._next_id = 0
         self._waiting: dict[int, defer.Deferred] = {}
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._flush_timer = None
         self.connected_to_master = False
 
     def connectionMade(self):
         self.connected_to_master = True
 
+    def readConnectionLost(self):
+        # The main process closed our stdin (stop, or it died): what is held goes out first.
+        self.flush()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
     def connectionLost(self, reason=None):
         self.connected_to_master = False
+        if self._flush_timer is not None and self._flush_timer.active():
+            self._flush_timer.cancel()
+        self._flush_timer = None
+        self._held, self._held_bytes = [], 0
         waiting, self._waiting = self._waiting, {}
         for d in waiting.values():
             d.errback(TemporaryError(454, "4.7.0", "Authentication service restarting, try again later"))
@@ -327,15 +355,35 @@ class MasterLink(protocol.Protocol):
             self.on_lost()
 
     def send(self, verb: str, value) -> None:
-        if self.connected_to_master:
-            self.transport.write(encode(verb, value))
+        if not self.connected_to_master:
+            return
+        line = encode(verb, value)
+        if self.clock is None:
+            self.transport.write(line)
+            return
+        self._held.append(line)
+        self._held_bytes += len(line)
+        if self._held_bytes >= FLUSH_BYTES:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = self.clock.callLater(FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Write what `send` holds back, now."""
+        if self._flush_timer is not None and self._flush_timer.active():
+            self._flush_timer.cancel()
+        self._flush_timer = None
+        if self._held and self.connected_to_master:
+            self.transport.writeSequence(self._held)
+        self._held, self._held_bytes = [], 0
 
     def request(self, verb: str, value: dict) -> defer.Deferred:
         if not self.connected_to_master:
             return defer.fail(TemporaryError(454, "4.7.0", "Authentication service unavailable, try again later"))
         self._next_id += 1
         d = self._waiting[self._next_id] = defer.Deferred()
-        self.send(verb, dict(value, id=self._next_id))
+        self.flush()
+        self.transport.write(encode(verb, dict(value, id=self._next_id)))
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -381,10 +429,16 @@ class RemoteChecker:
 class StderrLog:
     """The worker's log observer: `LEVEL<TAB>text` lines on stderr (a pipe
     the main process reads), LEVEL as LogLevel.name (`info`, `warn`...);
-    a message's newlines (tracebacks) become " | " to keep it one line."""
+    a message's newlines (tracebacks) become " | " to keep it one line.
 
-    def __init__(self, stream=None):
+    With `hold=True` info and debug lines wait for `flush()` (the worker
+    calls it every FLUSH_DELAY and at exit); warnings and errors, and
+    everything held before them, go out at once."""
+
+    def __init__(self, stream=None, *, hold: bool = False):
         self.stream = stream if stream is not None else sys.stderr
+        self.hold = hold
+        self._held: list[str] = []
 
     def __call__(self, event) -> None:
         from twisted.logger import formatEventAsClassicLogText
@@ -392,9 +446,16 @@ class StderrLog:
         if text is None:
             return
         level = event.get("log_level", LogLevel.info)
-        text = text.strip().replace("\n", " | ")
+        self._held.append(f"{level.name}\t{text.strip().replace(chr(10), ' | ')}\n")
+        if not self.hold or level >= LogLevel.warn or len(self._held) >= 1000:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        lines, self._held = self._held, []
         try:
-            self.stream.write(f"{level.name}\t{text}\n")
+            self.stream.write("".join(lines))
             self.stream.flush()
         except (OSError, ValueError):
             pass          # the main process is gone; the pipe's loss stops us

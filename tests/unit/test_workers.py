@@ -9,10 +9,8 @@ fakes, time is a task.Clock, logs go to a Logger with a list as observer.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import ipaddress
-import math
 import os
 import socket
 from pathlib import Path
@@ -29,7 +27,6 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from mailgw import workers
-from mailgw.config import load as load_config
 from mailgw.errors import LoginsRefused, TemporaryError
 from mailgw.worker import parse_socket
 from mailgw.workers import (MAX_LINE, RESTART_FACTOR, RESTART_FIRST, RESTART_MAX, RESTART_STABLE, STOP_GRACE,
@@ -1090,3 +1087,64 @@ def test_accept_exclusively_leaves_other_reactors_alone():
         def fileno(self):
             return 7
     assert accept_exclusively(MemoryReactor(), Port()) is False
+
+
+# -- held notices and log lines (one wake of the main process per FLUSH_DELAY, not per message) ----
+
+
+def held_link():
+    clock = task.Clock()
+    link = MasterLink(clock=clock)
+    transport = StringTransport()
+    link.makeConnection(transport)
+    return link, transport, clock
+
+
+def test_notices_are_held_until_flush_delay_then_written_together():
+    link, transport, clock = held_link()
+    link.send("queued", ENVELOPE)
+    link.send("delivered", ["alice@example.test"])
+    assert transport.value() == b""
+    clock.advance(workers.FLUSH_DELAY - 0.001)
+    assert transport.value() == b""
+    clock.advance(0.001)
+    assert transport.value() == encode("queued", ENVELOPE) + encode("delivered", ["alice@example.test"])
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_password_check_is_sent_at_once_with_the_held_notices_before_it():
+    link, transport, clock = held_link()
+    link.send("delivered", ["bob@example.test"])
+    RemoteChecker(link).requestAvatarId(credentials())
+    lines = transport.value().split(b"\n")[:-1]
+    assert [decode(line)[0] for line in lines] == ["delivered", "auth"]
+    assert clock.getDelayedCalls() == []          # nothing left to flush
+
+
+def test_many_held_bytes_are_written_without_waiting():
+    link, transport, clock = held_link()
+    big = {"id": "X", "padding": "p" * workers.FLUSH_BYTES}
+    link.send("queued", big)
+    assert transport.value() == encode("queued", big)
+
+
+def test_stdin_closing_writes_the_held_notices_before_the_pipe_closes():
+    link, transport, clock = held_link()
+    link.send("queued", ENVELOPE)
+    link.readConnectionLost()
+    assert transport.value() == encode("queued", ENVELOPE)
+    assert transport.disconnecting
+
+
+def test_held_log_lines_wait_for_flush_but_warnings_take_them_out_at_once():
+    stream = io.StringIO()
+    observer = StderrLog(stream, hold=True)
+    logger = Logger(namespace="mailgw.test", observer=observer)
+    logger.info("first")
+    logger.info("second")
+    assert stream.getvalue() == ""
+    logger.warn("trouble")
+    assert [line.split("\t")[0] for line in stream.getvalue().splitlines()] == ["info", "info", "warn"]
+    logger.info("third")
+    observer.flush()
+    assert stream.getvalue().splitlines()[-1].endswith("third")
