@@ -330,19 +330,30 @@ class MasterLink(protocol.Protocol):
         self._held_bytes = 0
         self._flush_timer = None
         self.connected_to_master = False
+        self._write_closed = False
+        self._lost = False
 
     def connectionMade(self):
         self.connected_to_master = True
 
     def readConnectionLost(self):
-        # The main process closed our stdin (stop, or it died): what is held goes out first.
+        # The main process closed our stdin (stop, or it died): what is held
+        # goes out first, then the pipe closes (connectionLost follows).
         self.flush()
-        self.transport.loseConnection()
+        if self._write_closed:
+            self.connectionLost()
+        else:
+            self.transport.loseConnection()
 
     def writeConnectionLost(self):
-        pass
+        # Nobody reads our stdout any more: the main process is gone.
+        self._write_closed = True
+        self.connectionLost()
 
     def connectionLost(self, reason=None):
+        if self._lost:
+            return
+        self._lost = True
         self.connected_to_master = False
         if self._flush_timer is not None and self._flush_timer.active():
             self._flush_timer.cancel()

@@ -216,6 +216,13 @@ def accepted_by(server) -> dict[str, str]:
     return {queue_id: system for system, queue_id in ACCEPTED.findall(server.log_text())}
 
 
+def wait_for_accepted(server, count: int) -> dict[str, str]:
+    """accepted_by once it has `count` lines: workers send info lines in
+    batches, up to workers.FLUSH_DELAY after the 250."""
+    return wait_until(lambda: (lambda found: found if len(found) >= count else None)(accepted_by(server)),
+                      f"{count} accepted lines in the log", within=5.0)
+
+
 # -- tests ------------------------------------------------------------------------------------------
 
 def test_local_delivery_is_accepted_by_two_worker_processes_and_stored_once(make_server):
@@ -248,7 +255,7 @@ def test_local_delivery_is_accepted_by_two_worker_processes_and_stored_once(make
         server.find(ALICE, mark)            # exactly one copy each
     assert len(server.messages(ALICE)) == 20
 
-    systems = accepted_by(server)
+    systems = wait_for_accepted(server, 20)
     assert set(server.queue_ids) <= set(systems), "an accepted message without its log line"
     assert {systems[q] for q in server.queue_ids} <= {"smtp-worker-1", "smtp-worker-2"}, systems
     assert worker_pids(server) == workers, "no worker restarted meanwhile"
@@ -286,7 +293,7 @@ def test_submission_and_implicit_tls_are_relayed_by_the_main_runner(make_server,
     assert log.count("status=sent") == 2
     assert "found in the spool after a worker exited" not in log and "starting it again" not in log
     assert worker_pids(server) == workers
-    systems = accepted_by(server)
+    systems = wait_for_accepted(server, 2)
     accepted = list(systems.values())
     assert len(accepted) == 2 and all(s.startswith("smtp-worker-") for s in accepted), systems
     assert_no_traceback(server)
