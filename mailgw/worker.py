@@ -81,7 +81,7 @@ class AdoptedPorts(service.Service):
             port.stopListening()
 
 
-def build(config: Config, reactor, *, sockets, workers: int, link: MasterLink) -> service.MultiService:
+def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.MultiService:
     """Everything one worker runs. `sockets`: [(listener name, fd, family)]."""
     # Connection limits count per worker: dividing them would refuse a client
     # below the configured figure whenever the kernel hands one worker most
@@ -138,12 +138,14 @@ def main(argv=None) -> int:
     globalLogBeginner.beginLoggingTo([log_lines], redirectStandardIO=False)
     try:
         config = config_module.load(args.config)
-    except (config_module.ConfigError, OSError) as error:
-        log.critical("cannot load the configuration: {error}", error=error)
+    except config_module.ConfigError as error:
+        log.critical("invalid configuration: {errors}", errors="; ".join(error.errors))
+        return 1
+    except OSError as error:
+        log.critical("cannot read the configuration: {error}", error=error)
         return 1
 
     from twisted.internet import reactor
-    top = None
 
     def master_gone():
         # The main process stopped us or died: finish what runs and exit.
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     flushing.clock = reactor
     flushing.start(FLUSH_DELAY, now=False)
     reactor.addSystemEventTrigger("after", "shutdown", log_lines.flush)
-    top = build(config, reactor, sockets=args.socket, workers=args.workers, link=link)
+    top = build(config, reactor, sockets=args.socket, link=link)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     log.info("worker {number} of {workers} accepting SMTP (pid {pid})", number=args.number,

@@ -16,7 +16,8 @@ worker's stdin/stdout (a private pipe, so passwords may cross it):
 - IMAP IDLE wake-ups (`delivered`).
 
 Workers log to stderr, one `LEVEL<TAB>text` line per event; the main
-process re-logs each line under the worker's name. A worker that exits is
+process re-logs each line under the worker's name. Notices and info lines
+are held up to FLUSH_DELAY and sent together. A worker that exits is
 started again (after a back-off if it keeps dying); a worker whose pipe
 closes (the main process died) stops. Messages are committed before their
 250 whatever happens to the pipe: an entry whose `queued` line was lost is
@@ -34,13 +35,14 @@ import signal
 import sys
 
 from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
-from twisted.cred.checkers import ICredentialsChecker
 
 from mailgw.errors import LoginsRefused, TemporaryError, log_failure
 
@@ -290,7 +292,6 @@ class SMTPWorkers(service.Service):
         if self.threadpool is None:
             d = defer.maybeDeferred(scan)
         else:
-            from twisted.internet.threads import deferToThreadPool
             d = deferToThreadPool(self.reactor, self.threadpool, scan)
         d.addCallback(adopt)
         d.addErrback(lambda failure: log_failure(log, failure, "spool scan after a worker exited failed"))

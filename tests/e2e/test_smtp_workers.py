@@ -71,6 +71,17 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` is in the stopped state (SIGSTOP has taken effect)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except (OSError, IndexError):
+            pass
+    return bool(states) and all(state == "T" for state in states)
+
+
 def worker_pids(server) -> set[int]:
     """The live worker processes of `server` (zombies have an empty cmdline)."""
     return {child for child in children(server.pid) if b"mailgw.worker" in _cmdline(child)}
@@ -317,6 +328,8 @@ def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_im
             others = workers - {target}
             for pid in others:
                 os.kill(pid, signal.SIGSTOP)
+                # Only once every thread is stopped is none left waiting in epoll to be woken.
+                wait_until(lambda: stopped(pid), f"worker {pid} stopped")
             try:
                 for _ in range(2):
                     client = submission_client(server, locked)
