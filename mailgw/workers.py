@@ -271,7 +271,8 @@ class SMTPWorkers(service.Service):
                   reason=str(reason), delay=delay)
 
     def _adopt_unknown_entries(self) -> defer.Deferred:
-        known = set(self.runner.envelopes)
+        # Finished entries too: their files may not be unlinked yet.
+        known = set(self.runner.envelopes) | set(getattr(self.runner, "finished", ()))
 
         def scan():
             found = []
@@ -284,8 +285,9 @@ class SMTPWorkers(service.Service):
             return found
 
         def adopt(envelopes):
+            finished = getattr(self.runner, "finished", ())
             for envelope in envelopes:
-                if envelope["id"] not in self.runner.envelopes:
+                if envelope["id"] not in self.runner.envelopes and envelope["id"] not in finished:
                     log.info("{queue_id}: found in the spool after a worker exited", queue_id=envelope["id"])
                     self.runner.add(envelope)
 

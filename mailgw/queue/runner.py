@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import heapq
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from twisted.application import service
@@ -39,6 +39,8 @@ from mailgw.smtp.address import Mailbox
 
 # How many attempt records an envelope keeps (the CLI shows them).
 HISTORY_LIMIT = 20
+# Finished queue ids remembered (see QueueRunner.finished).
+FINISHED_REMEMBERED = 10_000
 # Given to recipients when the administrator gives up (`mailgw queue bounce`).
 CANCELLED = RecipientResult("", STATUS_BOUNCED, 0, "5.0.0", "delivery cancelled by the mail administrator")
 
@@ -71,6 +73,9 @@ class QueueRunner(service.Service):
         self.clock = clock
         self.read_message = read_message      # path -> Deferred[bytes], off the reactor thread
         self.envelopes: dict[str, dict] = {}
+        # Ids done with (delivered, bounced, deleted) whose files may still be on
+        # their way out of the spool: a spool scan must not take them up again.
+        self.finished: OrderedDict[str, None] = OrderedDict()
         self._heap: list[tuple[float, str]] = []
         self._timer = None
         self._attempts: dict[str, _Attempt] = {}
@@ -298,10 +303,16 @@ class QueueRunner(service.Service):
             delay=now - envelope["arrival"], dsn=result.enhanced, status=status,
             reply=result.diagnostic or result.text)
 
+    def _forget(self, queue_id: str) -> None:
+        self.envelopes.pop(queue_id, None)
+        self.finished[queue_id] = None
+        while len(self.finished) > FINISHED_REMEMBERED:
+            self.finished.popitem(last=False)
+
     def _store(self, envelope: dict):
         queue_id = envelope["id"]
         if all(entry["state"] != PENDING for entry in envelope["recipients"]):
-            self.envelopes.pop(queue_id, None)
+            self._forget(queue_id)
             return self.spool.discard(queue_id)
         self.envelopes[queue_id] = envelope
         return self.spool.update(envelope)
@@ -424,7 +435,7 @@ class QueueRunner(service.Service):
 
     def delete(self, queue_id: str):
         def apply():
-            self.envelopes.pop(queue_id, None)
+            self._forget(queue_id)
             self.log.info("{queue_id}: deleted by the administrator", queue_id=queue_id)
             return self.spool.discard(queue_id)
         return self._when_idle(queue_id, apply)

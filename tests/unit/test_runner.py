@@ -126,6 +126,8 @@ def test_first_try_delivery_removes_the_entry(tmp_path):
     assert request.domain == "remote.test" and request.sender == "alice@example.test"
     assert rig.queued_ids() == []
     assert rig.inbox() == []             # no notice: nobody asked for success
+    # Remembered as finished, so a spool scan (SMTP workers) never takes it up again.
+    assert queue_id in rig.runner.finished and queue_id not in rig.runner.envelopes
 
 
 def test_4xx_is_retried_on_schedule_then_delivered(tmp_path):

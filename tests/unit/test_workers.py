@@ -1148,3 +1148,35 @@ def test_held_log_lines_wait_for_flush_but_warnings_take_them_out_at_once():
     logger.info("third")
     observer.flush()
     assert stream.getvalue().splitlines()[-1].endswith("third")
+
+
+def test_a_spool_scan_does_not_take_up_an_entry_the_runner_just_finished():
+    """Delivered, then discarded: the unlink runs in the I/O pool, so a scan in
+    between still sees the files. The runner's `finished` ids keep it out."""
+    runner = FakeRunnerWithFinished()
+    spool = FakeSpoolFor({"DONE": {"id": "DONE"}, "NEW": {"id": "NEW"}})
+    service = SMTPWorkers(reactor=None, clock=task.Clock(), count=0, config_path=None, sockets=(),
+                          checker=None, runner=runner, spool=spool)
+    service._adopt_unknown_entries()
+    assert runner.added == [{"id": "NEW"}]
+
+
+class FakeRunnerWithFinished:
+    def __init__(self):
+        self.envelopes = {}
+        self.finished = {"DONE": None}
+        self.added = []
+
+    def add(self, envelope):
+        self.added.append(envelope)
+
+
+class FakeSpoolFor:
+    def __init__(self, entries):
+        self.entries = entries
+
+    def ids(self):
+        return sorted(self.entries)
+
+    def load(self, queue_id):
+        return self.entries[queue_id], None
