@@ -39,6 +39,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import wait_until
 from sink import queue_list, wait_until_queue_empty
 
 pytestmark = pytest.mark.e2e
@@ -134,16 +135,6 @@ def serving_worker(server, client_sock: socket.socket, port: int, workers: set[i
                 pass
     assert len(owners) == 1, (link, owners, workers)
     return owners[0]
-
-
-def wait_until(condition, what, within=10.0, poll=0.05):
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within}s: {what}"
-        time.sleep(poll)
 
 
 # -- clients ----------------------------------------------------------------------------------------
