@@ -107,7 +107,7 @@ def run_twistd(args: list[str], *, cwd: Path, timeout: float = 30) -> subprocess
 
 
 def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str = "",
-                relay_port: int | None = None) -> str:
+                relay_port: int | None = None, smtp: dict | None = None) -> str:
     """A complete config; `listeners` is [(role, name, endpoint)].
 
     Relayed mail always goes to a smarthost on 127.0.0.1 (`relay_port`, or
@@ -125,8 +125,8 @@ def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str
         extra_server,
         "",
         "[smtp]",
-        # No throttling delay: the wrong-password tests would otherwise wait.
-        "auth_failure_delay = 0.0",
+        # No throttling delay unless a test asks: the wrong-password tests would otherwise wait.
+        *(f"{key} = {value}" for key, value in {"auth_failure_delay": 0.0, **(smtp or {})}.items()),
         "",
         "[queue.smarthost]",
         'host = "127.0.0.1"',
@@ -146,6 +146,51 @@ def tls_client_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+class LineConnection:
+    """A raw client connection from a chosen loopback address, read line by
+    line (SMTP, POP3, IMAP alike); TLS at once (`tls=True`) or later."""
+
+    def __init__(self, port: int, *, source: str = "127.0.0.1", tls: bool = False,
+                 timeout: float = CLIENT_TIMEOUT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+        self.buffer = b""
+        if tls:
+            self.start_tls()
+
+    def start_tls(self) -> None:
+        assert not self.buffer, self.buffer      # nothing read before the handshake may be kept
+        self.sock = tls_client_context().wrap_socket(self.sock)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed; unread {self.buffer!r}")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def lines_until(self, prefix: bytes) -> list[bytes]:
+        lines = [self.line()]
+        while not lines[-1].startswith(prefix):
+            lines.append(self.line())
+        return lines
+
+    def command(self, data: bytes | str, until: bytes | None = None) -> bytes:
+        """Send one line; the first reply line, or with `until` the first one starting so."""
+        self.send((data.encode() if isinstance(data, str) else data) + b"\r\n")
+        return self.lines_until(until)[-1] if until is not None else self.line()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
 
 def build_message(marker: str, *, subject: str = "test", body: bytes | None = None,
@@ -200,7 +245,7 @@ class MailServer:
 
     def __init__(self, root: Path, *, listeners=STANDARD_LISTENERS, port_offset: int = 0,
                  extra_server: str = "", users: dict[str, str] | None = None, users_template: Path | None = None,
-                 relay_port: int | None = None, extra: str = ""):
+                 relay_port: int | None = None, extra: str = "", smtp: dict | None = None):
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.data_dir = root / "data"
@@ -210,6 +255,7 @@ class MailServer:
         self.port_offset = port_offset
         self.extra_server = extra_server
         self.extra = extra                        # more config tables, e.g. "[queue]\nretry_schedule = [1]"
+        self.smtp_settings = dict(smtp or {})     # keys for the [smtp] table, e.g. {"max_connections": 4}
         self.relay_port = relay_port
         self.users = dict(USERS if users is None else users)
         self._users_template = users_template
@@ -227,7 +273,7 @@ class MailServer:
                      for role, name in self.listener_roles]
         self.config_path.write_text(config_text(data_dir=self.data_dir, listeners=listeners,
                                                 extra_server=self.extra_server, extra=self.extra,
-                                                relay_port=self.relay_port))
+                                                relay_port=self.relay_port, smtp=self.smtp_settings))
 
     def add_users(self) -> None:
         target = self.data_dir / "users"

@@ -34,6 +34,7 @@ import uuid
 
 import pytest
 
+from conftest import LineConnection, tls_client_context
 from sink import wait_until_queue_empty
 
 pytestmark = pytest.mark.e2e
@@ -47,64 +48,13 @@ PROMPTLY = 1.0                 # seconds a close may take when the client cooper
 CLOSE_WITHIN = 4.0             # seconds a close may take when a TLS client ignores our close_notify
 IO_TIMEOUT = 10.0
 
-CONFTEST_SMTP_LINE = "\nauth_failure_delay = 0.0\n"   # the only key conftest puts into [smtp]
-
-
-def start_configured(server, smtp: dict | None = None):
-    """Start `server` with keys added to the [smtp] table conftest writes
-    (a second [smtp] table in `extra` would be a TOML error)."""
-    server.write_config()
-    text = server.config_path.read_text()
-    assert text.count(CONFTEST_SMTP_LINE) == 1, "conftest's [smtp] table changed"
-    settings = {"auth_failure_delay": 0.0, **(smtp or {})}
-    lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
-    server.config_path.write_text(text.replace(CONFTEST_SMTP_LINE, "\n" + lines, 1))
-    server.add_users()
-    return server.start()
-
-
-def client_tls() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE          # the server's certificate is self-signed
-    return context
-
-
-class Conn:
-    """A raw client connection from a chosen loopback address; TLS at once or later."""
+class Conn(LineConnection):
+    """A raw client connection (conftest.LineConnection) that also checks how
+    the server closes it."""
 
     def __init__(self, port: int, *, source: str = "127.0.0.1", tls: bool = False):
         self.started = time.monotonic()
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=(source, 0))
-        self.buffer = b""
-        if tls:
-            self.start_tls()
-
-    def start_tls(self) -> None:
-        assert not self.buffer, self.buffer
-        self.sock = client_tls().wrap_socket(self.sock)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise EOFError(f"connection closed; unread {self.buffer!r}")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def command(self, data: bytes) -> bytes:
-        self.send(data + b"\r\n")
-        return self.line()
-
-    def lines_until(self, prefix: bytes) -> list[bytes]:
-        lines = [self.line()]
-        while not lines[-1].startswith(prefix):
-            lines.append(self.line())
-        return lines
+        super().__init__(port, source=source, tls=tls, timeout=IO_TIMEOUT)
 
     def wait_closed(self, within: float = PROMPTLY, *, answer_close_notify: bool = True) -> bytes:
         """Everything until the server closes the TCP connection; fails if it
@@ -170,8 +120,9 @@ def limited(e2e, users_template, tmp_path_factory):
     """One server with max_connections_per_ip = 3 and max_connections = 4 on every listener."""
     limits = f"max_connections = {TOTAL}\nmax_connections_per_ip = {PER_IP}\n"
     server = e2e.MailServer(tmp_path_factory.mktemp("limits"), users_template=users_template,
-                            extra=f"[pop3]\n{limits}\n[imap]\n{limits}")
-    start_configured(server, {"max_connections": TOTAL, "max_connections_per_ip": PER_IP})
+                            extra=f"[pop3]\n{limits}\n[imap]\n{limits}",
+                            smtp={"max_connections": TOTAL, "max_connections_per_ip": PER_IP})
+    server.start()
     yield server
     server.forget()
 
@@ -286,9 +237,8 @@ def imap_login(server, source: str, password: str) -> tuple[Conn, bytes, float]:
 
 
 def test_password_guessing_over_smtp_pop3_and_imap_adds_up_and_never_locks_out_the_real_user(make_server):
-    server = start_configured(
-        make_server(extra="[pop3]\nmax_auth_failures = 1\n\n[imap]\nmax_auth_failures = 1\n"),
-        {"auth_failure_delay": FAILURE_DELAY, "max_auth_failures": 1})
+    server = make_server(extra="[pop3]\nmax_auth_failures = 1\n\n[imap]\nmax_auth_failures = 1\n",
+                         smtp={"auth_failure_delay": FAILURE_DELAY, "max_auth_failures": 1}).start()
     expected = [FAILURE_DELAY * 2 ** n for n in range(4)]       # 0.3, 0.6, 1.2, 2.4
 
     # One address guesses alice's password over each protocol in turn. Every
@@ -357,7 +307,7 @@ def test_password_guessing_over_smtp_pop3_and_imap_adds_up_and_never_locks_out_t
 
 
 def test_an_address_that_keeps_guessing_is_refused_for_a_while_on_every_protocol_and_no_one_else_is(make_server):
-    server = start_configured(make_server(), {"auth_lockout_failures": 3, "auth_lockout_time": 600.0})
+    server = make_server(smtp={"auth_lockout_failures": 3, "auth_lockout_time": 600.0}).start()
     locked, elsewhere = "127.0.0.8", "127.0.0.9"
     conn = Conn(server.ports["imap"], source=locked)
     assert conn.line().startswith(b"* OK ")
@@ -430,7 +380,7 @@ def smtp_in_data(conn: Conn) -> None:
 
 
 def test_silent_and_byte_at_a_time_clients_are_cut_off_by_the_timers(make_server):
-    server = start_configured(make_server(extra=POP3_TIMEOUTS + "\n" + IMAP_TIMEOUTS), SMTP_TIMEOUTS)
+    server = make_server(extra=POP3_TIMEOUTS + "\n" + IMAP_TIMEOUTS, smtp=SMTP_TIMEOUTS).start()
     ports = server.ports
     results: dict[str, tuple[bytes, float] | BaseException] = {}
 
@@ -527,7 +477,7 @@ def deliver(server, mark: str) -> None:
 
 def imap_view(server) -> tuple[int, dict[str, tuple[int, bytes]]]:
     """(UIDVALIDITY, {marker: (uid, flags)}) of alice's INBOX, over IMAPS."""
-    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=client_tls(), timeout=IO_TIMEOUT)
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=tls_client_context(), timeout=IO_TIMEOUT)
     try:
         client.login(ALICE, PASSWORD)
         typ, _ = client.select("INBOX")
@@ -553,7 +503,7 @@ def imap_view(server) -> tuple[int, dict[str, tuple[int, bytes]]]:
 
 
 def pop3_uidl(server) -> list[bytes]:
-    client = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=client_tls(), timeout=IO_TIMEOUT)
+    client = poplib.POP3_SSL("127.0.0.1", server.ports["pop3s"], context=tls_client_context(), timeout=IO_TIMEOUT)
     try:
         client.user(ALICE)
         client.pass_(PASSWORD)
@@ -569,7 +519,7 @@ def test_garbage_mailbox_index_is_logged_and_rebuilt_with_the_same_uids(make_ser
     for mark in marks:
         deliver(server, mark)
     _, first = imap_view(server)
-    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=client_tls(), timeout=IO_TIMEOUT)
+    client = imaplib.IMAP4_SSL("127.0.0.1", server.ports["imaps"], ssl_context=tls_client_context(), timeout=IO_TIMEOUT)
     client.login(ALICE, PASSWORD)
     client.select("INBOX")
     # By UID: new/ is taken in name order, not necessarily arrival order.

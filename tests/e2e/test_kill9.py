@@ -27,6 +27,8 @@ import uuid
 
 import pytest
 
+from conftest import LineConnection
+
 pytestmark = pytest.mark.e2e
 
 ALICE = "alice@example.test"
@@ -38,23 +40,12 @@ BIG_BODY_LINES = 4000        # ~300 KiB for the racing ones: their commit takes 
 READ_TIMEOUT = 10.0
 
 
-class RawSession:
+class RawSession(LineConnection):
     """One SMTP session on a plain socket, driven step by step."""
 
     def __init__(self, port: int, source: str | None = None):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT,
-                                             source_address=(source, 0) if source else None)
-        self.buffer = b""
+        super().__init__(port, source=source or "127.0.0.1", timeout=READ_TIMEOUT)
         assert self.reply().startswith(b"220 ")
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; unread: {self.buffer!r}")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
 
     def reply(self) -> bytes:
         """The last line of the next reply."""
@@ -85,8 +76,6 @@ class RawSession:
         assert found or line[:1] in (b"4", b"5"), line
         return found.group(1).decode() if found else None
 
-    def close(self) -> None:
-        self.sock.close()
 
 
 def body_for(mark: str, lines: int) -> bytes:

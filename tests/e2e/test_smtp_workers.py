@@ -30,7 +30,6 @@ import os
 import re
 import signal
 import socket
-import ssl
 import smtplib
 import threading
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import LineConnection, wait_until
 from sink import queue_list, wait_until_queue_empty
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +46,6 @@ pytestmark = pytest.mark.e2e
 ALICE, PASSWORD = "alice@example.test", "secret"
 WORKERS = "smtp_workers = 2"
 TRUSTED = "127.0.0.2"              # conftest: trusted_networks = ["127.0.0.2/32"]
-CONFTEST_SMTP_LINE = "\nauth_failure_delay = 0.0\n"   # the only key conftest puts into [smtp]
 IO_TIMEOUT = 10.0
 # "<time> [system] [namespace#level] <queue id>: accepted client=..." (workers' lines carry two brackets)
 ACCEPTED = re.compile(r"^\S+ \[([^\]]+)\] (?:\[[^\]]+\] )?(\S+): accepted client=", re.M)
@@ -162,52 +160,6 @@ def submission_client(server, source: str) -> smtplib.SMTP:
     return client
 
 
-class LineClient:
-    """Implicit-TLS POP3/IMAP client from a chosen loopback address."""
-
-    def __init__(self, port: int, source: str):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=(source, 0))
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE           # self-signed
-        self.sock = context.wrap_socket(raw)
-        self.buffer = b""
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise EOFError(self.buffer)
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def command(self, text: str, until: bytes | None = None) -> bytes:
-        self.sock.sendall(text.encode() + b"\r\n")
-        line = self.line()
-        while until is not None and not line.startswith(until):
-            line = self.line()
-        return line
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-
-def start_with_smtp(server, smtp: dict):
-    """Start `server` with keys added to the [smtp] table conftest writes (a
-    second [smtp] table in `extra` would be a TOML error)."""
-    server.write_config()
-    text = server.config_path.read_text()
-    assert text.count(CONFTEST_SMTP_LINE) == 1, "conftest's [smtp] table changed"
-    lines = "".join(f"{key} = {value}\n" for key, value in {"auth_failure_delay": 0.0, **smtp}.items())
-    server.config_path.write_text(text.replace(CONFTEST_SMTP_LINE, "\n" + lines, 1))
-    server.add_users()
-    return server.start()
-
-
 def assert_no_traceback(server) -> None:
     log = server.log_text(every_start=True)
     assert "Traceback" not in log and "Unhandled" not in log, server.log_tail(80)
@@ -302,8 +254,8 @@ def test_submission_and_implicit_tls_are_relayed_by_the_main_runner(make_server,
 
 
 def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_imap(make_server):
-    server = start_with_smtp(make_server(extra_server=WORKERS),
-                             {"auth_lockout_failures": 3, "auth_lockout_time": 600.0})
+    server = make_server(extra_server=WORKERS,
+                         smtp={"auth_lockout_failures": 3, "auth_lockout_time": 600.0}).start()
     workers = wait_for_workers(server)
     locked, elsewhere = "127.0.0.8", "127.0.0.9"
     port = server.ports["submission"]
@@ -354,7 +306,7 @@ def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_im
                 pass
 
     # POP3S and IMAPS (the main process) refuse that address too.
-    pop3 = LineClient(server.ports["pop3s"], locked)
+    pop3 = LineConnection(server.ports["pop3s"], source=locked, tls=True)
     try:
         assert pop3.line().startswith(b"+OK")
         assert pop3.command(f"USER {ALICE}").startswith(b"+OK")
@@ -362,7 +314,7 @@ def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_im
         assert reply.startswith(b"-ERR [SYS/TEMP] Too many failed logins"), reply
     finally:
         pop3.close()
-    imap = LineClient(server.ports["imaps"], locked)
+    imap = LineConnection(server.ports["imaps"], source=locked, tls=True)
     try:
         assert imap.line().startswith(b"* OK")
         reply = imap.command(f'b LOGIN {ALICE} "{PASSWORD}"', until=b"b ")
@@ -375,7 +327,7 @@ def test_a_lockout_earned_on_one_worker_holds_on_every_worker_and_on_pop3_and_im
     code, reply = auth_plain(client, PASSWORD)
     assert code == 235, (code, reply)
     client.quit()
-    imap = LineClient(server.ports["imaps"], elsewhere)
+    imap = LineConnection(server.ports["imaps"], source=elsewhere, tls=True)
     try:
         assert imap.line().startswith(b"* OK")
         assert imap.command(f'b LOGIN {ALICE} "{PASSWORD}"', until=b"b ").startswith(b"b OK")
@@ -469,7 +421,7 @@ def test_a_delivery_through_a_worker_wakes_imap_idle_in_the_main_process_at_once
     its 250."""
     server = make_server(extra_server=WORKERS).start()
     wait_for_workers(server)
-    imap = LineClient(server.ports["imaps"], "127.0.0.1")
+    imap = LineConnection(server.ports["imaps"], source="127.0.0.1", tls=True)
     try:
         assert imap.line().startswith(b"* OK")
         assert imap.command(f'a LOGIN {ALICE} "{PASSWORD}"', until=b"a ").startswith(b"a OK")
@@ -500,7 +452,7 @@ def test_each_worker_admits_up_to_the_connection_limit(make_server):
     """max_connections_per_ip = 2 with two workers: each worker admits 2 from
     one address (a client is never refused below the configured figure), so
     the server as a whole admits at most 2 x 2."""
-    server = start_with_smtp(make_server(extra_server=WORKERS), {"max_connections_per_ip": 2})
+    server = make_server(extra_server=WORKERS, smtp={"max_connections_per_ip": 2}).start()
     workers = wait_for_workers(server)
     port = server.ports["relay"]
     admitted: list[tuple[socket.socket, int]] = []
