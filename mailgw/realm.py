@@ -35,19 +35,19 @@ class MailRealm:
                                   spool=self.spool, clock=self.clock)
             return smtp.IMessageDelivery, avatar, avatar.reset
         if pop3.IMailbox in interfaces:
-            if avatarId is ANONYMOUS:
-                raise UnauthorizedLogin("POP3 has no anonymous access")
-            if self.mail_store is None:
-                raise NotImplementedError("no mail store configured for POP3")
             # Cheap: no I/O until the server calls maildrop.open() (lock + snapshot).
-            maildrop = Maildrop(self.mail_store.mailbox(avatarId), locks=self.pop3_locks)
+            maildrop = Maildrop(self._mailbox(avatarId, "POP3"), locks=self.pop3_locks)
             return pop3.IMailbox, maildrop, maildrop.close
         if imap4.IAccount in interfaces:
-            if avatarId is ANONYMOUS:
-                raise UnauthorizedLogin("IMAP has no anonymous access")
-            if self.mail_store is None:
-                raise NotImplementedError("no mail store configured for IMAP")
             # Only the user's own mailbox: the account has no way to reach another.
-            account = IMAPAccount(self.mail_store.mailbox(avatarId))
+            account = IMAPAccount(self._mailbox(avatarId, "IMAP"))
             return imap4.IAccount, account, account.logout
         raise NotImplementedError(f"no avatar for {interfaces!r}")
+
+    def _mailbox(self, avatarId, protocol: str):
+        """The logged-in user's own mailbox; never for an anonymous session."""
+        if avatarId is ANONYMOUS:
+            raise UnauthorizedLogin(f"{protocol} has no anonymous access")
+        if self.mail_store is None:
+            raise NotImplementedError(f"no mail store configured for {protocol}")
+        return self.mail_store.mailbox(avatarId)
