@@ -123,6 +123,15 @@ def test_realm_refuses_anonymous_pop3():
         make_realm(FakeMailStore()).requestAvatar(ANONYMOUS, None, pop3.IMailbox)
 
 
+def test_realm_refuses_anonymous_imap_and_a_missing_store_for_either():
+    from twisted.mail import imap4
+    with pytest.raises(UnauthorizedLogin):
+        make_realm(FakeMailStore()).requestAvatar(ANONYMOUS, None, imap4.IAccount)
+    for interface in (pop3.IMailbox, imap4.IAccount):
+        with pytest.raises(NotImplementedError):
+            make_realm(None).requestAvatar(ALICE, None, interface)
+
+
 def test_realm_without_mail_store_gives_sys_temp_not_a_crash():
     s = Session(role="pop3s", tls=True, starttls=False)
     s.world.realm.mail_store = None
