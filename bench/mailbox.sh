@@ -43,6 +43,8 @@ REPO=$(cd "$HERE/.." && pwd)
 BENCH=${BENCH:-/work/shared/bench}
 PYTHON=${PYTHON:-python3}
 TWISTD=${TWISTD:-twistd}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 
 REPS=3
 PEERS="postfix dovecot"
@@ -80,33 +82,11 @@ mkdir -p "$(dirname "$OUT")"
 matrix_pop3_peers() { local r=(); for p in $PEERS; do case $p in dovecot) r+=(dovecot);; twistd) r+=(twistd-mail);; esac; done; (IFS=,; echo "${r[*]:-none}"); }
 matrix_imap_peers() { local r=(); for p in $PEERS; do case $p in dovecot) r+=(dovecot);; esac; done; (IFS=,; echo "${r[*]:-none}"); }
 
-peer_alive() {
-  local f=/tmp/peers/pids/$1.pid
-  [ -f "$f" ] && kill -0 "$(head -n1 "$f" | tr -d ' ')" 2>/dev/null
-}
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
 D=$(mktemp -d /tmp/mailgw-mbox.XXXXXX)
 MAILGW_PID=""
 STARTED_PEERS=()
 SLEEP_PID=""
 
-cleanup() {
-  local rc=$?
-  set +e
-  [ -n "$SLEEP_PID" ] && kill "$SLEEP_PID" 2>/dev/null
-  if [ -n "$MAILGW_PID" ] && kill -0 "$MAILGW_PID" 2>/dev/null; then
-    kill -TERM "$MAILGW_PID"
-    for _ in $(seq 1 100); do kill -0 "$MAILGW_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$MAILGW_PID" 2>/dev/null && kill -KILL "$MAILGW_PID"
-    echo "mailgw pid $MAILGW_PID stopped"
-  fi
-  if [ ${#STARTED_PEERS[@]} -gt 0 ]; then
-    "$BENCH/peers/stop-peers.sh" "${STARTED_PEERS[@]}"
-  fi
-  if [ "$KEEP" = 1 ]; then echo "data kept in $D"; else rm -rf "$D"; fi
-  exit $rc
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 

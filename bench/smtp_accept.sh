@@ -46,6 +46,8 @@ REPO=$(cd "$HERE/.." && pwd)
 BENCH=${BENCH:-/work/shared/bench}
 PYTHON=${PYTHON:-python3}
 TWISTD=${TWISTD:-twistd}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 
 REPS=3
 PORT=""
@@ -98,32 +100,11 @@ matrix_name() {
   esac
 }
 
-peer_alive() {
-  local f=/tmp/peers/pids/$1.pid
-  [ -f "$f" ] && kill -0 "$(head -n1 "$f" | tr -d ' ')" 2>/dev/null
-}
-
 D=$(mktemp -d /tmp/mailgw-bench.XXXXXX)
 MAILGW_PID=""
 STARTED_PEERS=()
 SLEEP_PID=""
 
-cleanup() {
-  local rc=$?
-  set +e
-  [ -n "$SLEEP_PID" ] && kill "$SLEEP_PID" 2>/dev/null
-  if [ -n "$MAILGW_PID" ] && kill -0 "$MAILGW_PID" 2>/dev/null; then
-    kill -TERM "$MAILGW_PID"
-    for _ in $(seq 1 100); do kill -0 "$MAILGW_PID" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$MAILGW_PID" 2>/dev/null && kill -KILL "$MAILGW_PID"
-    echo "mailgw pid $MAILGW_PID stopped"
-  fi
-  if [ ${#STARTED_PEERS[@]} -gt 0 ]; then
-    "$BENCH/peers/stop-peers.sh" "${STARTED_PEERS[@]}"
-  fi
-  if [ "$KEEP" = 1 ]; then echo "data kept in $D"; else rm -rf "$D"; fi
-  exit $rc
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -168,18 +149,18 @@ fi
 timeout 60 "$PYTHON" -m mailgw.cli check --config "$D/mailgw.toml"
 
 # ---- 2. mailgw
-if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then
+if port_open "$PORT"; then
   echo "port $PORT is already in use" >&2; exit 1
 fi
 (cd "$D" && exec setsid "$TWISTD" -n --pidfile "$D/mailgw.pid" --logfile "$D/mailgw.log" \
     mailgw --config "$D/mailgw.toml" < /dev/null > "$D/stdout.log" 2>&1) &
 MAILGW_PID=$!   # `exec` keeps the PID: this is twistd itself
 for _ in $(seq 1 200); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
+  port_open "$PORT" && break
   kill -0 "$MAILGW_PID" 2>/dev/null || { cat "$D/stdout.log" "$D/mailgw.log" 2>/dev/null; exit 1; }
   sleep 0.1
 done
-(exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || { echo "mailgw did not open $PORT" >&2; exit 1; }
+port_open "$PORT" || { echo "mailgw did not open $PORT" >&2; exit 1; }
 [ "$(tr -d ' \n' < "$D/mailgw.pid")" = "$MAILGW_PID" ] || { echo "pidfile mismatch" >&2; exit 1; }
 echo "mailgw pid $MAILGW_PID on 127.0.0.1:$PORT, data $D/data"
 if [ -n "$SERVE" ]; then

@@ -20,6 +20,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 BENCH=${BENCH:-/work/shared/bench}
 PYTHON=${PYTHON:-python3}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 REPS=3
 WORKERS=2
 OUT=""
@@ -51,11 +53,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-peer_alive() {
-  local f=/tmp/peers/pids/$1.pid
-  [ -f "$f" ] && kill -0 "$(head -n1 "$f" | tr -d ' ')" 2>/dev/null
-}
 
 if [ "$RELAY" = 1 ]; then
   BASE=2550; MODE=--relay; PEERS="smtp-sink postfix-relay"; MATRIX_PEER=postfix-relay

@@ -1,0 +1,32 @@
+# Shell helpers shared by the bench scripts (sourced, not run).
+#
+# The scripts that start mailgw set D (scratch dir), MAILGW_PID, STARTED_PEERS (peers
+# they started), SLEEP_PID (--serve), KEEP and BENCH, then `trap cleanup EXIT`.
+
+# A peer started by /work/shared/bench/peers/start-peers.sh is running.
+peer_alive() {
+  local f=/tmp/peers/pids/$1.pid
+  [ -f "$f" ] && kill -0 "$(head -n1 "$f" | tr -d ' ')" 2>/dev/null
+}
+
+# Something accepts connections on 127.0.0.1:$1.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# On exit: stop mailgw by its PID (TERM, KILL after 10 s) and only the peers this
+# script started; remove the scratch dir unless --keep-data.
+cleanup() {
+  local rc=$?
+  set +e
+  [ -n "$SLEEP_PID" ] && kill "$SLEEP_PID" 2>/dev/null
+  if [ -n "$MAILGW_PID" ] && kill -0 "$MAILGW_PID" 2>/dev/null; then
+    kill -TERM "$MAILGW_PID"
+    for _ in $(seq 1 100); do kill -0 "$MAILGW_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$MAILGW_PID" 2>/dev/null && kill -KILL "$MAILGW_PID"
+    echo "mailgw pid $MAILGW_PID stopped"
+  fi
+  if [ ${#STARTED_PEERS[@]} -gt 0 ]; then
+    "$BENCH/peers/stop-peers.sh" "${STARTED_PEERS[@]}"
+  fi
+  if [ "$KEEP" = 1 ]; then echo "data kept in $D"; else rm -rf "$D"; fi
+  exit $rc
+}
