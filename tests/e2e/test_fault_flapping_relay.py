@@ -303,8 +303,10 @@ class FlappingTarget:
                     send("503 5.5.1 MAIL first")
                     continue
                 if not txn["rcpts"]:
+                    # RFC 2920 §3.1: a pipelining client sends DATA with its RCPTs,
+                    # before it knows whether one was accepted.
                     send("554 5.5.1 no valid recipients")
-                    self._anomaly(f"conn {conn}: DATA without an accepted recipient")
+                    self._count("data-no-rcpt")
                     txn = None
                     continue
                 behaviour = txn["behaviour"]

@@ -129,7 +129,8 @@ class RelayTransportTests(unittest.TestCase):
         self.assertEqual((r.status, r.code, r.enhanced, r.text),
                          (STATUS_DEFERRED, 451, "4.7.1", "Greylisted, try again"))
         self.assertEqual(server.transactions, [])
-        self.assertNotIn("DATA", server.sessions[0].verbs())
+        # PIPELINING: DATA went out with MAIL and RCPT and was refused (no valid recipient).
+        self.assertEqual(server.sessions[0].verbs(), ["EHLO", "MAIL", "RCPT", "DATA", "QUIT"])
 
     @defer.inlineCallbacks
     def test_5xx_at_rcpt_bounces_that_recipient_while_the_other_is_sent(self):

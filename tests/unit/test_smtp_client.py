@@ -144,13 +144,13 @@ def test_result_waits_for_close_but_not_long_for_221():
     assert c.outcome.replies == (Reply(250, "2.0.0", "Ok"),)
 
 
-def test_pipelining_sends_mail_and_all_rcpts_in_one_write_and_mixed_replies():
+def test_pipelining_sends_mail_all_rcpts_and_data_in_one_write_and_mixed_replies():
     c = Conversation(make_request("bob@example.net", "nobody@example.net", "carol@example.net"))
     c.greet_and_ehlo("PIPELINING", "ENHANCEDSTATUSCODES")
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>",
-                        "RCPT TO:<nobody@example.net>", "RCPT TO:<carol@example.net>"]
+    assert c.raw() == (b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\n"
+                       b"RCPT TO:<nobody@example.net>\r\nRCPT TO:<carol@example.net>\r\nDATA\r\n")
     c.server("250 2.1.0 Ok", "250 2.1.5 Ok", "550 5.1.1 No such user", "451 4.3.0 Try later")
-    assert c.sent() == ["DATA"]
+    assert c.sent() == []                         # the message waits for DATA's 354
     c.server("354 go")
     c.raw()
     c.server("250 2.0.0 queued")
@@ -161,20 +161,54 @@ def test_pipelining_sends_mail_and_all_rcpts_in_one_write_and_mixed_replies():
 
 def test_no_data_when_no_recipient_is_accepted():
     c = Conversation(make_request("a@example.net", "b@example.net"))
-    c.greet_and_ehlo("PIPELINING")
+    c.greet_and_ehlo()
     c.sent()
-    c.server("250 Ok", "550 no", "450 later")
+    c.server("250 Ok")
+    c.sent()
+    c.server("550 no")
+    c.sent()
+    c.server("450 later")
+    c.to_quit()                                   # no DATA
+    assert c.outcome.replies == (Reply(550, "5.0.0", "no"), Reply(450, "4.0.0", "later"))
+
+
+def test_pipelined_data_refused_when_no_recipient_is_accepted():
+    c = Conversation(make_request("a@example.net", "b@example.net"))
+    c.greet_and_ehlo("PIPELINING")
+    assert c.sent()[-1] == "DATA"
+    c.server("250 Ok", "550 no", "450 later", "554 5.5.1 No valid recipients")
     c.to_quit()
     assert c.outcome.replies == (Reply(550, "5.0.0", "no"), Reply(450, "4.0.0", "later"))
+
+
+def test_pipelined_data_accepted_without_a_recipient_ends_an_empty_message_and_does_not_reuse():
+    c, cache = cached_conversation()
+    c.sent()
+    c.server("250 Ok", "550 5.1.1 no such user", "354 go ahead")   # a confused server
+    assert c.raw() == b".\r\n"                    # not the message: nothing to deliver
+    assert c.outcomes == []
+    c.server("250 2.0.0 Ok: queued as 9")
+    c.to_quit()                                   # no idle connection to such a server
+    assert len(cache) == 0
+    assert c.outcome.replies == (Reply(550, "5.1.1", "no such user"),)
 
 
 def test_mail_refused_applies_to_every_recipient():
     c = Conversation(make_request("a@example.net", "b@example.net"))
     c.greet_and_ehlo("PIPELINING", "ENHANCEDSTATUSCODES")
     c.sent()
-    c.server("553 5.7.1 Sender rejected", "503 5.5.1 Need MAIL", "503 5.5.1 Need MAIL")
+    c.server("553 5.7.1 Sender rejected", "503 5.5.1 Need MAIL", "503 5.5.1 Need MAIL", "503 5.5.1 Need MAIL")
     c.to_quit()
     assert c.outcome.replies == (Reply(553, "5.7.1", "Sender rejected"),) * 2
+
+
+def test_pipelined_data_refused_applies_to_accepted_recipients():
+    c = Conversation(make_request("a@example.net", "b@example.net"))
+    c.greet_and_ehlo("PIPELINING")
+    c.sent()
+    c.server("250 ok", "550 no a", "250 ok", "451 4.3.0 not now")
+    c.to_quit()
+    assert c.outcome.replies == (Reply(550, "5.0.0", "no a"), Reply(451, "4.3.0", "not now"))
 
 
 def test_data_refused_applies_to_accepted_recipients():
@@ -196,7 +230,8 @@ def test_multiline_replies_and_enhanced_codes():
     c = Conversation()
     c.greet_and_ehlo("ENHANCEDSTATUSCODES", "PIPELINING")
     c.sent()
-    c.server("250 2.1.0 Ok", "550-5.7.1 first line", "550-5.7.1 second line", "550 5.7.1 third line")
+    c.server("250 2.1.0 Ok", "550-5.7.1 first line", "550-5.7.1 second line", "550 5.7.1 third line",
+             "554 5.5.1 No valid recipients")
     c.to_quit()
     assert c.outcome.replies == (Reply(550, "5.7.1", "first line second line third line"),)
 
@@ -355,17 +390,15 @@ def test_dsn_parameters_only_when_advertised():
     c = Conversation(request)
     c.greet_and_ehlo("DSN", "PIPELINING")
     assert c.sent() == ["MAIL FROM:<alice@example.org> RET=HDRS ENVID=Q1+2Ba+3Db",
-                        "RCPT TO:<bob@example.net> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob+2Btag@example.net"]
-    c.server("250 ok", "250 ok")
-    c.sent()
-    c.server("354 go")
+                        "RCPT TO:<bob@example.net> NOTIFY=FAILURE,DELAY ORCPT=rfc822;bob+2Btag@example.net", "DATA"]
+    c.server("250 ok", "250 ok", "354 go")
     c.raw()
     c.server("250 ok")
     c.to_quit()
     assert c.outcome.dsn is True
     c = Conversation(request)
     c.greet_and_ehlo("PIPELINING")
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA"]
 
 
 def test_xtext_and_utf8_orcpt():
@@ -376,10 +409,8 @@ def test_xtext_and_utf8_orcpt():
 def test_null_sender_and_address_with_line_break_never_reaches_the_wire():
     c = Conversation(make_request("ok@example.net", "evil@example.net>\r\nRSET", sender=""))
     c.greet_and_ehlo("PIPELINING")
-    assert c.sent() == ["MAIL FROM:<>", "RCPT TO:<ok@example.net>"]
-    c.server("250 ok", "250 ok")
-    c.sent()
-    c.server("354 go")
+    assert c.sent() == ["MAIL FROM:<>", "RCPT TO:<ok@example.net>", "DATA"]
+    c.server("250 ok", "250 ok", "354 go")
     c.raw()
     c.server("250 ok")
     c.to_quit()
@@ -400,10 +431,8 @@ def test_starttls_injection_plaintext_after_220_is_discarded():
     assert c.protocol.extensions == {}
     # the real answer, inside TLS
     c.server("250-mx.example.net", "250 PIPELINING")
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
-    c.server("250 ok", "250 ok")
-    c.sent()
-    c.server("354 go")
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA"]
+    c.server("250 ok", "250 ok", "354 go")
     c.raw()
     c.server("250 ok")
     c.to_quit()
@@ -646,10 +675,8 @@ def cached_conversation(limit=10, reuse_time=REUSE_TIME):
 
 
 def one_transaction(c, queue_id="1"):
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
-    c.server("250 2.1.0 Ok", "250 2.1.5 Ok")
-    assert c.sent() == ["DATA"]
-    c.server("354 go ahead")
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA"]
+    c.server("250 2.1.0 Ok", "250 2.1.5 Ok", "354 go ahead")
     assert c.raw() == MESSAGE + b".\r\n"
     c.server(f"250 2.0.0 Ok: queued as {queue_id}")
 
@@ -668,10 +695,8 @@ def test_a_reused_connection_sends_the_next_transaction_without_a_new_greeting_o
     protocol = cache.take(c.protocol.cache_key)
     outcomes = []
     protocol.reuse(make_request("carol@example.net"), b"Subject: two\r\n\r\nsecond\r\n").addBoth(outcomes.append)
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<carol@example.net>"]
-    c.server("250 2.1.0 Ok", "250 2.1.5 Ok")
-    assert c.sent() == ["DATA"]
-    c.server("354 go ahead")
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<carol@example.net>", "DATA"]
+    c.server("250 2.1.0 Ok", "250 2.1.5 Ok", "354 go ahead")
     assert c.raw() == b"Subject: two\r\n\r\nsecond\r\n.\r\n"
     c.server("250 2.0.0 Ok: queued as 2")
     [result] = outcomes
@@ -710,8 +735,9 @@ def test_a_reused_connection_lost_before_mail_is_answered_is_a_session_failure_t
 
 def test_no_idle_after_a_transaction_without_a_final_reply():
     c, cache = cached_conversation()
-    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>"]
-    c.server("250 2.1.0 Ok", "550 5.1.1 No such user")     # no DATA: the MAIL transaction is still open
+    assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA"]
+    # DATA refused: the MAIL transaction may still be open at the server
+    c.server("250 2.1.0 Ok", "550 5.1.1 No such user", "554 5.5.1 No valid recipients")
     c.to_quit()
     assert len(cache) == 0
 
