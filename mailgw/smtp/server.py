@@ -39,7 +39,7 @@ from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import LoginsRefused, MailError
 from mailgw.interfaces import ISessionInfo
-from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection
+from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection, send_now
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -57,6 +57,9 @@ _SASL_LINE_LIMIT = 12288
 # Pipelined input held while a command's Deferred is outstanding; above this we
 # stop reading from the socket until we catch up.
 _MAX_PENDING_INPUT = 256 * 1024
+# Replies held while one batch of input is processed; beyond this they go out
+# at once (only a client pipelining thousands of commands gets that far).
+_MAX_HELD_REPLIES = 64 * 1024
 
 _SASL_USERNAME = base64.b64encode(b"Username:").decode()
 _SASL_PASSWORD = base64.b64encode(b"Password:").decode()
@@ -150,6 +153,8 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._buffer = b""
         self._busy = False          # a command's Deferred is outstanding
         self._looping = False       # inside _process (re-entrancy guard)
+        self._held: list[bytes] = []  # replies to the input being processed (_process)
+        self._held_size = 0
         self._paused = False        # reading from the socket is paused (see _flow_control)
         self._output_full = False   # the transport's write buffer is full: the client is not reading
         self._skipping_long_line = False
@@ -218,6 +223,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self.reply(reply)
         self._mode = CLOSING
         self._buffer = b""
+        self._release_replies()
         if self._producing:
             # A registered producer holds TLS shutdown back (every close of a
             # TLS session would wait for the client): let go first.
@@ -227,7 +233,28 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
 
     # -- replies ----------------------------------------------------------
     def _send_line(self, text: str) -> None:
-        self.transport.write(text.encode("utf-8") + b"\r\n")
+        self._send(text.encode("utf-8") + b"\r\n")
+
+    def _send(self, data: bytes) -> None:
+        """Replies made while a batch of input is processed wait for its end
+        (RFC 2920: the replies to a pipelined group may go out as one unit),
+        then leave in one send; any other reply leaves at once. Either way
+        straight to the socket when nothing is queued (limits.send_now)."""
+        if not self._looping:
+            return send_now(self.transport, data)
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size > _MAX_HELD_REPLIES:
+            self._release_replies()
+
+    def _release_replies(self) -> None:
+        """Send the held replies: at the end of _process, and before anything
+        that must come after them on the wire (a close, the TLS handshake)."""
+        if self._held:
+            data = b"".join(self._held)
+            self._held.clear()
+            self._held_size = 0
+            send_now(self.transport, data)
 
     def reply(self, reply: Reply, **fields) -> None:
         text = reply.text.format(**fields) if fields else reply.text
@@ -287,6 +314,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
                     self._run(self._command, line)
         finally:
             self._looping = False
+            self._release_replies()
         self._flow_control()
 
     def _flow_control(self) -> None:
@@ -391,7 +419,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             return self._send_line(f"250 {first}")
         lines = [first, *self._extensions()]
         out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
-        self.transport.write(("\r\n".join(out) + "\r\n").encode("ascii"))
+        self._send(("\r\n".join(out) + "\r\n").encode("ascii"))
 
     def _extensions(self) -> list[str]:
         extensions = [
@@ -572,6 +600,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         # CVE-2011-0411: anything the client sent after STARTTLS in the clear
         # must not be executed inside the TLS session.
         self._buffer = b""
+        self._release_replies()         # the 220 goes out in the clear, before the handshake
         self.transport.startTLS(self.ctx)
         # RFC 3207 §4.2: forget everything learned before TLS; the client must EHLO again.
         self.session.tls = True
