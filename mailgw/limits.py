@@ -27,18 +27,22 @@ def cancel_timer(timer) -> None:
         timer.cancel()
 
 
+_PLAIN_TCP = (tcp.Server, tcp.Client)
+
+
 def send_now(transport, data: bytes) -> None:
-    """transport.write(data), but on a plain TCP connection with nothing
-    queued the bytes go to the socket at once.
+    """transport.write(data), but on a plain TCP connection (accepted or
+    made by us) with nothing queued the bytes go to the socket at once.
 
     Twisted's write only queues: the send happens on the reactor's next turn,
     after two epoll_ctl calls (start and stop watching for writability). For
-    a client that sends one command and waits for its reply (POP3 RETR one
-    by one), that turn is most of our share of the round trip. What the
-    kernel does not take now is queued as usual, behind nothing, so order is
-    kept; with TLS, or anything already queued, it is a plain write. Relies
-    on FileDescriptor's buffer attributes (Twisted is pinned in pyproject)."""
-    if (type(transport) is tcp.Server and not transport.TLS and transport.connected
+    a peer that sends one command and waits for its reply (POP3 RETR one by
+    one, every SMTP round trip), that turn is most of our share of the round
+    trip. What the kernel does not take now is queued as usual, behind
+    nothing, so order is kept; with TLS, or anything already queued, it is a
+    plain write. Relies on FileDescriptor's buffer attributes (Twisted is
+    pinned in pyproject)."""
+    if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
             and not transport.disconnecting and not transport._tempDataBuffer
             and len(transport.dataBuffer) == transport.offset):
         try:

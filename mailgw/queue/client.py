@@ -54,6 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.config_types import TLS_IMPLICIT, TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED
+from mailgw.limits import send_now
 from mailgw.queue.model import DeliveryRequest
 from mailgw.smtp.codes import Reply
 
@@ -461,7 +462,7 @@ class OutboundSMTP(Protocol):
         for line, handler in commands:
             self._pending.append((state, handler))
             data.append(line.encode("utf-8") + b"\r\n")
-        self.transport.write(b"".join(data))
+        send_now(self.transport, b"".join(data))
         if self._timer is None:
             self._arm(self._reply_timeout)
 
@@ -700,7 +701,7 @@ class OutboundSMTP(Protocol):
             # is delivered, and leave this confused server (no reuse).
             self._state = "data-body"
             self._pending.append(("data-body", lambda code, lines: self._finish()))
-            self.transport.write(b".\r\n")
+            send_now(self.transport, b".\r\n")
             return self._arm(self._data_timeout)
         if code != 354 and not self._recipient_accepted():
             return self._finish()               # the expected 503/554: the RCPT replies say why
@@ -715,7 +716,7 @@ class OutboundSMTP(Protocol):
         self._pending.append(("data-body", self._on_final))
         # One write: the transport buffers and sends it; RFC 5321 §4.5.3.2.5/6
         # timeouts become one deadline for the payload and its final reply.
-        self.transport.write(payload)
+        send_now(self.transport, payload)
         self._arm(self._data_timeout)
 
     def _on_final(self, code, lines):

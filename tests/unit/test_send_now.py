@@ -10,7 +10,7 @@ import types
 import pytest
 from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 
 from mailgw.limits import send_now
 
@@ -81,3 +81,29 @@ def test_after_loseConnection_nothing_is_sent_directly(connection):
     peer.setblocking(False)
     with pytest.raises(BlockingIOError):
         peer.recv(100)
+
+
+def test_a_connection_we_made_sends_at_once_too():
+    # The outbound SMTP client's transport: a tcp.Client, connected by hand on
+    # a reactor that never runs.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    reactor = MemoryReactorClock()
+    protocol = Protocol()
+    connector = types.SimpleNamespace(buildProtocol=lambda addr: protocol,
+                                      connectionFailed=lambda reason: None)
+    transport = tcp.Client("127.0.0.1", listener.getsockname()[1], None, connector, reactor)
+    reactor.advance(0)              # resolve, start connecting
+    transport.doConnect()           # loopback: connected by now
+    peer, _ = listener.accept()
+    peer.settimeout(5)
+    try:
+        assert protocol.transport is transport and transport.connected
+        send_now(transport, b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+        assert peer.recv(200) == b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+        assert queued(transport) == b"" and transport not in reactor.writers
+    finally:
+        transport.socket.close()
+        peer.close()
+        listener.close()
