@@ -8,7 +8,6 @@ from twisted.application import service
 from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.threadpool import ThreadPool
 
 from mailgw.config_types import IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES, Config
 from mailgw.imap.server import IMAPFactory
@@ -20,7 +19,7 @@ log = Logger()
 
 
 class ThreadPoolService(service.Service):
-    def __init__(self, pool: ThreadPool):
+    def __init__(self, pool):
         self.pool = pool
 
     def startService(self):

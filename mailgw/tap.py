@@ -18,7 +18,6 @@ from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.names import client as dns_client
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
 from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
@@ -35,6 +34,7 @@ from mailgw.queue.spool import Spool
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw import tls
+from mailgw.iopool import IOThreadPool
 from mailgw.services import ListenerService, ThreadPoolService, listener_factory, socket_family
 from mailgw.workers import SMTPWorkers
 
@@ -116,10 +116,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     for directory in (config.data_dir, config.mail_dir, config.queue_dir):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    io_pool = ThreadPool(minthreads=0, maxthreads=config.io_threads, name="mailgw-io")
+    io_pool = IOThreadPool(maxthreads=config.io_threads, name="mailgw-io")
     # Password hashing gets its own small pool: a burst of logins must not
     # delay fsyncs, and argon2 is deliberately CPU- and memory-hungry.
-    auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailgw-auth")
+    auth_pool = IOThreadPool(maxthreads=2, name="mailgw-auth")
     ThreadPoolService(io_pool).setServiceParent(top)
     ThreadPoolService(auth_pool).setServiceParent(top)
 

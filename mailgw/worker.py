@@ -18,7 +18,6 @@ from twisted.cred.portal import Portal
 from twisted.internet import stdio
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
-from twisted.python.threadpool import ThreadPool
 
 from mailgw import config as config_module
 from mailgw import tls
@@ -29,6 +28,7 @@ from mailgw.queue.spool import Spool
 from mailgw.realm import MailRealm
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
+from mailgw.iopool import IOThreadPool
 from mailgw.services import ThreadPoolService, listener_factory
 from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_sigint
 
@@ -87,7 +87,7 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
     # below the configured figure whenever the kernel hands one worker most
     # connections (EPOLLEXCLUSIVE wakes the same idle worker first).
     top = service.MultiService()
-    io_pool = ThreadPool(minthreads=0, maxthreads=config.io_threads, name="mailgw-io")
+    io_pool = IOThreadPool(maxthreads=config.io_threads, name="mailgw-io")
     ThreadPoolService(io_pool).setServiceParent(top)
 
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
