@@ -267,6 +267,10 @@ class DurableWriter:
         self._os = _OSCalls()
         self._tmpfile = _O_TMPFILE_AVAILABLE     # cleared for good at the first sign it does not work
         self._group_sync = _GroupSync(self._fsync_directory, self._dispatch)
+        # Unsynced removals waiting for a pool job (see remove()).
+        self._removal_lock = threading.Lock()
+        self._removals: list[tuple[list[Path], Deferred]] = []
+        self._removal_scheduled = False
 
     # -- public API -----------------------------------------------------------
 
@@ -326,9 +330,23 @@ class DurableWriter:
         """Undo committed files (in order), then fsync their directories
         (unless `sync` is false: a removal lost in a crash only repeats work).
         Missing files are fine. Never fails: errors are logged, and the
-        Deferred fires with None either way."""
+        Deferred fires with None either way.
+
+        Unsynced removals (the relay queue's, one per delivered message) are
+        batched: while one pool job unlinks, later requests gather and the
+        next job takes them all, so a busy queue pays one hand-off per batch,
+        not per message."""
         paths = [Path(p) for p in paths]
         d = Deferred()
+        if not sync:
+            with self._removal_lock:
+                self._removals.append((paths, d))
+                if self._removal_scheduled:
+                    return d
+                self._removal_scheduled = True
+            if not self._dispatch(self._remove_batches):
+                self._remove_batches()    # pool stopping: finish here
+            return d
 
         def work():
             try:
@@ -350,6 +368,32 @@ class DurableWriter:
         return d
 
     # -- pool thread ----------------------------------------------------------
+
+    def _remove_batches(self) -> None:
+        """Unlink every queued unsynced removal, batch after batch, until none
+        is left; then fire their Deferreds with one hand-off per batch."""
+        while True:
+            with self._removal_lock:
+                batch, self._removals = self._removals, []
+                if not batch:
+                    self._removal_scheduled = False
+                    return
+            failed = []
+            for paths, _ in batch:
+                for path in paths:
+                    try:
+                        self._os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                    except OSError as error:
+                        failed.append((path, error))
+            self._reactor.callFromThread(self._removed, [d for _, d in batch], failed)
+
+    def _removed(self, deferreds: list[Deferred], failed) -> None:
+        for path, error in failed:
+            self.log.error("removing {path} failed: {error}", path=path, error=error)
+        for d in deferreds:
+            d.callback(None)
 
     def _dispatch(self, f, *args) -> bool:
         if getattr(self._pool, "joined", False):  # ThreadPool drops work silently once stopped

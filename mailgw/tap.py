@@ -14,7 +14,6 @@ import re
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
-from twisted.internet import threads
 from twisted.logger import Logger
 from twisted.names import client as dns_client
 from twisted.python import usage
@@ -30,7 +29,7 @@ from mailgw.durable import DurableWriter
 from mailgw.queue import control
 from mailgw.queue.delivery import RelayTransport
 from mailgw.queue.runner import QueueRunner
-from mailgw.queue.spool import Spool
+from mailgw.queue.spool import Spool, message_reader
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw import tls
@@ -148,9 +147,7 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
 
-    def read_message(path):
-        return threads.deferToThreadPool(reactor, io_pool, path.read_bytes)
-
+    read_message = message_reader(reactor, io_pool)
     transport = RelayTransport(config=config, reactor=reactor, resolver=dns_client.createResolver(),
                                read_message=read_message)
     runner = QueueRunner(config=config, spool=spool, transport=transport, store=store, router=router,

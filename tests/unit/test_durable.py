@@ -447,6 +447,48 @@ def test_remove_unlinks_in_order_then_syncs_and_never_fails(tmp_path, recording_
     assert recording_writer.events and recording_writer.events[-1]["log_failure"].check(OSError)
 
 
+def test_unsynced_removals_are_batched_into_one_pool_job_and_never_synced(tmp_path):
+    writer, pool = manual_writer()
+    final, tmp = make_dirs(tmp_path)
+    names = ["a", "b", "c", "d"]
+    for name in names:
+        (final / name).write_bytes(b"x")
+    first = writer.remove([final / "a"], sync=False)
+    second = writer.remove([final / "b", final / "missing"], sync=False)
+    assert len(pool.jobs) == 1                     # the second waits for the first's job
+
+    def arrives_while_unlinking():                 # taken by the same job's next round
+        third.append(writer.remove([final / "c"], sync=False))
+
+    third = []
+    real_unlink = writer._os.unlink
+
+    def unlink(path):
+        if path == final / "a" and not third:
+            arrives_while_unlinking()
+        return real_unlink(path)
+
+    writer._os.unlink = unlink
+    pool.run_next()
+    assert pool.jobs == []
+    assert sorted(p.name for p in final.iterdir()) == ["d"]
+    assert first.called and second.called and third[0].called
+    assert not [c for c in writer._os.calls if c[0] in ("fsync", "fsynced")]
+    # the batch job is over: the next removal schedules a new one
+    writer.remove([final / "d"], sync=False)
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    assert list(final.iterdir()) == []
+
+
+def test_a_failed_unsynced_removal_is_logged_and_still_fires(tmp_path, recording_writer):
+    final, tmp = make_dirs(tmp_path)
+    (final / "e").write_bytes(b"e")
+    recording_writer._os.fail("unlink", err=errno.EIO)
+    assert result_of(recording_writer.remove([final / "e"], sync=False)) is None
+    assert any("removing" in e.get("log_format", "") and "e" in str(e.get("path")) for e in recording_writer.events)
+
+
 # -- unnamed files: O_TMPFILE + linkat(AT_EMPTY_PATH) ------------------------------
 
 def tmpfile_writer():
