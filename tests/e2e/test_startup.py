@@ -157,13 +157,16 @@ def test_port_offset_shifts_every_listener(make_server):
     offset = 1000
     server = make_server("offset", port_offset=offset)
     server.start()              # config says tcp:PORT-1000; the server.ports are PORT
-    assert all(f"tcp:{port - offset}:" in server.config_path.read_text() for port in server.ports.values())
+    config_text = server.config_path.read_text()
+    assert all(f"tcp:{port - offset}:" in config_text for port in server.ports.values()), \
+        (server.ports, config_text)
     log = server.log_text()
     for name, port in server.ports.items():
-        assert f"listening for {name} on 127.0.0.1:{port}" in log, log
-        assert f"127.0.0.1:{port - offset}" not in log
+        assert f"listening for {name} on 127.0.0.1:{port}" in log, (name, port, log)
+        assert f"127.0.0.1:{port - offset}" not in log, (name, port, log)
     with socket.create_connection(("127.0.0.1", server.ports["relay"]), timeout=10) as sock:
-        assert sock.recv(512).startswith(b"220 ")
+        banner = sock.recv(512)
+        assert banner.startswith(b"220 "), banner
     with server.smtp("relay") as client:
         client.ehlo()
         mark = "offset-" + str(server.ports["relay"])
