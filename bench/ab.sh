@@ -19,6 +19,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 BENCH=${BENCH:-/work/shared/bench}
 PYTHON=${PYTHON:-python3}
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"
 [ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
 REV=$1; shift
 RELAY=0; WORKERS=2; PAIRS=5; COUNT=3000; CONC=32; PER=1
@@ -39,8 +41,7 @@ SERVERS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${SERVERS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${SERVERS[@]}"; do wait "$pid" 2>/dev/null; done
+  stop_servers
   git -C "$REPO" worktree remove --force "$T/old" 2>/dev/null
   git -C "$REPO" worktree prune
   rm -rf "$T"

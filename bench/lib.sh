@@ -30,3 +30,11 @@ cleanup() {
   if [ "$KEEP" = 1 ]; then echo "data kept in $D"; else rm -rf "$D"; fi
   exit $rc
 }
+
+# Stop the `--serve` runs this script started in the background (their PIDs in the array
+# SERVERS) and wait for each: every one stops its own mailgw on TERM.
+stop_servers() {
+  local pid
+  for pid in "${SERVERS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${SERVERS[@]}"; do wait "$pid" 2>/dev/null; done
+}

@@ -45,8 +45,7 @@ STARTED_PEERS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${SERVERS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${SERVERS[@]}"; do wait "$pid" 2>/dev/null; done
+  stop_servers
   [ ${#STARTED_PEERS[@]} -gt 0 ] && "$BENCH/peers/stop-peers.sh" "${STARTED_PEERS[@]}"
   rm -rf "$T"
   exit $rc
