@@ -37,6 +37,7 @@ class IOThreadPool:
     log = Logger()
 
     def __init__(self, minthreads: int = 0, maxthreads: int = 10, name: str = "mailgw"):
+        # minthreads: Twisted's signature; threads start on demand here.
         if maxthreads < 1:
             raise ValueError("maxthreads must be at least 1")
         self.max = maxthreads
@@ -73,8 +74,8 @@ class IOThreadPool:
 
     def stop(self) -> None:
         """Finish the calls queued so far, then end and join every thread."""
-        self.joined = True
-        with self._lock:
+        with self._lock:                   # no thread starts after this snapshot
+            self.joined = True
             threads = list(self._threads)
             self._threads.clear()
         for _ in threads:
@@ -92,7 +93,8 @@ class IOThreadPool:
         self._calls.put((on_result, f, args, kwargs))
         with self._lock:
             self._queued += 1
-            if not self.started or self._queued <= self._idle or len(self._threads) >= self.max:
+            if (self.joined or not self.started or self._queued <= self._idle
+                    or len(self._threads) >= self.max):
                 return
             thread = self._new_thread()
         thread.start()
