@@ -255,8 +255,9 @@ _O_TMPFILE_AVAILABLE = hasattr(os, "O_TMPFILE") and _LINKAT is not None
 class DurableWriter:
     """Crash-safe file creation for the Maildir store and the relay spool.
 
-    `threadpool` is a started `twisted.python.threadpool.ThreadPool` (or
-    anything with `callInThread(f, *args)`); its owner starts and stops it.
+    `threadpool` is a started `mailgw.iopool.IOThreadPool` (or anything
+    with `callInThread(f, *args)` and `joined`, such as Twisted's
+    ThreadPool); its owner starts and stops it.
     """
 
     log = Logger()
