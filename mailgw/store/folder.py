@@ -498,11 +498,10 @@ class Folder:
             # Few distinct info strings in a folder: work each one out once per job.
             letters_after: dict[str, str] = {}
             # 10,000 messages per STORE are common (mark all read): the loop
-            # keeps to locals and does per message only what differs.
-            recs, by_name, cur, rename = st.recs, st.by_name, self._cur, os.rename
-            changed = False
+            # does per message only what differs, and fsyncs cur/ once.
+            renamed = False
             for uid in uids:
-                rec = recs.get(uid)
+                rec = st.recs.get(uid)
                 if rec is None:
                     continue
                 new_letters = letters_after.get(rec.letters)
@@ -520,31 +519,26 @@ class Folder:
                 if new_letters == rec.letters and kw == rec.kw:
                     result[uid] = rec.info.flags
                     continue
-                name = f"{rec.key},U={uid}:2,{new_letters}"          # make_name
+                name = make_name(rec.key, uid, new_letters)
                 if name != rec.name:
                     try:
-                        rename(f"{cur}/{rec.name}", f"{cur}/{name}")
+                        os.rename(f"{self._cur}/{rec.name}", f"{self._cur}/{name}")
                     except FileNotFoundError:
                         if listing is None:
-                            listing = self._keys(cur)
+                            listing = self._keys(self._cur)
                         current = listing.get(rec.key)
                         if current is None:  # removed by someone who does not take our lock
                             st.drop(uid)
-                            changed = True
+                            ctx.dirty = ctx.changed = True
                             continue
-                        rename(f"{cur}/{current}", f"{cur}/{name}")
-                    changed = True
+                        os.rename(f"{self._cur}/{current}", f"{self._cur}/{name}")
+                    renamed = True
                 new = self._rec(ctx, uid, name, rec.key, rec.size, rec.internaldate, kw, new_letters)
-                # st.put, with the key unchanged
-                if name != rec.name:
-                    by_name.pop(rec.name, None)
-                    by_name[name] = uid
-                recs[uid] = new
+                st.put(new, rec)
                 result[uid] = new.info.flags
                 ctx.dirty = ctx.changed = True
-            if changed:
-                ctx.synced_dirs.add(cur)
-                ctx.dirty = ctx.changed = True
+            if renamed:
+                ctx.synced_dirs.add(self._cur)
             self._commit(ctx)
         return self._outcome(snap, ctx, result)
 
