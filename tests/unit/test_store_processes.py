@@ -29,28 +29,12 @@ ROUNDS = 40
 WORKER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
-    from twisted.internet.task import Clock
     from twisted.logger import Logger
     from twisted.python.failure import Failure
     from mailgw.durable import DurableWriter
     from mailgw.store.folder import Folder
     from mailgw.store.mailbox import MailStore
-
-    class Pool:
-        joined = False
-        def callInThread(self, f, *a, **kw):
-            f(*a, **kw)
-        def callInThreadWithCallback(self, done, f, *a, **kw):
-            try:
-                value = f(*a, **kw)
-            except BaseException:
-                done(False, Failure())
-            else:
-                done(True, value)
-
-    class Reactor(Clock):
-        def callFromThread(self, f, *a, **kw):
-            f(*a, **kw)
+    from threadless import ImmediatePool, ThreadlessClock
 
     def result(d):
         box = []
@@ -61,7 +45,7 @@ WORKER = textwrap.dedent("""
 
     Folder.log = Logger(observer=lambda e: None)
     mail_dir, worker, rounds, go = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-    reactor, pool = Reactor(), Pool()
+    reactor, pool = ThreadlessClock(), ImmediatePool()
     store = MailStore(mail_dir, reactor=reactor, threadpool=pool,
                       writer=DurableWriter(reactor=reactor, threadpool=pool))
     inbox = result(store.mailbox("alice@example.org").folder("INBOX"))
@@ -93,7 +77,9 @@ def test_concurrent_processes_never_share_a_uid(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     go = tmp_path / "go"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The repository for mailgw, tests/unit for the thread-less test doubles.
+    path = [str(ROOT), str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     workers = [
         subprocess.Popen([sys.executable, str(script), str(mail_dir), str(n), str(ROUNDS), str(go)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
