@@ -268,9 +268,9 @@ class DurableWriter:
         self._os = _OSCalls()
         self._tmpfile = _O_TMPFILE_AVAILABLE     # cleared for good at the first sign it does not work
         self._group_sync = _GroupSync(self._fsync_directory, self._dispatch)
-        # Unsynced removals waiting for a pool job (see remove()).
+        # Removals waiting for a pool job (see remove()): (paths, sync, Deferred).
         self._removal_lock = threading.Lock()
-        self._removals: list[tuple[list[Path], Deferred]] = []
+        self._removals: list[tuple[list[Path], bool, Deferred]] = []
         self._removal_scheduled = False
 
     # -- public API -----------------------------------------------------------
@@ -333,46 +333,26 @@ class DurableWriter:
         Missing files are fine. Never fails: errors are logged, and the
         Deferred fires with None either way.
 
-        Unsynced removals (the relay queue's, one per delivered message) are
-        batched: while one pool job unlinks, later requests gather and the
-        next job takes them all, so a busy queue pays one hand-off per batch,
-        not per message."""
+        Removals are batched: while one pool job unlinks, later requests
+        gather and the next round takes them all, with one fsync per
+        directory, so a busy relay queue (one removal per delivered message)
+        pays one hand-off per batch, not per message."""
         paths = [Path(p) for p in paths]
         d = Deferred()
-        if not sync:
-            with self._removal_lock:
-                self._removals.append((paths, d))
-                if self._removal_scheduled:
-                    return d
-                self._removal_scheduled = True
-            if not self._dispatch(self._remove_batches):
-                self._remove_batches()    # pool stopping: finish here
-            return d
-
-        def work():
-            try:
-                for path in paths:
-                    try:
-                        self._os.unlink(path)
-                    except FileNotFoundError:
-                        pass
-                for directory in sorted({path.parent for path in paths}) if sync else ():
-                    self._fsync_directory(directory)
-            except BaseException:
-                failure = Failure()
-                self._reactor.callFromThread(self.log.failure, "removing {paths} failed", failure, paths=paths)
-            self._reactor.callFromThread(d.callback, None)
-
-        if not self._dispatch(work):
-            self.log.error("I/O thread pool stopped; not removed: {paths}", paths=paths)
-            d.callback(None)
+        with self._removal_lock:
+            self._removals.append((paths, sync, d))
+            if self._removal_scheduled:
+                return d
+            self._removal_scheduled = True
+        if not self._dispatch(self._remove_batches):
+            self._remove_batches()    # pool stopping: finish here
         return d
 
     # -- pool thread ----------------------------------------------------------
 
     def _remove_batches(self) -> None:
-        """Unlink every queued unsynced removal, batch after batch, until none
-        is left; then fire their Deferreds with one hand-off per batch."""
+        """Carry out every queued removal, batch after batch, until none is
+        left; each batch's Deferreds fire with one hand-off."""
         while True:
             with self._removal_lock:
                 batch, self._removals = self._removals, []
@@ -380,7 +360,7 @@ class DurableWriter:
                     self._removal_scheduled = False
                     return
             failed = []
-            for paths, _ in batch:
+            for paths, _, _ in batch:
                 for path in paths:
                     try:
                         self._os.unlink(path)
@@ -388,11 +368,16 @@ class DurableWriter:
                         pass
                     except OSError as error:
                         failed.append((path, error))
-            self._reactor.callFromThread(self._removed, [d for _, d in batch], failed)
+            for directory in sorted({path.parent for paths, sync, _ in batch if sync for path in paths}):
+                try:
+                    self._fsync_directory(directory)
+                except OSError as error:
+                    failed.append((directory, error))
+            self._reactor.callFromThread(self._removed, [d for _, _, d in batch], failed)
 
     def _removed(self, deferreds: list[Deferred], failed) -> None:
         for path, error in failed:
-            self.log.error("removing {path} failed: {error}", path=path, error=error)
+            self.log.error("removing files: {path} failed: {error}", path=path, error=error)
         for d in deferreds:
             d.callback(None)
 

@@ -441,10 +441,6 @@ def test_remove_unlinks_in_order_then_syncs_and_never_fails(tmp_path, recording_
     calls = [c for c in recording_writer._os.calls if c[0] in ("unlink", "fsynced")]
     assert calls == [("unlink", final / "b"), ("unlink", final / "missing"), ("unlink", final / "a"),
                      ("fsynced", final)]
-    recording_writer._os.fail("unlink", err=errno.EIO)
-    (final / "c").write_bytes(b"c")
-    assert result_of(recording_writer.remove([final / "c"])) is None  # logged, not raised
-    assert recording_writer.events and recording_writer.events[-1]["log_failure"].check(OSError)
 
 
 def test_unsynced_removals_are_batched_into_one_pool_job_and_never_synced(tmp_path):
@@ -481,12 +477,27 @@ def test_unsynced_removals_are_batched_into_one_pool_job_and_never_synced(tmp_pa
     assert list(final.iterdir()) == []
 
 
-def test_a_failed_unsynced_removal_is_logged_and_still_fires(tmp_path, recording_writer):
+def test_a_batch_fsyncs_each_directory_of_its_synced_removals_once(tmp_path):
+    writer, pool = manual_writer()
+    final, tmp = make_dirs(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    for path in (final / "a", final / "b", other / "c"):
+        path.write_bytes(b"x")
+    done = [writer.remove([final / "a"]), writer.remove([final / "b"]), writer.remove([other / "c"], sync=False)]
+    pool.run_next()
+    assert all(d.called for d in done)
+    assert [c for c in writer._os.calls if c[0] == "fsynced"] == [("fsynced", final)]
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_a_failed_removal_is_logged_and_still_fires(tmp_path, recording_writer, sync):
     final, tmp = make_dirs(tmp_path)
     (final / "e").write_bytes(b"e")
     recording_writer._os.fail("unlink", err=errno.EIO)
-    assert result_of(recording_writer.remove([final / "e"], sync=False)) is None
-    assert any("removing" in e.get("log_format", "") and "e" in str(e.get("path")) for e in recording_writer.events)
+    assert result_of(recording_writer.remove([final / "e"], sync=sync)) is None     # logged, not raised
+    assert any("removing" in e.get("log_format", "") and e.get("path") == final / "e"
+               for e in recording_writer.events)
 
 
 # -- unnamed files: O_TMPFILE + linkat(AT_EMPTY_PATH) ------------------------------
