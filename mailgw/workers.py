@@ -41,7 +41,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText
 from zope.interface import implementer
 
 from mailgw.errors import LoginsRefused, TemporaryError, log_failure
@@ -272,7 +272,7 @@ class SMTPWorkers(service.Service):
 
     def _adopt_unknown_entries(self) -> defer.Deferred:
         # Finished entries too: their files may not be unlinked yet.
-        known = set(self.runner.envelopes) | set(getattr(self.runner, "finished", ()))
+        known = set(self.runner.envelopes) | set(self.runner.finished)
 
         def scan():
             found = []
@@ -285,9 +285,9 @@ class SMTPWorkers(service.Service):
             return found
 
         def adopt(envelopes):
-            finished = getattr(self.runner, "finished", ())
+            # The runner may have learned of some while the scan ran.
             for envelope in envelopes:
-                if envelope["id"] not in self.runner.envelopes and envelope["id"] not in finished:
+                if envelope["id"] not in self.runner.envelopes and envelope["id"] not in self.runner.finished:
                     log.info("{queue_id}: found in the spool after a worker exited", queue_id=envelope["id"])
                     self.runner.add(envelope)
 
@@ -440,6 +440,10 @@ class RemoteChecker:
         raise TemporaryError(454, "4.7.0", "Temporary authentication failure")
 
 
+def _no_time(_) -> str:
+    return ""       # the main process stamps the line when it relogs it
+
+
 class StderrLog:
     """The worker's log observer: `LEVEL<TAB>text` lines on stderr (a pipe
     the main process reads), LEVEL as LogLevel.name (`info`, `warn`...);
@@ -455,8 +459,7 @@ class StderrLog:
         self._held: list[str] = []
 
     def __call__(self, event) -> None:
-        from twisted.logger import formatEventAsClassicLogText
-        text = formatEventAsClassicLogText(event, formatTime=lambda _: "")
+        text = formatEventAsClassicLogText(event, formatTime=_no_time)
         if text is None:
             return
         level = event.get("log_level", LogLevel.info)

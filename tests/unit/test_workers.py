@@ -100,8 +100,9 @@ class FakeProcessTransport:
 
 
 class FakeRunner:
-    def __init__(self, envelopes=None):
+    def __init__(self, envelopes=None, finished=()):
         self.envelopes: dict[str, dict] = dict(envelopes or {})
+        self.finished = dict.fromkeys(finished)     # as QueueRunner.finished: ids done with
         self.added: list[dict] = []
 
     def add(self, envelope: dict) -> None:
@@ -1153,30 +1154,9 @@ def test_held_log_lines_wait_for_flush_but_warnings_take_them_out_at_once():
 def test_a_spool_scan_does_not_take_up_an_entry_the_runner_just_finished():
     """Delivered, then discarded: the unlink runs in the I/O pool, so a scan in
     between still sees the files. The runner's `finished` ids keep it out."""
-    runner = FakeRunnerWithFinished()
-    spool = FakeSpoolFor({"DONE": {"id": "DONE"}, "NEW": {"id": "NEW"}})
+    runner = FakeRunner(finished=["DONE"])
+    spool = FakeSpool({"DONE": envelope("DONE"), "NEW": envelope("NEW")})
     service = SMTPWorkers(reactor=None, clock=task.Clock(), count=0, config_path=None, sockets=(),
                           checker=None, runner=runner, spool=spool)
     service._adopt_unknown_entries()
-    assert runner.added == [{"id": "NEW"}]
-
-
-class FakeRunnerWithFinished:
-    def __init__(self):
-        self.envelopes = {}
-        self.finished = {"DONE": None}
-        self.added = []
-
-    def add(self, envelope):
-        self.added.append(envelope)
-
-
-class FakeSpoolFor:
-    def __init__(self, entries):
-        self.entries = entries
-
-    def ids(self):
-        return sorted(self.entries)
-
-    def load(self, queue_id):
-        return self.entries[queue_id], None
+    assert runner.added == [envelope("NEW")]
