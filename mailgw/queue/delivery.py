@@ -75,7 +75,7 @@ def default_connect(reactor, timeout: float):
 
 
 def _read_in_thread(reactor):
-    def read(path: Path, size=None):
+    def read(path: Path):
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), Path(path).read_bytes)
     return read
 
@@ -202,7 +202,7 @@ class RelayTransport:
     @defer.inlineCallbacks
     def _deliver(self, request: DeliveryRequest):
         try:
-            message = yield self._read_message(request.message_path, request.size)
+            message = yield self._read_message(request.message_path)
         except Exception:
             log.failure("could not read {path} for {queue_id}", path=str(request.message_path),
                         queue_id=request.queue_id)

@@ -23,7 +23,6 @@ import shutil
 import threading
 from pathlib import Path
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -342,14 +341,9 @@ class Spool:
         )
 
 
-# A queued message this small is read on the reactor thread: it was written a
-# moment ago and sits in the page cache, and handing the read to the pool costs
-# more than the read (a GIL hand-off for each of its system calls).
-INLINE_READ_MAX = 64 * 1024
-
-
 def read_file(path) -> bytes:
-    """The whole file in as few system calls as possible (open, read, close)."""
+    """The whole file in as few system calls as possible (open, read, close):
+    in a pool thread each one is a GIL hand-off."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         parts = []
@@ -361,12 +355,9 @@ def read_file(path) -> bytes:
 
 
 def message_reader(reactor, threadpool):
-    """read_message(path, size=None) -> Deferred[bytes] for the queue runner
-    and the relay transport: inline up to INLINE_READ_MAX octets when the
-    caller knows the size, in `threadpool` otherwise."""
-    def read_message(path, size=None):
-        if size is not None and size <= INLINE_READ_MAX:
-            return defer.execute(read_file, path)
+    """read_message(path) -> Deferred[bytes], in `threadpool`: for the queue
+    runner and the relay transport."""
+    def read_message(path):
         return deferToThreadPool(reactor, threadpool, read_file, path)
     return read_message
 

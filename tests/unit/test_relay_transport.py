@@ -86,7 +86,7 @@ class RelayTransportTests(unittest.TestCase):
         config = config_module.load(None, overrides={
             "server": {"hostname": HOSTNAME, "data_dir": str(self.tmp / "data")}, "queue": queue})
         transport = RelayTransport(config=config, reactor=reactor, resolver=resolver or FakeResolver(),
-                                   connect=self.connect, read_message=lambda path, size=None: defer.succeed(path.read_bytes()))
+                                   connect=self.connect, read_message=lambda path: defer.succeed(path.read_bytes()))
         verifyObject(IRelayTransport, transport)
         return transport
 
@@ -434,7 +434,7 @@ class RelayTransportTests(unittest.TestCase):
         request = self.request()
         request.message_path.unlink()
         transport = self.transport(self.mx_resolver(), mx_tls="none")
-        transport._read_message = lambda path, size=None: defer.maybeDeferred(path.read_bytes)
+        transport._read_message = lambda path: defer.maybeDeferred(path.read_bytes)
         result = yield transport.deliver(request)
         [r] = result.results
         self.assertEqual((r.status, r.enhanced), (STATUS_DEFERRED, "4.3.0"))

@@ -343,17 +343,14 @@ def test_update_refuses_an_invalid_envelope(env):
     assert env.spool.load(queue_id)[0]["recipients"]
 
 
-def test_message_reader_reads_small_messages_at_once_and_large_ones_in_the_pool(tmp_path):
+def test_message_reader_reads_in_the_pool_and_fails_as_a_deferred(tmp_path):
     from threadless import ImmediatePool, ThreadlessClock
-    from mailgw.queue.spool import INLINE_READ_MAX, message_reader
-    small, large = tmp_path / "small.msg", tmp_path / "large.msg"
-    small.write_bytes(b"x" * 100)
-    large.write_bytes(b"y" * (INLINE_READ_MAX + 1))
+    from mailgw.queue.spool import message_reader
+    message = tmp_path / "a.msg"
+    message.write_bytes(b"x" * 3_000_000)                          # more than one read(2)
     pool = ImmediatePool()
     read = message_reader(ThreadlessClock(), pool)
-    assert read(small, 100).result == b"x" * 100 and pool.jobs == 0          # no pool hand-off
-    assert read(large, INLINE_READ_MAX + 1).result == b"y" * (INLINE_READ_MAX + 1) and pool.jobs == 1
-    assert read(small).result == b"x" * 100 and pool.jobs == 2               # size unknown: the pool
-    missing = read(tmp_path / "gone.msg", 10)
+    assert read(message).result == b"x" * 3_000_000 and pool.jobs == 1
+    missing = read(tmp_path / "gone.msg")
     missing.addErrback(lambda f: f.trap(FileNotFoundError) and "failed")
-    assert missing.result == "failed"                                        # a failed Deferred, not a raise
+    assert missing.result == "failed" and pool.jobs == 2
