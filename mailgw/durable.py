@@ -28,7 +28,8 @@ it. See `_GroupSync` for the argument in the code.
 
 Thread model: `_GroupSync` is the only state shared between threads (one
 lock). Per-commit bookkeeping (`_Commit.remaining`, the Deferred) is touched on
-the reactor thread only, reached through `reactor.callFromThread`.
+the reactor thread only, reached through a `ReactorInbox` (callFromThread
+with one wake-up per burst).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from zope.interface import implementer
 
 from mailgw.errors import MailError, StorageFailed, StorageFull
 from mailgw.interfaces import IDurableWriter
+from mailgw.iopool import ReactorInbox
 
 FILE_MODE = 0o600
 DIRECTORY_MODE = 0o700
@@ -152,21 +154,29 @@ class _OSCalls:
     mkdir = staticmethod(os.mkdir)
 
 
-@dataclass(frozen=True)
 class _Write:
-    directory: Path
-    tmp_directory: Path
-    final_name: str
-    data: bytes
-    replace: bool = False     # overwrite an existing final file (envelope updates)
+    """One file of a commit. `final_path` is joined once: a commit needs it
+    three or four times, and a pathlib join costs more than the rest of
+    the bookkeeping of a small message."""
+
+    __slots__ = ("directory", "tmp_directory", "final_name", "data", "replace", "final_path")
+
+    def __init__(self, directory: Path, tmp_directory: Path, final_name: str, data: bytes,
+                 replace: bool = False):
+        self.directory = directory
+        self.tmp_directory = tmp_directory
+        self.final_name = final_name
+        self.data = data
+        self.replace = replace     # overwrite an existing final file (envelope updates)
+        self.final_path = directory / final_name
 
     @property
-    def tmp_path(self) -> Path:
+    def tmp_path(self) -> Path:    # only the named-tmp-file path needs it
         return self.tmp_directory / self.final_name
 
-    @property
-    def final_path(self) -> Path:
-        return self.directory / self.final_name
+
+def _as_path(path) -> Path:
+    return path if isinstance(path, Path) else Path(path)
 
 
 @dataclass
@@ -263,7 +273,8 @@ class DurableWriter:
     log = Logger()
 
     def __init__(self, *, reactor, threadpool):
-        self._reactor = reactor
+        # Completions go back through one inbox: a burst of them wakes the reactor once.
+        self._to_reactor = ReactorInbox(reactor)
         self._pool = threadpool
         self._os = _OSCalls()
         self._tmpfile = _O_TMPFILE_AVAILABLE     # cleared for good at the first sign it does not work
@@ -280,7 +291,7 @@ class DurableWriter:
         firing with the final paths (same order) once every file and every
         directory entry is on disk; on failure nothing of this call is left
         behind and it fails with StorageFull or StorageFailed."""
-        parsed = [_Write(Path(d), Path(t), _checked_name(n), bytes(b)) for d, t, n, b in writes]
+        parsed = [_Write(_as_path(d), _as_path(t), _checked_name(n), bytes(b)) for d, t, n, b in writes]
         if not parsed:
             return succeed([])
         finals = [w.final_path for w in parsed]
@@ -297,7 +308,8 @@ class DurableWriter:
         `directory/final_name` (rename(2)): readers see the old or the new
         content, never a mix. For state that changes (the spool's envelopes);
         the caller makes sure one replace per name runs at a time."""
-        write = _Write(Path(directory), Path(tmp_directory), _checked_name(final_name), bytes(data), replace=True)
+        write = _Write(_as_path(directory), _as_path(tmp_directory), _checked_name(final_name), bytes(data),
+                       replace=True)
         job = _Commit([write], Deferred(), frozenset([write.directory]), remaining=1)
         if not self._dispatch(self._write_files, job):
             self._fail(job, Failure(RuntimeError("I/O thread pool stopped")))
@@ -319,9 +331,9 @@ class DurableWriter:
             try:
                 self._make_chains(root, directories)
             except BaseException:
-                self._reactor.callFromThread(self._errback_logged, d, Failure(), "creating directories")
+                self._to_reactor.callFromThread(self._errback_logged, d, Failure(), "creating directories")
             else:
-                self._reactor.callFromThread(d.callback, None)
+                self._to_reactor.callFromThread(d.callback, None)
 
         if not self._dispatch(work):
             self._errback_logged(d, Failure(RuntimeError("I/O thread pool stopped")), "creating directories")
@@ -373,7 +385,7 @@ class DurableWriter:
                     self._fsync_directory(directory)
                 except OSError as error:
                     failed.append((directory, error))
-            self._reactor.callFromThread(self._removed, [d for _, _, d in batch], failed)
+            self._to_reactor.callFromThread(self._removed, [d for _, _, d in batch], failed)
 
     def _removed(self, deferreds: list[Deferred], failed) -> None:
         for path, error in failed:
@@ -394,12 +406,12 @@ class DurableWriter:
         except BaseException:
             failure = Failure()
             self._remove_created(job)
-            self._reactor.callFromThread(self._fail, job, failure)
+            self._to_reactor.callFromThread(self._fail, job, failure)
             return
         # Every rename of this commit has returned; only now ask for directory
         # fsyncs, so each one we get started after all our renames.
         def on_synced(outcome: Failure | None) -> None:
-            self._reactor.callFromThread(self._directory_synced, job, outcome)
+            self._to_reactor.callFromThread(self._directory_synced, job, outcome)
 
         for directory in job.directories:
             self._group_sync.request(directory, on_synced)
@@ -410,7 +422,7 @@ class DurableWriter:
                 return self._write_unnamed(write, created)
             except TmpfileUnsupported:
                 self._tmpfile = False
-                self._reactor.callFromThread(
+                self._to_reactor.callFromThread(
                     self.log.info, "O_TMPFILE + linkat unavailable here; using named tmp files")
         o = self._os
         fd = o.open(write.tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
@@ -477,7 +489,7 @@ class DurableWriter:
 
     def _cleanup_then_fail(self, job: _Commit, failure: Failure) -> None:
         self._remove_created(job)
-        self._reactor.callFromThread(self._fail, job, failure)
+        self._to_reactor.callFromThread(self._fail, job, failure)
 
     # -- reactor thread -------------------------------------------------------
 

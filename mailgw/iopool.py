@@ -21,9 +21,13 @@ Semantics kept from Twisted's pool:
   that raises is logged.
 Threads are named "PoolThread-NAME-N", as Twisted names them (bench tools
 tell pool threads from the reactor thread by that name).
+
+`ReactorInbox` carries the results back: the reactor's callFromThread with one
+wake-up per burst of calls instead of one per call.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 
@@ -123,3 +127,49 @@ class IOThreadPool:
             del call, on_result, f, args, kwargs, result    # no references kept while idle
             with lock:
                 self._idle += 1
+
+
+class ReactorInbox:
+    """Calls from pool threads to the reactor thread, one wake-up per burst.
+
+    `reactor.callFromThread` wakes the reactor with a write to its waker pipe
+    on every call: from a pool thread that is a system call and a GIL
+    hand-off each time. Under load a dozen completions arrive between two
+    reactor turns; here only the first of them wakes the reactor, which then
+    runs them all, in the order they came. A drop-in wherever only
+    `callFromThread` is used (deferToThreadPool takes it as its reactor).
+
+    Why no call is stranded: a caller appends first and looks at the flag
+    second; the reactor clears the flag first and takes the calls second. A
+    caller that saw the flag set appended before it was cleared, so the run
+    that cleared it takes the call; a caller that saw it cleared wakes the
+    reactor itself.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._calls: collections.deque = collections.deque()
+        self._wake_pending = False
+
+    def callFromThread(self, f, *args, **kwargs) -> None:
+        self._calls.append((f, args, kwargs))
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._reactor.callFromThread(self._run)
+
+    def _run(self) -> None:
+        self._wake_pending = False
+        calls = self._calls
+        # Only the calls here now: later ones have woken the reactor again, and
+        # a reactor that ran an endless stream here would starve its sockets.
+        for _ in range(len(calls)):
+            try:
+                f, args, kwargs = calls.popleft()
+            except IndexError:      # a nested run took it (a test reactor that calls at once)
+                return
+            try:
+                f(*args, **kwargs)
+            except BaseException:
+                self.log.failure("call from a pool thread failed")

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
 from mailgw.interfaces import ISpool
+from mailgw.iopool import ReactorInbox
 
 ENVELOPE_VERSION = 1
 MSG_SUFFIX = ".msg"
@@ -356,9 +357,12 @@ def read_file(path) -> bytes:
 
 def message_reader(reactor, threadpool):
     """read_message(path) -> Deferred[bytes], in `threadpool`: for the queue
-    runner and the relay transport."""
+    runner and the relay transport. The results of a burst of reads wake the
+    reactor once (ReactorInbox)."""
+    to_reactor = ReactorInbox(reactor)
+
     def read_message(path):
-        return deferToThreadPool(reactor, threadpool, read_file, path)
+        return deferToThreadPool(to_reactor, threadpool, read_file, path)
     return read_message
 
 
