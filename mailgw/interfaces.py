@@ -57,6 +57,7 @@ class ISessionInfo(Interface):
 
     listener = Attribute("ListenerConfig of the listener the client came in on")
     client_ip = Attribute("client address as an ipaddress object")
+    client_text = Attribute("client_ip as text, formatted once per session")
     tls = Attribute("True once the session is encrypted")
     helo = Attribute("the HELO/EHLO argument, str, or None")
 

@@ -150,6 +150,7 @@ class SessionInfo:
     def __init__(self, listener: ListenerConfig, client_ip):
         self.listener = listener
         self.client_ip = client_ip
+        self.client_text = str(client_ip)
         self.tls = False
         self.helo = None
 

@@ -501,6 +501,7 @@ class SessionInfo:
     def __init__(self, listener: ListenerConfig, client_ip, tls: bool):
         self.listener = listener
         self.client_ip = client_ip
+        self.client_text = str(client_ip)
         self.tls = tls
         self.helo = None
 

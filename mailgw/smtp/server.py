@@ -103,6 +103,7 @@ class SessionInfo:
     def __init__(self, listener: ListenerConfig, client_ip, transport):
         self.listener = listener
         self.client_ip = client_ip
+        self.client_text = str(client_ip)   # for Received:, the EHLO reply and logs
         self.helo: str | None = None
         self.esmtp = False
         self.tls = False
@@ -414,7 +415,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._reset_transaction()
         self.session.helo = rest
         self.session.esmtp = esmtp
-        first = f"{self.factory.config.hostname} Hello {rest} [{self.session.client_ip}]"
+        first = f"{self.factory.config.hostname} Hello {rest} [{self.session.client_text}]"
         if not esmtp:
             return self._send_line(f"250 {first}")
         lines = [first, *self._extensions()]
@@ -582,7 +583,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self.log.info(
             "{queue_id}: accepted client=[{client}] listener={listener} auth={auth} "
             "from=<{sender}> to={to} size={size} tls={tls}",
-            queue_id=queue_id, client=self.session.client_ip, listener=self.factory.listener.name,
+            queue_id=queue_id, client=self.session.client_text, listener=self.factory.listener.name,
             auth=self.user or "-", sender=transaction.sender or "", size=size,
             to=",".join(f"<{rcpt.recipient}>" for rcpt in recipients),
             tls=self.session.tls_details or "no")
@@ -664,7 +665,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
 
     def _login(self, username: bytes, password: bytes):
         creds = credentials.UsernamePassword(username, password)
-        creds.client_ip = str(self.session.client_ip)
+        creds.client_ip = self.session.client_text
         login = self.portal.login(creds, self.session, smtp.IMessageDelivery)
 
         def succeeded(result):

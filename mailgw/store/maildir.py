@@ -45,6 +45,8 @@ MAX_DOMAIN = 255      # RFC 5321 §4.5.3.1.2
 MAILDIR_SUBDIRECTORIES = ("tmp", "new", "cur")
 # https://cr.yp.to/proto/maildir.html: a tmp/ file untouched for 36 hours is garbage.
 TMP_MAX_AGE = 36 * 3600.0
+# Mailbox directory paths kept per address (a small organisation has far fewer).
+_MAX_KNOWN_MAILBOXES = 10_000
 
 
 def split_mailbox_address(address: str) -> tuple[str, str]:
@@ -91,6 +93,8 @@ class MaildirStore:
         self._counter = itertools.count(1)
         # Mailboxes whose directory chain this process has made durable.
         self._ready: set[Path] = set()
+        # address -> (mailbox, its new/, its tmp/): built once, not per message.
+        self._directories: dict[str, tuple[Path, Path, Path]] = {}
         # Start-up, before the reactor runs: the root must exist for
         # ensure_directories.
         self._mail_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -100,23 +104,33 @@ class MaildirStore:
         local, domain = split_mailbox_address(address)
         return self._mail_dir / domain / local
 
+    def _mailbox_directories(self, address: str) -> tuple[Path, Path, Path]:
+        known = self._directories.get(address)
+        if known is None:
+            path = self.mailbox_path(address)          # ValueError if unsafe: not kept
+            if len(self._directories) >= _MAX_KNOWN_MAILBOXES:
+                self._directories.clear()
+            known = self._directories[address] = (path, path / "new", path / "tmp")
+        return known
+
     def deliver(self, mailboxes, message: bytes, lf: bool = False) -> Deferred:
         """Store `message` (CRLF; or already LF-only when `lf`, which saves a
         pass over big messages) in new/ of every mailbox, all or nothing.
         Fires with the stored paths (one per distinct mailbox)."""
         addresses = list(dict.fromkeys(mailboxes))
         try:
-            paths = [self.mailbox_path(address) for address in addresses]
+            directories = [self._mailbox_directories(address) for address in addresses]
         except ValueError:
             return fail()
-        if not paths:
+        if not directories:
             return succeed([])
+        paths = [path for path, _, _ in directories]
         if lf:
             stored, wire_size = message, len(message) + message.count(b"\n")
         else:
             stored, wire_size = message.replace(b"\r\n", b"\n"), len(message)
         name = self._new_name(len(stored), wire_size)
-        writes = [(path / "new", path / "tmp", name, stored) for path in paths]
+        writes = [(new, tmp, name, stored) for _, new, tmp in directories]
 
         missing = [path for path in paths if path not in self._ready]
         if missing:
