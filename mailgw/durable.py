@@ -24,7 +24,8 @@ a commit that finished its renames registers as a waiter; the next fsync to
 start takes every waiter registered so far and releases them all when it
 returns. A waiter registered while an fsync is running waits for the next one:
 that fsync may have begun before the waiter's rename, so it proves nothing for
-it. See `_GroupSync` for the argument in the code.
+it. See `_GroupSync` for the argument in the code. A commit that finds no fsync
+running runs it in its own pool thread, with no further hand-off.
 
 Thread model: `_GroupSync` is the only state shared between threads (one
 lock). Per-commit bookkeeping (`_Commit.remaining`, the Deferred) is touched on
@@ -227,17 +228,21 @@ class _GroupSync:
         self._lock = threading.Lock()
         self._waiters: dict[Path, list[Callable[[Failure | None], None]]] = {}
 
-    def request(self, directory: Path, on_synced: Callable[[Failure | None], None]) -> None:
+    def request(self, directory: Path, on_synced: Callable[[Failure | None], None], *,
+                inline: bool = False) -> None:
         """Call `on_synced(None)` (or with the Failure) from a pool thread once
-        an fsync of `directory` that started after this call has finished."""
+        an fsync of `directory` that started after this call has finished.
+        With `inline`, a caller (a pool thread with nothing else left to do)
+        that finds no runner becomes the runner itself: one thread hand-off
+        less per commit when commits do not overlap."""
         with self._lock:
             waiters = self._waiters.get(directory)
             if waiters is not None:
                 waiters.append(on_synced)  # the active runner's next round takes it
                 return
             self._waiters[directory] = [on_synced]
-        if not self._dispatch(self._run, directory):
-            self._run(directory)  # pool stopping: we are on a pool thread, finish here
+        if inline or not self._dispatch(self._run, directory):
+            self._run(directory)  # (or the pool is stopping: we are on a pool thread, finish here)
 
     def _run(self, directory: Path) -> None:
         # One runner per directory, looping while there are waiters: under
@@ -413,8 +418,11 @@ class DurableWriter:
         def on_synced(outcome: Failure | None) -> None:
             self._to_reactor.callFromThread(self._directory_synced, job, outcome)
 
-        for directory in job.directories:
+        *others, last = job.directories
+        for directory in others:
             self._group_sync.request(directory, on_synced)
+        # This thread's work for the commit is done: it may run the last sync itself.
+        self._group_sync.request(last, on_synced, inline=True)
 
     def _write_one(self, write: _Write, created: list[Path]) -> None:
         if self._tmpfile and not write.replace and getattr(self._os, "open_tmpfile", None):

@@ -284,20 +284,32 @@ def directory_fsyncs(writer, directory):
     return [c for c in writer._os.calls if c == ("fsync", directory)]
 
 
-def test_commits_renamed_before_a_directory_fsync_share_it(tmp_path):
+def test_the_writing_thread_runs_the_directory_fsync_itself(tmp_path):
+    """No runner active: the pool thread that wrote the file syncs the
+    directory in the same job, with no second hand-off."""
+    writer, pool = manual_writer()
+    final, tmp = make_dirs(tmp_path)
+    d = writer.commit([(final, tmp, "a", b"a")])
+    assert len(pool.jobs) == 1
+    pool.run_next()
+    assert result_of(d) == [final / "a"]
+    assert pool.jobs == [] and len(directory_fsyncs(writer, final)) == 1
+
+
+def test_commits_renamed_during_a_directory_fsync_share_the_next_one(tmp_path):
     writer, pool = manual_writer()
     final, tmp = make_dirs(tmp_path)
     da = writer.commit([(final, tmp, "a", b"a")])
     db = writer.commit([(final, tmp, "b", b"b")])
-    pool.run_next()  # writes a; schedules the directory syncer
-    pool.run_next()  # writes b; the syncer has not started: b joins its first round
-    assert not da.called and not db.called
-    pool.run_next()  # the syncer: one fsync for both
-    assert result_of(da) == [final / "a"] and result_of(db) == [final / "b"]
-    assert len(directory_fsyncs(writer, final)) == 1
+    dc = writer.commit([(final, tmp, "c", b"c")])
+    writer._os.during_directory_fsync = lambda: (pool.run_next(), pool.run_next())  # b and c
+    pool.run_next()   # writes a and syncs; b and c are renamed meanwhile and join one round
+    assert result_of(da) == [final / "a"] and result_of(db) == [final / "b"] and result_of(dc) == [final / "c"]
+    assert len(directory_fsyncs(writer, final)) == 2
     assert pool.jobs == []
     calls = writer._os.calls
-    assert calls.index(("fsync", final)) > calls.index(("move", final / "b"))
+    second = len(calls) - 1 - calls[::-1].index(("fsync", final))
+    assert second > calls.index(("move", final / "b")) and second > calls.index(("move", final / "c"))
 
 
 def test_commit_renamed_during_a_directory_fsync_waits_for_the_next(tmp_path):
@@ -308,10 +320,8 @@ def test_commit_renamed_during_a_directory_fsync_waits_for_the_next(tmp_path):
     dc = writer.commit([(final, tmp, "c", b"c")])
     da.addCallback(lambda _: order.append(("fired", "a")))
     dc.addCallback(lambda _: order.append(("fired", "c")))
-    pool.run_next()  # writes a, schedules the syncer (jobs: write c, syncer)
-    pool.jobs.reverse()  # the syncer starts before c is written...
-    writer._os.during_directory_fsync = pool.run_next  # ...and c is renamed while it runs
-    pool.run_next()
+    writer._os.during_directory_fsync = pool.run_next  # c is written while a's fsync runs
+    pool.run_next()                                    # writes a, then runs the directory fsync
     assert pool.jobs == []
     events = [c for c in order if c[0] in ("move", "fsync", "fsynced", "fired") and c[1] != tmp / "a"]
     events = [c for c in events if c[1] != tmp / "c"]
@@ -332,19 +342,31 @@ def test_failed_directory_fsync_fails_and_cleans_every_waiter(tmp_path):
     writer, pool = manual_writer()
     writer.log = Logger(observer=lambda event: None)
     final, tmp = make_dirs(tmp_path)
-    writer._os.fail("fsync", lambda p: p == final, errno.ENOSPC)
+    directory_syncs = []
+
+    def second_directory_sync(path):
+        if path != final:
+            return False
+        directory_syncs.append(path)
+        return len(directory_syncs) == 2
+
+    writer._os.fail("fsync", second_directory_sync, errno.ENOSPC)
     da = writer.commit([(final, tmp, "a", b"a")])
     db = writer.commit([(final, tmp, "b", b"b")])
-    while pool.jobs:
-        pool.run_next()
-    result_of(da).trap(StorageFull)
-    result_of(db).trap(StorageFull)
-    assert list(final.iterdir()) == [] and list(tmp.iterdir()) == []
-    # The next commit gets a fresh fsync and succeeds.
     dc = writer.commit([(final, tmp, "c", b"c")])
+    writer._os.during_directory_fsync = lambda: (pool.run_next(), pool.run_next())  # b and c
+    pool.run_next()   # a's round succeeds; the round of b and c fails
+    while pool.jobs:
+        pool.run_next()   # their cleanup
+    assert result_of(da) == [final / "a"]
+    result_of(db).trap(StorageFull)
+    result_of(dc).trap(StorageFull)
+    assert list(final.iterdir()) == [final / "a"] and list(tmp.iterdir()) == []
+    # The next commit gets a fresh fsync and succeeds.
+    dd = writer.commit([(final, tmp, "d", b"d")])
     while pool.jobs:
         pool.run_next()
-    assert result_of(dc) == [final / "c"]
+    assert result_of(dd) == [final / "d"]
 
 
 def test_ensure_directories_creates_chains_and_fsyncs_their_parents(tmp_path, recording_writer):
