@@ -362,7 +362,9 @@ class DurableWriter:
                 return d
             self._removal_scheduled = True
         if not self._dispatch(self._remove_batches):
-            self._remove_batches()    # pool stopping: finish here
+            # Pool stopped (shutdown): unlink here, on the reactor thread, rather
+            # than leave an entry whose redelivery would be a duplicate.
+            self._remove_batches()
         return d
 
     # -- pool thread ----------------------------------------------------------
@@ -383,12 +385,12 @@ class DurableWriter:
                         self._os.unlink(path)
                     except FileNotFoundError:
                         pass
-                    except OSError as error:
+                    except Exception as error:    # logged; never left scheduled for good
                         failed.append((path, error))
             for directory in sorted({path.parent for paths, sync, _ in batch if sync for path in paths}):
                 try:
                     self._fsync_directory(directory)
-                except OSError as error:
+                except Exception as error:
                     failed.append((directory, error))
             self._to_reactor.callFromThread(self._removed, [d for _, _, d in batch], failed)
 

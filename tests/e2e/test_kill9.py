@@ -77,7 +77,6 @@ class RawSession(LineConnection):
         return found.group(1).decode() if found else None
 
 
-
 def body_for(mark: str, lines: int) -> bytes:
     return b"".join(f"{mark} line {i:06d} .{'x' * 50}\r\n".encode() for i in range(lines)) + b".dot line\r\n"
 

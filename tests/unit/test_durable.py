@@ -522,6 +522,26 @@ def test_a_failed_removal_is_logged_and_still_fires(tmp_path, recording_writer, 
                for e in recording_writer.events)
 
 
+def test_an_unexpected_removal_error_does_not_stop_later_removals(tmp_path, recording_writer):
+    """Not only OSError: whatever a removal raises is logged, and the batch
+    mechanism is not left scheduled for good (later removals still run)."""
+    final, tmp = make_dirs(tmp_path)
+    (final / "a").write_bytes(b"a")
+    (final / "b").write_bytes(b"b")
+    real_unlink = recording_writer._os.unlink
+
+    def unlink(path):
+        if path == final / "a":
+            raise ValueError("unexpected")
+        real_unlink(path)
+
+    recording_writer._os.unlink = unlink
+    assert result_of(recording_writer.remove([final / "a"])) is None
+    assert any(e.get("path") == final / "a" for e in recording_writer.events)
+    assert result_of(recording_writer.remove([final / "b"])) is None
+    assert sorted(final.iterdir()) == [final / "a"]
+
+
 # -- unnamed files: O_TMPFILE + linkat(AT_EMPTY_PATH) ------------------------------
 
 def tmpfile_writer():

@@ -49,7 +49,7 @@ def test_a_call_after_a_run_wakes_the_reactor_again():
     ran = []
     inbox.callFromThread(ran.append, "first")
     reactor.turn()
-    inbox.callFromThread(ran.append, "second", )
+    inbox.callFromThread(ran.append, "second")
     assert reactor.wakeups == 2
     reactor.turn()
     assert ran == ["first", "second"]
