@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
@@ -160,20 +161,23 @@ class _Write:
     three or four times, and a pathlib join costs more than the rest of
     the bookkeeping of a small message."""
 
-    __slots__ = ("directory", "tmp_directory", "final_name", "data", "replace", "final_path")
+    __slots__ = ("directory", "tmp_directory", "final_name", "data", "replace", "final_path", "tmp_name")
 
     def __init__(self, directory: Path, tmp_directory: Path, final_name: str, data: bytes,
-                 replace: bool = False):
+                 replace: bool = False, tmp_name: str | None = None):
         self.directory = directory
         self.tmp_directory = tmp_directory
         self.final_name = final_name
         self.data = data
         self.replace = replace     # overwrite an existing final file (envelope updates)
         self.final_path = directory / final_name
+        # A new file's final name is unique (O_EXCL/link refuse a second one),
+        # so it can name its tmp file too; a replacement's cannot (issue 23).
+        self.tmp_name = tmp_name or final_name
 
     @property
     def tmp_path(self) -> Path:    # only the named-tmp-file path needs it
-        return self.tmp_directory / self.final_name
+        return self.tmp_directory / self.tmp_name
 
 
 def _as_path(path) -> Path:
@@ -288,6 +292,9 @@ class DurableWriter:
         self._removal_lock = threading.Lock()
         self._removals: list[tuple[list[Path], bool, Deferred]] = []
         self._removal_scheduled = False
+        # Tmp names of replacements: unique per write, so two replacements of
+        # one name never share a tmp file (next() on a count is atomic under the GIL).
+        self._replace_serial = itertools.count()
 
     # -- public API -----------------------------------------------------------
 
@@ -311,10 +318,15 @@ class DurableWriter:
     def replace(self, directory, tmp_directory, final_name: str, data: bytes) -> Deferred:
         """Like commit() for one file, but atomically replaces an existing
         `directory/final_name` (rename(2)): readers see the old or the new
-        content, never a mix. For state that changes (the spool's envelopes);
-        the caller makes sure one replace per name runs at a time."""
-        write = _Write(_as_path(directory), _as_path(tmp_directory), _checked_name(final_name), bytes(data),
-                       replace=True)
+        content, never a mix. For state that changes (the spool's envelopes).
+        Each call writes its own tmp file (`<name>.<pid>.<serial>.tmp`), so
+        overlapping calls never collide; which one lands last is not defined,
+        so a caller that cares about order runs one per name at a time (the
+        spool does: Spool.update)."""
+        final_name = _checked_name(final_name)
+        tmp_name = f"{final_name}.{os.getpid()}.{next(self._replace_serial)}.tmp"
+        write = _Write(_as_path(directory), _as_path(tmp_directory), final_name, bytes(data),
+                       replace=True, tmp_name=tmp_name)
         job = _Commit([write], Deferred(), frozenset([write.directory]), remaining=1)
         if not self._dispatch(self._write_files, job):
             self._fail(job, Failure(RuntimeError("I/O thread pool stopped")))

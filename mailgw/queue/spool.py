@@ -26,6 +26,7 @@ from pathlib import Path
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
@@ -164,6 +165,23 @@ def decode_envelope(data: bytes, queue_id: str) -> dict:
     return envelope
 
 
+class _EntryWrites:
+    """The envelope writes of one entry: one in flight, and the newest later
+    request waiting. A waiting update is replaced by a newer one (the newer
+    envelope carries every change, the runner builds it from its own copy)
+    and by a discard; a discard is never replaced. Every caller's Deferred
+    fires once the write that carries its request has landed."""
+
+    __slots__ = ("waiting", "waiting_deferreds")
+
+    def __init__(self):
+        self.waiting: tuple[str, bytes | None] | None = None
+        self.waiting_deferreds: list[tuple[Deferred, str]] = []
+
+
+_UPDATE, _DISCARD = "update", "discard"
+
+
 @implementer(ISpool)
 class Spool:
     log = Logger()
@@ -176,6 +194,10 @@ class Spool:
         self._writer = writer
         self._reactor = reactor
         self._listeners = []
+        # Per queue id: the writes of an entry with one in flight (issue 23:
+        # a control command's update raced the runner's and both wrote the
+        # same file; the later one to land must be the later one asked for).
+        self._writes: dict[str, _EntryWrites] = {}
         # Start-up, before the reactor runs.
         self._make_layout()
 
@@ -221,32 +243,68 @@ class Spool:
 
     def update(self, envelope: dict) -> Deferred:
         """Durably replace the envelope of a committed entry (new recipient
-        states, attempts, hold flag...). Fires with the queue id."""
+        states, attempts, hold flag...). Fires with the queue id. Updates and
+        discards of one entry are applied one at a time, in the order asked."""
         try:
             check_envelope(envelope)
             encoded = encode_envelope(envelope)
         except (ValueError, TypeError):
             return fail()
-        queue_id = envelope["id"]
-        d = self._writer.replace(self.active, self.incoming, queue_id + ENV_SUFFIX, encoded)
-        return d.addCallback(lambda _: queue_id)
+        return self._serialised(envelope["id"], _UPDATE, encoded)
+
+    def _serialised(self, queue_id: str, kind: str, data: bytes | None) -> Deferred:
+        d = Deferred()
+        entry = self._writes.get(queue_id)
+        if entry is None:
+            self._writes[queue_id] = entry = _EntryWrites()
+            self._start(queue_id, entry, kind, data, [(d, kind)])
+            return d
+        if entry.waiting is not None and entry.waiting[0] == _DISCARD and kind == _UPDATE:
+            # The entry is on its way out: an update now would bring back an
+            # envelope without its message.
+            return fail(KeyError(queue_id))
+        entry.waiting = (kind, data)
+        entry.waiting_deferreds.append((d, kind))
+        return d
+
+    def _start(self, queue_id: str, entry: _EntryWrites, kind: str, data, deferreds) -> None:
+        if kind == _UPDATE:
+            d = self._writer.replace(self.active, self.incoming, queue_id + ENV_SUFFIX, data)
+        else:
+            # No directory fsync: if a crash undoes the removal, the entry is
+            # delivered (or answered 4xx) once more - a duplicate, never a loss;
+            # and it saves a flush per relayed message.
+            d = self._writer.remove(
+                [self.active / (queue_id + ENV_SUFFIX), self.active / (queue_id + MSG_SUFFIX)], sync=False)
+        d.addBoth(self._written, queue_id, entry, deferreds)
+
+    def _written(self, outcome, queue_id: str, entry: _EntryWrites, deferreds) -> None:
+        # The callers first (they may ask for more: that waits), then the next
+        # write. Each gets what its own call promises: update the id, discard None.
+        for d, kind in deferreds:
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                d.callback(queue_id if kind == _UPDATE else None)
+        if entry.waiting is None:
+            del self._writes[queue_id]
+            return
+        (kind, data), entry.waiting = entry.waiting, None
+        waiting, entry.waiting_deferreds = entry.waiting_deferreds, []
+        self._start(queue_id, entry, kind, data, waiting)
 
     def message_path(self, queue_id: str) -> Path:
         return self.active / (queue_id + MSG_SUFFIX)
 
     def discard(self, queue_id: str) -> Deferred:
         """Un-commit an entry `enqueue` stored, when the transaction failed
-        elsewhere (e.g. the Maildir store): the client will retry. The .env
-        goes first: it is the commit point, and a .msg left alone by a crash
-        is deleted by recover(). Best effort, never fails."""
+        elsewhere (e.g. the Maildir store): the client will retry; or remove
+        one that is done. The .env goes first: it is the commit point, and a
+        .msg left alone by a crash is deleted by recover(). Waits for an
+        update of the entry in flight. Best effort, never fails."""
         if not is_queue_id(queue_id):
             return fail(ValueError(f"not a queue id: {queue_id!r}"))
-        # No directory fsync: if a crash undoes the removal, the entry is
-        # delivered (or answered 4xx) once more - a duplicate, never a loss;
-        # and it saves a flush per relayed message.
-        return self._writer.remove(
-            [self.active / (queue_id + ENV_SUFFIX), self.active / (queue_id + MSG_SUFFIX)], sync=False
-        )
+        return self._serialised(queue_id, _DISCARD, None)
 
     # -- blocking: start-up, the CLI, or a pool thread -------------------------
 

@@ -329,7 +329,7 @@ def test_update_on_a_full_disk_keeps_the_old_envelope(env):
     queue_id = env.enqueue()
     envelope, _ = env.spool.load(queue_id)
     envelope["attempts"] = 7
-    env.writer._os.fail("write", lambda p: p.name.endswith(".env"), errno.ENOSPC)
+    env.writer._os.fail("write", lambda p: ".env" in p.name, errno.ENOSPC)
     result_of(env.spool.update(envelope)).trap(StorageFull)
     assert env.spool.load(queue_id)[0]["attempts"] == 0
     assert list(env.spool.incoming.iterdir()) == []
