@@ -108,11 +108,17 @@ class SessionResult:
     greeting_name: str            # first word of the server's 220 greeting
 
 
+def shown_reply(reply: Reply) -> str:
+    """A reply for a log line: code 0 means no server said it (our own verdict),
+    so only the enhanced code and the text are shown."""
+    return f"{reply.code} {reply.enhanced} {reply.text}" if reply.code else f"{reply.enhanced} {reply.text}"
+
+
 class SessionFailure(Exception):
     """Nothing recipient-specific happened; try the next host (or defer)."""
 
     def __init__(self, kind: str, reply: Reply, *, greeting_name: str = "", answered: bool = False):
-        super().__init__(f"{kind}: {reply.code} {reply.enhanced} {reply.text}")
+        super().__init__(f"{kind}: {shown_reply(reply)}")
         self.kind = kind
         self.reply = reply                # code 0 when no remote reply said so
         self.greeting_name = greeting_name

@@ -39,7 +39,7 @@ from mailgw.config_types import TLS_IMPLICIT, TLS_NONE, TLS_OPPORTUNISTIC, Confi
 from mailgw.interfaces import IRelayTransport
 from mailgw.queue import mx
 from mailgw.queue.client import (FAIL_CONNECT, FAIL_LOCAL, TLS_FAILED, OneShotFactory, OutboundSMTP,
-                                 SessionFailure, SessionResult, client_tls_options)
+                                 SessionFailure, SessionResult, client_tls_options, shown_reply)
 from mailgw.queue.model import (STATUS_BOUNCED, STATUS_DEFERRED, STATUS_SENT, AttemptResult, DeliveryRequest,
                                 RecipientResult)
 from mailgw.smtp.codes import Reply
@@ -260,9 +260,9 @@ class RelayTransport:
                     outcome = yield self._session(request, message, target, ip, TLS_NONE)
                 if isinstance(outcome, SessionResult):
                     return self._result(request, outcome, relay)
-                log.info("{queue_id}: {relay}: {kind}: {code} {enhanced} {text}", queue_id=request.queue_id,
-                         relay=relay, kind=outcome.kind, code=outcome.reply.code,
-                         enhanced=outcome.reply.enhanced, text=outcome.reply.text)
+                log.info("{queue_id}: {relay}: {kind}: {reply}", queue_id=request.queue_id,
+                         relay=relay, kind=outcome.kind, reply=shown_reply(outcome.reply),
+                         code=outcome.reply.code, enhanced=outcome.reply.enhanced, text=outcome.reply.text)
                 last = outcome.reply
                 if outcome.answered:
                     last_relay = relay

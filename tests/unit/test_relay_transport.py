@@ -484,6 +484,24 @@ class RelayTransportTests(unittest.TestCase):
         yield transport.close()
 
 
+    # Issue 24: the connect-failure line read `...: connect: 0 4.4.1 ...`, the
+    # 0 being the placeholder code of a verdict no server gave.
+    @defer.inlineCallbacks
+    def test_connect_failure_line_has_no_placeholder_code(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+        lines = []
+        observer = lambda event: lines.append(formatEvent(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        resolver = FakeResolver({("example.net", "MX"): [(10, "mx1.example.net")],
+                                 ("mx1.example.net", "A"): ["192.0.2.1"]})
+        self.refuse("192.0.2.1")
+        result = yield self.transport(resolver, mx_tls="none").deliver(self.request())
+        self.assertEqual(result.results[0].status, STATUS_DEFERRED)
+        [line] = [text for text in lines if ": connect: " in text]
+        self.assertIn(": connect: 4.4.1 ", line)
+        self.assertNotIn(" 0 4.4.1", line)
+
 def test_destination_is_the_relay_host_or_the_domain():
     config = config_module.load(None, overrides={"server": {"data_dir": "/nonexistent"}, "queue": {
         "routes": [{"domain": "partner.test", "host": "10.1.2.3", "port": 2525, "tls": "none"}]}})
@@ -494,3 +512,4 @@ def test_destination_is_the_relay_host_or_the_domain():
         "smarthost": {"host": "relay.example.test", "port": 587, "tls": "none"}}})
     transport = RelayTransport(config=with_smarthost, reactor=None, resolver=None)
     assert transport.destination("a.test") == transport.destination("b.test") == "[relay.example.test]:587"
+
