@@ -29,6 +29,7 @@ from typing import Any
 
 from mailgw.config_types import (
     ALL_ROLES,
+    BARE_NEWLINE_MODES,
     IMPLICIT_TLS_ROLES,
     OUTBOUND_TLS_MODES,
     TLS_OPPORTUNISTIC,
@@ -50,6 +51,8 @@ FALLBACK_HOSTNAME = "localhost.localdomain"
 DEFAULT_LOCAL_DOMAINS = ("example.test",)
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 RECIPIENT_DELIMITERS = "+-_."
+# [server] inet_protocols: "all" gives each wildcard tcp: listener an IPv6 twin (mailgw/dualstack.py).
+INET_PROTOCOLS = ("all", "ipv4")
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 DEFAULT_LISTENERS = (
     {"role": "relay", "endpoint": "tcp:25"},
@@ -451,6 +454,10 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         users_file = data_dir / "users"
     io_threads = server.integer("io_threads", 8, 1, 256)
     smtp_workers = server.integer("smtp_workers", 0, 0, 64)
+    inet_protocols = server.string("inet_protocols", "all")
+    if inet_protocols is not None and inet_protocols not in INET_PROTOCOLS:
+        server.error("inet_protocols", f'must be one of {", ".join(INET_PROTOCOLS)}, got {_describe(inet_protocols)}')
+        inet_protocols = None
     user = server.string("user", "")
     if user:
         try:
@@ -483,6 +490,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         queue_dir=data_dir / "queue",
         io_threads=io_threads,
         smtp_workers=smtp_workers,
+        inet_protocols=inet_protocols,
         user=user,
         tls=tls,
         smtp=smtp,
@@ -675,6 +683,11 @@ def _smtp(table: _Table) -> SMTPLimits | None:
         values[key] = table.integer(key, default, minimum, maximum)
     for key, (default, minimum) in SMTP_SECONDS_LIMITS.items():
         values[key] = table.seconds(key, default, minimum)
+    bare_newline = values["bare_newline"] = table.string("bare_newline", "normalize-trusted")
+    if bare_newline is not None and bare_newline not in BARE_NEWLINE_MODES:
+        table.error("bare_newline",
+                    f'must be one of {", ".join(BARE_NEWLINE_MODES)}, got {_describe(bare_newline)}')
+        values["bare_newline"] = None
     table.finish()
     per_ip, total = values["max_connections_per_ip"], values["max_connections"]
     if per_ip is not None and total is not None and per_ip > total:

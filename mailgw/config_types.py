@@ -39,6 +39,10 @@ class TLSConfig:
     min_version: str     # "TLSv1.2" or "TLSv1.3"
 
 
+# [smtp] bare_newline: what a bare LF in DATA gets (a bare CR is always refused).
+BARE_NEWLINE_MODES = ("reject", "normalize-trusted", "normalize")
+
+
 @dataclass(frozen=True)
 class SMTPLimits:
     max_message_size: int          # octets; SIZE advertised, 552 above it
@@ -57,6 +61,9 @@ class SMTPLimits:
     auth_max_delay: float          # the failure delay never grows beyond this (seconds)
     auth_lockout_failures: int     # failed logins in a row from an address before its logins are refused (0: never)
     auth_lockout_time: float       # seconds those logins are refused
+    # Bare LF in DATA (one of BARE_NEWLINE_MODES): refused, or taken as CRLF (Postfix
+    # smtpd_forbid_bare_newline = normalize); "normalize-trusted" only for trusted networks and AUTH.
+    bare_newline: str = "normalize-trusted"
 
 
 @dataclass(frozen=True)
@@ -146,3 +153,5 @@ class Config:
     pop3: POP3Limits | None = field(default=None)     # None only in configs built by hand in tests
     imap: IMAPLimits | None = field(default=None)     # None only in configs built by hand in tests
     smtp_workers: int = 0                  # SMTP worker processes (0: SMTP in the main process)
+    # Which families a wildcard "tcp:PORT" listener takes: "all" (an IPv6 twin socket beside it), "ipv4".
+    inet_protocols: str = "all"

@@ -34,6 +34,7 @@ from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw import tls
 from mailgw.iopool import IOThreadPool
+from mailgw.dualstack import IPv6ListenerService, wildcard_port
 from mailgw.services import ListenerService, ThreadPoolService, listener_factory, socket_family
 from mailgw.workers import SMTPWorkers
 
@@ -165,12 +166,16 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
         factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
                                    imap_cache=imap_cache)
         description = offset_endpoint(listener.endpoint, port_offset)
-        listening = ListenerService(reactor, description, factory, listener.name)
-        listening.setServiceParent(top)
-        if config.smtp_workers and listener.role in SMTP_ROLES:
-            # Bound here (as root if need be), accepted on only by the workers.
-            listening.port.stopReading()
-            worker_sockets.append((listener.name, listening.port.fileno(), socket_family(listening.port)))
+        listening = [ListenerService(reactor, description, factory, listener.name)]
+        wildcard = wildcard_port(description)
+        if wildcard is not None and config.inet_protocols == "all":
+            listening.append(IPv6ListenerService(reactor, wildcard, factory, listener.name))
+        for each in listening:
+            each.setServiceParent(top)
+            if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
+                # Bound here (as root if need be), accepted on only by the workers.
+                each.port.stopReading()
+                worker_sockets.append((listener.name, each.port.fileno(), socket_family(each.port)))
     if worker_sockets:
         SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
                     sockets=worker_sockets, checker=checker, runner=runner, spool=spool,
