@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -16,6 +16,14 @@ from mailgw.queue.spool import new_queue_id
 from mailgw.smtp.server import SMTPFactory
 
 log = Logger()
+
+# Seconds a stopping listener gives its sessions to take the shutdown notice
+# and go (TLS close_notify included) before the reactor stops regardless; the
+# reactor drops whatever is still unsent when it stops.
+SHUTDOWN_GRACE = 2.0
+# How often we look at the connection count of a factory whose
+# shutdown_sessions() gives no Deferred (seconds).
+SHUTDOWN_POLL = 0.05
 
 
 class ThreadPoolService(service.Service):
@@ -70,9 +78,58 @@ class ListenerService(service.Service):
 
     def stopService(self):
         super().stopService()
+        stopped = defer.succeed(None)
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
+            stopped = defer.maybeDeferred(port.stopListening)
+        # After the port: no session can start behind the notices.
+        ended = end_sessions(self.reactor, self.factory)
+        return defer.gatherResults([stopped, ended], consumeErrors=True)
+
+
+def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
+    """Have a listener's factory tell its sessions we stop, and close them
+    (its `shutdown_sessions()`, where it has one). Fires (never fails) when
+    they are gone or after `grace` seconds, whichever comes first, so the
+    reactor does not stop before the notices are written."""
+    inner = getattr(factory, "wrappedFactory", factory)      # inside TLSMemoryBIOFactory on implicit TLS
+    shutdown = getattr(inner, "shutdown_sessions", None)
+    if shutdown is None:
+        return defer.succeed(None)
+    done = defer.Deferred()
+
+    def gone(_=None):
+        if not done.called:
+            deadline.cancel()
+            done.callback(None)
+
+    def too_late():
+        log.warn("{factory}: sessions still open {grace} s after the shutdown notice; stopping anyway",
+                 factory=type(inner).__name__, grace=grace)
+        done.callback(None)
+
+    def look():
+        # No Deferred from shutdown_sessions(): the factory's connection count tells.
+        connections = getattr(inner, "connections", None)
+        if getattr(connections, "open_total", 0) <= 0:
+            gone()
+        elif not done.called:
+            clock.callLater(SHUTDOWN_POLL, look)
+
+    deadline = clock.callLater(grace, too_late)
+    try:
+        result = shutdown()
+    except Exception:
+        log.failure("{factory}: shutdown_sessions failed", factory=type(inner).__name__)
+        gone()
+        return done
+    if isinstance(result, defer.Deferred):
+        result.addErrback(lambda failure: log.failure("{factory}: shutdown_sessions failed", failure=failure,
+                                                      factory=type(inner).__name__))
+        result.addBoth(gone)
+    else:
+        look()
+    return done
 
 
 def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None):

@@ -15,7 +15,7 @@ import sys
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
-from twisted.internet import stdio
+from twisted.internet import defer, stdio
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 
@@ -29,7 +29,7 @@ from mailgw.realm import MailRealm
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw.iopool import IOThreadPool
-from mailgw.services import ThreadPoolService, listener_factory
+from mailgw.services import ThreadPoolService, end_sessions, listener_factory
 from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_sigint
 
 log = Logger()
@@ -79,6 +79,9 @@ class AdoptedPorts(service.Service):
         ports, self.ports = self.ports, []
         for port in ports:
             port.stopListening()
+        # The main process closed our pipe: 421 to our SMTP clients, as the
+        # main process's listeners do (services.ListenerService).
+        return defer.DeferredList([end_sessions(self.reactor, factory) for _, _, factory in self.sockets])
 
 
 def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.MultiService:

@@ -109,6 +109,8 @@ SYS_TEMP = err("Temporary server error, try again later", "SYS/TEMP")
 AUTH_TEMPORARY = err("Temporary authentication failure, try again later", "SYS/TEMP")
 TOO_MANY_CONNECTIONS = err("Too many connections, try again later", "SYS/TEMP")
 UPDATE_FAILED = err("Deleted messages could not be removed, try again later", "SYS/TEMP")
+# RFC 2449 §8.1.2: [SYS/TEMP] = temporary: we are stopping, come back later.
+SHUTTING_DOWN = err("server shutting down", "SYS/TEMP")
 TIMEOUT = err("Disconnected for inactivity")
 SESSION_EXPIRED = err("Session time limit exceeded")
 TOO_MANY_ERRORS = err("Too many errors, closing connection")
@@ -515,9 +517,29 @@ class POP3Factory(ListenerFactory):
             raise ValueError("config.pop3 is missing: load the config with mailgw.config.load()")
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.pop3,
                          tls_context=tls_context, implicit_tls=implicit_tls)
+        self.sessions: set[MailgwPOP3] = set()       # admitted and not yet lost
+        self._all_gone: list[defer.Deferred] = []
 
     def make_protocol(self):
         return MailgwPOP3(self)
+
+    def session_ended(self, session: "MailgwPOP3") -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiting, self._all_gone = self._all_gone, []
+            for d in waiting:
+                d.callback(None)
+
+    def shutdown_sessions(self) -> defer.Deferred:
+        """Tell every session the server stops and close it; fires when all are gone."""
+        gone = defer.Deferred()
+        if not self.sessions:
+            gone.callback(None)
+            return gone
+        self._all_gone.append(gone)
+        for session in list(self.sessions):
+            session.shut_down()
+        return gone
 
 
 @implementer(IPushProducer)
@@ -566,6 +588,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
             self._close_with(TOO_MANY_CONNECTIONS)
             return
         self._admitted = True
+        self.factory.sessions.add(self)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not self.factory.implicit_tls)
         if hasattr(self.transport, "setTcpNoDelay"):
@@ -601,9 +624,17 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
                 self.log.info("pop3 disconnect user={user} client=[{client}] without QUIT: nothing removed",
                               user=self.user, client=self.session.client_ip)
             self._do_logout()
+        self.factory.session_ended(self)
 
     def timeoutConnection(self):
         self._close_with(TIMEOUT)
+
+    def shut_down(self):
+        if self._updating is not None:
+            return          # QUIT's UPDATE runs: its reply ends the session
+        # RFC 2449 §8.1.2 / RFC 1939 §6: no unsolicited replies in POP3, so the
+        # notice goes out as a reply and we close; no QUIT, so no UPDATE.
+        self._close_with(SHUTTING_DOWN)
 
     def _session_expired(self):
         self._session_timer = None

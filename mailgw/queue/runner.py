@@ -350,7 +350,7 @@ class QueueRunner(service.Service):
                 return defer.succeed(None)
             self.log.info("{queue_id}: {kind} notice delivered to <{sender}>",
                           queue_id=envelope["id"], kind=kind, sender=sender)
-            return self.store.deliver([mailbox], message)
+            return self.store.deliver([mailbox], message, return_path="")    # RFC 5321 §4.5.5: notices come from <>
         now = self.clock.seconds()
         queue_id = new_queue_id(now)
         notice = {

@@ -3,7 +3,8 @@
 RFC 5321 §4.2.3 gives the reply codes, RFC 3463 the enhanced codes and
 RFC 2034 §3 says they preface every reply except the greeting and the
 answer to HELO/EHLO. Texts are what a client may see; they never carry
-internals.
+internals, and they are ASCII (RFC 5321 §2.4: commands and replies are
+composed of ASCII characters; so "section", never the sign).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 
 # 4xx: try again later
 SERVICE_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing transmission channel")
+# RFC 5321 §3.8: a server that must stop sends 421 to every client, then closes.
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
 TIMEOUT = Reply(421, "4.4.2", "Timeout, closing transmission channel")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing transmission channel")
@@ -81,5 +84,6 @@ UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported parameter")
 # RFC 6531 §3.5: non-ASCII address without SMTPUTF8.
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 # RFC 5321 §2.3.8 and §4.1.1.4: CR and LF only together; bare ones are how smuggling works.
-BARE_LINE_ENDING = Reply(554, "5.6.0", "Message refused: bare CR or LF in message (RFC 5321 §2.3.8)")
-TEXT_LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: line longer than {limit} octets (RFC 5321 §4.5.3.1.6)")
+BARE_LINE_ENDING = Reply(554, "5.6.0", "Message refused: bare CR or LF in message (RFC 5321 section 2.3.8)")
+TEXT_LINE_TOO_LONG = Reply(554, "5.6.0",
+                           "Message refused: line longer than {limit} octets (RFC 5321 section 4.5.3.1.6)")

@@ -202,6 +202,14 @@ class SMTPDelivery:
         return self.user is not None or (
             self.session.listener.role == ROLE_RELAY and self.router.is_trusted(self.session.client_ip))
 
+    def may_normalize_bare_lf(self) -> bool:
+        """May a bare LF in this client's DATA count as CRLF? ([smtp] bare_newline;
+        Postfix smtpd_forbid_bare_newline = normalize, exclusions = $mynetworks.)"""
+        mode = self.router.config.smtp.bare_newline
+        if mode == "normalize-trusted":
+            return self.user is not None or self.router.is_trusted(self.session.client_ip)
+        return mode == "normalize"
+
     def reset(self) -> None:
         self.transaction = None
         self._message = None
@@ -214,8 +222,12 @@ class SMTPDelivery:
         250 always means every recipient's copy is on disk.
         """
         work = []
+        started = self.clock.seconds()
+        sender = transaction.mail_from.sender
         if transaction.local:
-            work.append(self.store.deliver(sorted(transaction.local), message, lf=lf))
+            # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
+            work.append(self.store.deliver(sorted(transaction.local), message, lf=lf,
+                                           return_path=str(sender) if sender else ""))
         if transaction.remote:
             # The spool keeps the SMTP wire form (docs/spool-format.md).
             wire = message.replace(b"\n", b"\r\n") if lf else message
@@ -225,6 +237,7 @@ class SMTPDelivery:
         def settle(results):
             failures = [result for ok, result in results if not ok]
             if not failures:
+                self._log_local(transaction, queue_id, started)
                 return queue_id
             for ok, result in results:
                 if ok and isinstance(result, list):
@@ -233,6 +246,16 @@ class SMTPDelivery:
                     self.spool.discard(result)
             return failures[0]          # the first error becomes the reply
         return done.addCallback(settle)
+
+    def _log_local(self, transaction: Transaction, queue_id: str, started: float) -> None:
+        # One line per mailbox, in the queue runner's shape (queue/runner.py _log_result).
+        delay = self.clock.seconds() - started
+        for mailbox in sorted(transaction.local):
+            first = str(transaction.local[mailbox][0].recipient)
+            orig = f", orig_to=<{first}>" if first != mailbox else ""
+            self.log.info("{queue_id}: to=<{to}>{orig}, relay=local, delay={delay:.2f}, dsn=2.0.0, "
+                          "status=sent (delivered to maildir)",
+                          queue_id=queue_id, to=mailbox, orig=orig, delay=delay)
 
     def _envelope(self, transaction: Transaction, queue_id: str, size: int) -> dict:
         mail_from = transaction.mail_from

@@ -14,10 +14,12 @@ its own loop:
 - a command line is bounded (RFC 5321 §4.5.3.1.4 plus the extensions'
   allowances); an over-long line gets one reply and is dropped whole, never
   split into several commands;
-- DATA is scanned in bulk for the one terminator CRLF "." CRLF; bare CR or
-  LF anywhere in it refuses the whole message (SMTP smuggling), and the
+- DATA is scanned in bulk for the one terminator CRLF "." CRLF; a bare CR
+  anywhere in it refuses the whole message (SMTP smuggling), a bare LF too
+  unless [smtp] bare_newline lets this client's LF count as CRLF; the
   message size bounds what is kept in memory;
-- every reply is produced by `reply()`, every error by `_reply_error()`.
+- every reply is produced by `reply()` (which also logs every refused
+  MAIL, RCPT and DATA), every error by `_reply_error()`.
 
 Policy (who may send what to whom) is in mailgw.smtp.delivery, reached
 through the avatar the portal returns.
@@ -45,6 +47,12 @@ from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
 
 COMMAND, DATA, SASL, CLOSING = "command", "data", "sasl", "closing"
+# The commands whose refusals are logged, as Postfix names them ("NOQUEUE:
+# reject: RCPT from ..."); END-OF-MESSAGE is the reply to the message data.
+_LOGGED_STAGES = {b"MAIL": "MAIL", b"RCPT": "RCPT", b"DATA": "DATA"}
+END_OF_MESSAGE = "END-OF-MESSAGE"
+# Client text quoted in a log line is cut here (and never carries a line end).
+_LOG_ARGUMENT_LIMIT = 256
 
 # RFC 5321 §4.5.3.1.4 gives 512 octets per command line; extensions raise it
 # for the commands that carry their parameters:
@@ -63,6 +71,26 @@ _MAX_HELD_REPLIES = 64 * 1024
 
 _SASL_USERNAME = base64.b64encode(b"Username:").decode()
 _SASL_PASSWORD = base64.b64encode(b"Password:").decode()
+
+
+def _loggable(text: str) -> str:
+    """Client-chosen text, safe in a one-line log: bounded, no control characters."""
+    text = text[:_LOG_ARGUMENT_LIMIT]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _path_argument(argument: str) -> str | None:
+    """The <path> a MAIL FROM:/RCPT TO: argument names, as written, for logs."""
+    _, colon, path = argument.partition(":")
+    if not colon:
+        return None
+    path = path.lstrip(" ")
+    if path.startswith("<"):
+        end = path.find(">")
+        return path[1:end] if end >= 0 else path[1:]
+    return path.split(" ", 1)[0] or None
 
 
 def has_long_line(data, limit: int) -> bool:
@@ -134,9 +162,16 @@ class SMTPFactory(ListenerFactory):
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
                          tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
         self.new_queue_id = new_queue_id
+        self.sessions: set[MailgwSMTP] = set()      # admitted and not yet lost
 
     def make_protocol(self):
         return MailgwSMTP(self)
+
+    def shutdown_sessions(self) -> None:
+        """We are stopping: every session gets 421 and is closed. The caller
+        (services.ListenerService) waits for connections.open_total to drop."""
+        for session in list(self.sessions):
+            session.shut_down()
 
 
 class MailgwSMTP(SerialCommands, smtp.ESMTP):
@@ -165,6 +200,10 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._commands_without_mail = 0
         self._session_timer = None
         self._abort_timer = None      # close_connection's: abort if the close takes too long
+        self._shutting_down = False   # 421 due once the outstanding command is answered
+        self._stage: str | None = None          # MAIL, RCPT, DATA, END-OF-MESSAGE or None (not logged)
+        self._stage_argument = ""               # that command's argument, as the client wrote it
+        self._data_envelope = None              # (MailFrom, [RcptTo]) of the message being answered
         self._producing = False       # _ReplyBackpressure is registered with the transport
         self.session: SessionInfo | None = None
         self.user: str | None = None
@@ -186,6 +225,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             self._close_with(codes.TOO_MANY_CONNECTIONS)
             return
         self._admitted = True
+        self.factory.sessions.add(self)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not self.factory.implicit_tls)
         if hasattr(self.transport, "setTcpNoDelay"):
@@ -207,9 +247,21 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._abort_timer = None
         if self._admitted:
             self.factory.release(self.session.client_ip)
+            self.factory.sessions.discard(self)
             self._admitted = False
         self._mode = CLOSING
         self._do_logout()
+
+    def shut_down(self) -> None:
+        """The server stops: 421 (RFC 5321 §3.8), then close. An open
+        transaction ends without a 250; a message already being stored gets
+        its reply first (it is on disk once the store answers, and a client
+        told 421 would send it again)."""
+        if self._busy:
+            self._shutting_down = True
+            return
+        self._reset_transaction()
+        self._close_with(codes.SHUTTING_DOWN)
 
     def timeoutConnection(self):
         self._close_with(codes.TIMEOUT)
@@ -234,7 +286,8 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
 
     # -- replies ----------------------------------------------------------
     def _send_line(self, text: str) -> None:
-        self._send(text.encode("utf-8") + b"\r\n")
+        # RFC 5321 §2.4: replies are ASCII; anything else would be a bug, sent as "?".
+        self._send(text.encode("ascii", "replace") + b"\r\n")
 
     def _send(self, data: bytes) -> None:
         """Replies made while a batch of input is processed wait for its end
@@ -258,15 +311,53 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             send_now(self.transport, data)
 
     def reply(self, reply: Reply, **fields) -> None:
+        if self._mode == CLOSING:
+            return      # after our last word (421, 221): a late answer must not follow it
         text = reply.text.format(**fields) if fields else reply.text
         # RFC 2034 §3: the enhanced code prefaces the text of every reply
         # except the greeting and HELO/EHLO (which do not come through here).
         enhanced = f"{reply.enhanced} " if reply.enhanced else ""
         self._send_line(f"{reply.code} {enhanced}{text}")
+        if reply.code >= 400 and reply.code != 421 and self._stage is not None:
+            self._log_reject(reply, text)
         if reply.code >= 400 and reply.code != 421 and self._mode != CLOSING:
             self._errors += 1
             if self._errors >= self.limits.max_errors:
                 self._close_with(codes.TOO_MANY_ERRORS)
+
+    def _log_reject(self, reply: Reply, text: str) -> None:
+        """One Postfix-shaped line per refused MAIL, RCPT, DATA or message, for
+        fail2ban and for the operator: "NOQUEUE: reject: RCPT from
+        unknown[ip]: 550 5.1.1 <x@y>: text; from=<a@b> to=<x@y> proto=ESMTP
+        helo=<name>" (no reverse DNS here, so the host is always "unknown")."""
+        stage, session = self._stage, self.session
+        if stage == END_OF_MESSAGE and self._data_envelope is not None:
+            mail_from, recipients = self._data_envelope
+        else:
+            mail_from, recipients = self.transaction, self.recipients
+        sender = None if mail_from is None else str(mail_from.sender or "")
+        to = ",".join(str(rcpt.recipient) for rcpt in recipients) or None
+        about = ""
+        if stage in ("MAIL", "RCPT"):
+            path = _path_argument(self._stage_argument)
+            if path is not None:
+                about = f"<{_loggable(path)}>: "
+                if stage == "MAIL":
+                    sender = path
+                else:
+                    to = path
+        details = [f"from=<{_loggable(sender)}>"] if sender is not None else []
+        if to is not None:
+            details.append(f"to=<{_loggable(to)}>")
+        details.append("proto=ESMTP" if session.esmtp else "proto=SMTP")
+        if session.helo is not None:
+            details.append(f"helo=<{session.helo}>")
+        enhanced = f"{reply.enhanced} " if reply.enhanced else ""
+        queue_id = session.queue_id if stage == END_OF_MESSAGE and session.queue_id else "NOQUEUE"
+        self.log.info("{queue_id}: reject: {stage} from unknown[{client}]: "
+                      "{code} {enhanced}{about}{text}; {details}",
+                      queue_id=queue_id, stage=stage, client=session.client_text, code=reply.code,
+                      enhanced=enhanced, about=about, text=text, details=" ".join(details))
 
     def _reply_error(self, failure_or_error) -> None:
         """The one place where exceptions become replies."""
@@ -363,6 +454,9 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             return line
 
     def _after_command(self) -> None:
+        if self._shutting_down:
+            self._shutting_down = False
+            return self.shut_down()
         if self._mode == DATA and self._buffer:
             # Body bytes that arrived while the 354 was pending.
             self._body += self._buffer
@@ -372,6 +466,9 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
 
     # -- commands -----------------------------------------------------------
     def _command(self, line: bytes):
+        head, _, argument = line.lstrip(b" \t").partition(b" ")
+        self._stage = _LOGGED_STAGES.get(head.upper())
+        self._stage_argument = argument.decode("utf-8", "replace") if self._stage else ""
         # RFC 5321 §2.3.8: CR and LF only as a pair; NUL nowhere. Bare ones in an
         # argument would end up inside header lines (Received:) or logs.
         if b"\r" in line or b"\n" in line or b"\0" in line:
@@ -528,6 +625,8 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         del body[end + 2:]
         self._body = None
         self._mode = COMMAND
+        self._stage = END_OF_MESSAGE
+        self._data_envelope = (self.transaction, list(self.recipients))
         self.setTimeout(self.limits.command_timeout)
         self._run(self._message_received, body)
         return True
@@ -541,10 +640,14 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             self._reset_transaction()
             return self.reply(codes.MESSAGE_TOO_BIG)
         # The store keeps LF line ends; convert once and check on the result:
-        # any CR left was bare, and every LF must have come from a CRLF.
+        # any CR left was bare, and every LF must have come from a CRLF, unless
+        # this client's bare LF may count as CRLF ([smtp] bare_newline). That is
+        # safe because the data still ended only at CRLF "." CRLF (an LF "." LF
+        # inside is one more line, its "." removed below like any leading dot),
+        # and what is stored or relayed has no bare LF: the spool gets CRLF.
         lf = content.replace(b"\r\n", b"\n")
-        line_ends = len(content) - len(lf)
-        if b"\r" in lf or lf.count(b"\n") != line_ends:
+        line_ends = lf.count(b"\n")
+        if b"\r" in lf or (line_ends != len(content) - len(lf) and not self.delivery.may_normalize_bare_lf()):
             self._reset_transaction()
             return self.reply(codes.BARE_LINE_ENDING)
         limit = self.limits.max_text_line
@@ -638,6 +741,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         return self._sasl_step(words[1].encode("ascii", "replace"))
 
     def _sasl_response(self, line: bytes):
+        self._stage = None
         self._mode = COMMAND
         if line == b"*":
             return self.reply(codes.AUTH_ABORTED)

@@ -42,6 +42,8 @@ _DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
 MAX_LOCAL_PART = 64   # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255      # RFC 5321 §4.5.3.1.2
 
+# What may go between <> of Return-Path: no line end, NUL or angle bracket.
+_HEADER_SAFE = re.compile(r"[^\r\n\0<>]*")
 MAILDIR_SUBDIRECTORIES = ("tmp", "new", "cur")
 # https://cr.yp.to/proto/maildir.html: a tmp/ file untouched for 36 hours is garbage.
 TMP_MAX_AGE = 36 * 3600.0
@@ -113,13 +115,17 @@ class MaildirStore:
             known = self._directories[address] = (path, path / "new", path / "tmp")
         return known
 
-    def deliver(self, mailboxes, message: bytes, lf: bool = False) -> Deferred:
+    def deliver(self, mailboxes, message: bytes, lf: bool = False, return_path: str | None = None) -> Deferred:
         """Store `message` (CRLF; or already LF-only when `lf`, which saves a
         pass over big messages) in new/ of every mailbox, all or nothing.
+        With `return_path` (the envelope sender, "" for <>), each copy starts
+        with Return-Path: and Delivered-To: its mailbox, so copies differ.
         Fires with the stored paths (one per distinct mailbox)."""
         addresses = list(dict.fromkeys(mailboxes))
         try:
             directories = [self._mailbox_directories(address) for address in addresses]
+            if return_path is not None and not _HEADER_SAFE.fullmatch(return_path):
+                raise ValueError(f"unsafe return path: {return_path!r}")
         except ValueError:
             return fail()
         if not directories:
@@ -129,8 +135,17 @@ class MaildirStore:
             stored, wire_size = message, len(message) + message.count(b"\n")
         else:
             stored, wire_size = message.replace(b"\r\n", b"\n"), len(message)
-        name = self._new_name(len(stored), wire_size)
-        writes = [(new, tmp, name, stored) for _, new, tmp in directories]
+        if return_path is None:
+            name = self._new_name(len(stored), wire_size)
+            writes = [(new, tmp, name, stored) for _, new, tmp in directories]
+        else:
+            writes = []
+            for address, (_, new, tmp) in zip(addresses, directories):
+                # RFC 5321 §4.4: the final delivery adds Return-Path; Delivered-To (RFC 9228: a bare addr-spec)
+                # as Postfix's local(8), so a forwarding loop can be seen.
+                header = f"Return-Path: <{return_path}>\nDelivered-To: {address}\n".encode("utf-8")
+                data = header + stored
+                writes.append((new, tmp, self._new_name(len(data), wire_size + len(header) + 2), data))
 
         missing = [path for path in paths if path not in self._ready]
         if missing:

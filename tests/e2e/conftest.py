@@ -213,13 +213,17 @@ def build_message(marker: str, *, subject: str = "test", body: bytes | None = No
 
 
 def split_received(stored: bytes, *, newline: bytes = b"\n") -> tuple[bytes, bytes]:
-    """(our Received: header, the rest) of a stored message; ours is the first field."""
-    assert stored.startswith(b"Received: "), stored[:200]
+    """(our Received: header, the rest) of a stored message; ours is the first
+    field, after the Return-Path: and Delivered-To: of a local delivery."""
     lines = stored.split(newline)
-    end = 1
+    start = 0
+    while start < len(lines) and lines[start].startswith((b"Return-Path: ", b"Delivered-To: ")):
+        start += 1
+    assert lines[start].startswith(b"Received: "), stored[:200]
+    end = start + 1
     while end < len(lines) and lines[end][:1] in (b" ", b"\t"):
         end += 1
-    return newline.join(lines[:end]), newline.join(lines[end:])
+    return newline.join(lines[start:end]), newline.join(lines[end:])
 
 
 def send_message(client: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> str:

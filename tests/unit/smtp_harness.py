@@ -64,13 +64,15 @@ class FakeChecker:
 class FakeStore:
     def __init__(self):
         self.delivered = []        # (mailboxes, message)
+        self.return_paths = []     # the return_path of each deliver()
         self.discarded = []
         self.fail_with = None
         self.pending = None        # set to a list to hold Deferreds instead of firing
 
-    def deliver(self, mailboxes, message, lf=False):
+    def deliver(self, mailboxes, message, lf=False, return_path=None):
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
+        self.return_paths.append(return_path)
         # Recorded in the wire form (CRLF), whichever form the server hands over.
         self.delivered.append((list(mailboxes), bytes(message).replace(b"\n", b"\r\n") if lf else bytes(message)))
         paths = [f"/fake/{m}/new/{len(self.delivered)}" for m in mailboxes]

@@ -61,16 +61,21 @@ def test_auth_never_before_tls_on_any_role():
 SMUGGLING_ENDINGS = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\n.\r", b"\r.\r\n"]
 
 
+# Refused from an untrusted client (the default bare_newline), and from a
+# trusted one under bare_newline = "reject". Where bare LF is taken as CRLF
+# (trusted clients by default) the same input is one message: test_smtp_bare_lf.py.
+@pytest.mark.parametrize("client, smtp", [("192.0.2.10", None), (RELAY_CLIENT, {"bare_newline": "reject"})],
+                         ids=["untrusted", "trusted-reject"])
 @pytest.mark.parametrize("fake_end", SMUGGLING_ENDINGS, ids=repr)
-def test_smtp_smuggling_bare_line_endings_refused(fake_end):
-    s = Session(client=RELAY_CLIENT)
+def test_smtp_smuggling_bare_line_endings_refused(fake_end, client, smtp):
+    s = Session(client=client, smtp=smtp)
     start_data(s)
     smuggled = (b"Subject: first\r\n\r\nbody" + fake_end +
                 b"MAIL FROM:<spoof@example.test>\r\nRCPT TO:<victim@elsewhere.test>\r\nDATA\r\n"
                 b"Subject: smuggled\r\n\r\nSMUGGLED\r\n.\r\n")
     replies = s.send(smuggled)
     # One reply for the one message the client really sent, and it is a refusal.
-    assert replies == ["554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 §2.3.8)"]
+    assert replies == ["554 5.6.0 Message refused: bare CR or LF in message (RFC 5321 section 2.3.8)"]
     assert s.store.delivered == [] and s.spool.queued == []
     assert s.last("NOOP") == "250 2.0.0 Ok"
 
@@ -88,7 +93,7 @@ def test_long_data_line_does_not_turn_body_into_commands():
     start_data(s)
     body = b"X" * 20000 + b"\r\nRCPT TO:<victim@elsewhere.test>\r\nQUIT\r\n.\r\n"
     replies = s.send(body)
-    assert replies == ["554 5.6.0 Message refused: line longer than 1000 octets (RFC 5321 §4.5.3.1.6)"]
+    assert replies == ["554 5.6.0 Message refused: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)"]
     assert not s.closed and s.store.delivered == [] and s.spool.queued == []
 
 
