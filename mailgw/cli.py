@@ -2,7 +2,8 @@
 
     mailgw check [--config PATH]          validate the configuration, start nothing
     mailgw users add|passwd|delete|list   manage the users file (passwords from a prompt or stdin)
-    mailgw queue list|show|flush|hold|release|delete|bounce   the relay queue, running or not
+    mailgw queue list|show|flush|stats|hold|release|delete|bounce   the relay queue, running or not
+    mailgw --version                      the installed version
 
 Each subcommand lives next to what it manages; this module only dispatches.
 """
@@ -21,11 +22,28 @@ commands:
   queue list [--json]        list the relay queue, oldest first
   queue show [--json] ID     one queued message: envelope, history, headers
   queue flush [ID...]        try queued messages now (all without IDs)
+  queue stats [--json]       messages queued and held; with the server running, deliveries in progress
   queue hold ID              do not try a message until released
   queue release ID           undo hold and try it now
   queue delete ID            remove a message (the sender is not notified)
   queue bounce ID            give up on a message and notify the sender
+
+options:
+  --version                  print the version and exit
+  --help                     this text
+
+The server itself: twistd -n mailgw [--config PATH] (see twistd mailgw --help).
 """
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), or the source tree's."""
+    from importlib import metadata
+    try:
+        return metadata.version("mailgw")
+    except metadata.PackageNotFoundError:     # run from a checkout that was never installed
+        from mailgw import __version__
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if args else 2
+    if args[0] in ("-V", "--version", "version"):
+        print(f"mailgw {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "check":
         from mailgw.config import check_main

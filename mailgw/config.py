@@ -862,9 +862,32 @@ def check_main(argv: list[str]) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 1
 
+    from mailgw.tls import check_files          # cryptography: only for the command that needs it
+    # Issue 24: a certificate and key that do not match passed here, then failed every handshake.
+    if problems := check_files(config.tls):
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 1
     print(f"config OK: {config.source if config.source else 'embedded default'}")
     width = max(len(listener.name) for listener in config.listeners)
     for listener in config.listeners:
         role = "" if listener.name == listener.role else f"  ({listener.role})"
         print(f"{listener.name:<{width}}  {listener.endpoint}{role}")
+    for line in placeholder_warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
+
+
+def placeholder_warnings(config: Config) -> list[str]:
+    """Settings that are valid but almost certainly not what the admin meant:
+    the values mailgw falls back to when nothing better is known."""
+    warnings = []
+    if config.hostname == FALLBACK_HOSTNAME:
+        # RFC 5321 §4.1.1.1: HELO/EHLO carries our FQDN; receivers refuse this one.
+        warnings.append(f"server.hostname is {FALLBACK_HOSTNAME} (this host's name is not a fully "
+                        "qualified domain name): set [server] hostname to the name in your MX record")
+    placeholders = [domain for domain in config.local_domains if domain in DEFAULT_LOCAL_DOMAINS]
+    if placeholders:
+        warnings.append(f"server.local_domains has the placeholder {', '.join(placeholders)}: "
+                        "set [server] local_domains to the domains you receive mail for")
+    return warnings

@@ -3,6 +3,7 @@ process's (tap.py) and an SMTP worker's (worker.py)."""
 from __future__ import annotations
 
 import errno
+import signal
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -37,6 +38,36 @@ class ThreadPoolService(service.Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
+
+
+class HangupIgnored(service.Service):
+    """SIGHUP is logged and ignored while mailgw runs. Its default action ends
+    the process at once, with no log line, leaving the pid file and control
+    socket behind (issue 24); a closing terminal or an admin's reload habit
+    (`kill -HUP`, Postfix's and Dovecot's reload) must not stop mail. Nothing is
+    reloaded yet: a restart applies a changed config."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _hangup(self, signum, frame):
+        # In a signal handler: only hand the work to the reactor.
+        self.reactor.callFromThread(self.log_hangup)
+
+    def log_hangup(self):
+        log.warn("SIGHUP received and ignored: mailgw does not reload its configuration; "
+                 "restart it to apply changes")
 
 
 def _cannot_listen(description: str, role: str, error: BaseException) -> str:

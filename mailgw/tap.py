@@ -32,10 +32,10 @@ from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
 from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
-from mailgw import tls
+from mailgw import pidfile, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
-from mailgw.services import ListenerService, ThreadPoolService, listener_factory, socket_family
+from mailgw.services import HangupIgnored, ListenerService, ThreadPoolService, listener_factory, socket_family
 from mailgw.workers import SMTPWorkers
 
 log = Logger()
@@ -100,17 +100,28 @@ def drop_privileges(config: Config) -> None:
 
 class PrivilegeDrop(service.Service):
     """The last service: privilegedStartService runs after every port is
-    bound and twistd has written its pidfile, and before anything starts."""
+    bound and twistd has written its pidfile, and before anything starts.
 
-    def __init__(self, config: Config):
+    `twistd_options` (twistd's own options, the parent of ours) name the pid
+    file: once we are `[server] user`, twistd could not remove it, so a root
+    helper (mailgw/pidfile.py) does when we exit and twistd is told not to."""
+
+    def __init__(self, config: Config, twistd_options=None):
         self.config = config
+        self.twistd_options = twistd_options
+        self._pid_file_pipe = None      # held open until we exit: its EOF tells the helper
 
     def privilegedStartService(self):
         super().privilegedStartService()
+        if self.config.user and os.geteuid() == 0 and self.twistd_options is not None:
+            pid_file = self.twistd_options.get("pidfile")
+            if pid_file and os.path.exists(pid_file):
+                self._pid_file_pipe = pidfile.keep(pid_file)
+                self.twistd_options["pidfile"] = ""     # twistd's removePID: nothing to do
         drop_privileges(self.config)
 
 
-def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiService:
+def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None) -> service.MultiService:
     """Everything mailgw runs, as one MultiService."""
     top = service.MultiService()
     for directory in (config.data_dir, config.mail_dir, config.queue_dir):
@@ -120,6 +131,7 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     # Password hashing gets its own small pool: a burst of logins must not
     # delay fsyncs, and argon2 is deliberately CPU- and memory-hungry.
     auth_pool = IOThreadPool(maxthreads=2, name="mailgw-auth")
+    HangupIgnored(reactor).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
     ThreadPoolService(auth_pool).setServiceParent(top)
 
@@ -158,7 +170,12 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
     control.control_service(reactor, control.socket_path(config.data_dir), runner).setServiceParent(top)
 
     tls.ensure_certificate(config.tls, config.hostname)
+    if problems := tls.check_files(config.tls):
+        # One line naming the file, not a traceback (or, worse, a server whose every handshake fails).
+        raise SystemExit("mailgw: cannot start: " + "; ".join(problems))
     tls_options = tls.server_options(config.tls)
+    for warning in config_module.placeholder_warnings(config):
+        log.warn("{warning}", warning=warning)
 
     imap_cache = MessageCache()      # parsed headers, shared by the IMAP listeners
     worker_sockets = []              # (name, fd, family) of the SMTP ports the workers accept on
@@ -180,10 +197,10 @@ def build(config: Config, reactor, *, port_offset: int = 0) -> service.MultiServ
         SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
                     sockets=worker_sockets, checker=checker, runner=runner, spool=spool,
                     mail_store=mail_store, threadpool=io_pool).setServiceParent(top)
-    PrivilegeDrop(config).setServiceParent(top)     # last: after twistd wrote its pidfile
+    PrivilegeDrop(config, twistd_options).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
 
 
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
-    return build(options.config, reactor, port_offset=options["port-offset"])
+    return build(options.config, reactor, port_offset=options["port-offset"], twistd_options=options.parent)

@@ -12,7 +12,9 @@ import os
 import re
 from pathlib import Path
 
+from OpenSSL import SSL
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -64,6 +66,61 @@ def _write_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def check_files(tls: TLSConfig) -> list[str]:
+    """Why the [tls] files cannot serve TLS, one line per problem naming the
+    file (empty: they can). For `mailgw check` and start-up alike, so neither
+    says OK to a pair that fails every handshake later ("key values mismatch").
+
+    The self-signed default not made yet is fine: ensure_certificate makes it."""
+    if tls.generated:
+        try:
+            if not (tls.certificate.exists() and tls.private_key.exists()):
+                return []
+        except OSError as error:        # EACCES on the directory: exists() lets it through
+            return [f"tls.certificate: {tls.certificate}: cannot read: {error.strerror}"]
+    data: dict[str, bytes] = {}
+    problems = []
+    for key, path in (("certificate", tls.certificate), ("private_key", tls.private_key)):
+        try:
+            data[key] = path.read_bytes()
+        except OSError as error:
+            problems.append(f"tls.{key}: {path}: cannot read: {error.strerror}")
+    if problems:
+        return problems
+    chain = _PEM_CERT.findall(data["certificate"])
+    if not chain:
+        return [f"tls.certificate: {tls.certificate}: no PEM certificate found"]
+    certificates = []
+    for number, pem in enumerate(chain, 1):
+        try:
+            certificates.append(x509.load_pem_x509_certificate(pem))
+        except ValueError:
+            return [f"tls.certificate: {tls.certificate}: certificate {number} of {len(chain)} is not valid PEM"]
+    try:
+        key = serialization.load_pem_private_key(data["private_key"], password=None)
+    except TypeError:       # encrypted: a daemon has nobody to type the passphrase
+        return [f"tls.private_key: {tls.private_key}: encrypted with a passphrase; "
+                "store it unencrypted (mode 0600): openssl pkey -in KEY -out PLAIN"]
+    except (ValueError, UnsupportedAlgorithm):
+        return [f"tls.private_key: {tls.private_key}: no PEM private key found"]
+    ours = _public_der(key)
+    if _public_der(certificates[0]) != ours:
+        if any(_public_der(other) == ours for other in certificates[1:]):
+            return [f"tls.certificate: {tls.certificate}: the certificate for tls.private_key "
+                    "must come first, then its intermediates"]
+        return [f"tls.private_key: {tls.private_key} does not match tls.certificate {tls.certificate}"]
+    try:
+        server_options(tls).getContext()     # anything else OpenSSL refuses
+    except (SSL.Error, ValueError) as error:
+        return [f"tls.certificate: {tls.certificate}: OpenSSL refuses it: {error}"]
+    return []
+
+
+def _public_der(holder) -> bytes:
+    return holder.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def server_options(tls: TLSConfig) -> ssl.CertificateOptions:

@@ -30,7 +30,7 @@ from mailgw.smtp.delivery import Router
 from mailgw.store.maildir import MaildirStore
 from mailgw.iopool import IOThreadPool
 from mailgw.services import ThreadPoolService, end_sessions, listener_factory
-from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_sigint
+from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_terminal_signals
 
 log = Logger()
 
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     parser.add_argument("--socket", action="append", type=parse_socket, default=[])
     args = parser.parse_args(argv)
 
-    ignore_sigint()
+    ignore_terminal_signals()
     log_lines = StderrLog(hold=True)
     globalLogBeginner.beginLoggingTo([log_lines], redirectStandardIO=False)
     try:

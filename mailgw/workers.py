@@ -478,7 +478,9 @@ class StderrLog:
             pass          # the main process is gone; the pipe's loss stops us
 
 
-def ignore_sigint() -> None:
+def ignore_terminal_signals() -> None:
     """A worker stops when its pipe closes, not on the terminal's Ctrl-C (the
-    main process gets that and stops the workers in order)."""
+    main process gets that and stops the workers in order), and a hangup
+    does not end it (the main process logs and ignores SIGHUP)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1,9 +1,11 @@
 """Started as root, mailgw binds its ports, then runs as `[server] user`, and
-its data files are readable by nobody else (issue 6 §5)."""
+its data files are readable by nobody else (issue 6 §5); at stop its pid file
+is removed though nobody cannot write the directory it is in (issue 24)."""
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import smtplib
 import stat
 import subprocess
@@ -57,5 +59,10 @@ def test_runs_as_the_configured_user_with_private_files(e2e):
         finally:
             process.terminate()
             process.wait(10)
+        # Issue 24: twistd, by then running as nobody, could not remove its root-written pid file.
+        assert process.returncode in (0, -signal.SIGTERM), (root / "server.log").read_text()
+        log_text = (root / "server.log").read_text()
+        assert "No permission to delete pid file" not in log_text
+        e2e.wait_until(lambda: not (root / "twistd.pid").exists(), "the pid file to be removed")
     finally:
         shutil.rmtree(root, ignore_errors=True)
