@@ -136,6 +136,8 @@ class ListenerFactory(protocol.ServerFactory):
         self.implicit_tls = implicit_tls
         self.connections = ConnectionLimits(max_total=limits.max_connections,
                                             max_per_client=limits.max_connections_per_ip, exempt=exempt)
+        self.sessions: set = set()          # admitted and not yet lost
+        self._all_gone: list[defer.Deferred] = []
 
     def make_protocol(self):
         raise NotImplementedError
@@ -150,3 +152,25 @@ class ListenerFactory(protocol.ServerFactory):
 
     def release(self, client_ip) -> None:
         self.connections.release(client_ip)
+
+    def session_started(self, session) -> None:
+        self.sessions.add(session)
+
+    def session_ended(self, session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            waiting, self._all_gone = self._all_gone, []
+            for gone in waiting:
+                gone.callback(None)
+
+    def shutdown_sessions(self) -> defer.Deferred:
+        """We are stopping: each session's `shut_down()` sends its protocol's
+        notice (421, * BYE, -ERR) and closes; fires when all are gone."""
+        gone = defer.Deferred()
+        if not self.sessions:
+            gone.callback(None)
+            return gone
+        self._all_gone.append(gone)
+        for session in list(self.sessions):
+            session.shut_down()
+        return gone

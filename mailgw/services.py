@@ -22,9 +22,6 @@ log = Logger()
 # and go (TLS close_notify included) before the reactor stops regardless; the
 # reactor drops whatever is still unsent when it stops.
 SHUTDOWN_GRACE = 2.0
-# How often we look at the connection count of a factory whose
-# shutdown_sessions() gives no Deferred (seconds).
-SHUTDOWN_POLL = 0.05
 
 
 class ThreadPoolService(service.Service):
@@ -120,7 +117,7 @@ class ListenerService(service.Service):
 
 def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
     """Have a listener's factory tell its sessions we stop, and close them
-    (its `shutdown_sessions()`, where it has one). Fires (never fails) when
+    (its `shutdown_sessions()`, limits.ListenerFactory's, where it has one). Fires (never fails) when
     they are gone or after `grace` seconds, whichever comes first, so the
     reactor does not stop before the notices are written."""
     inner = getattr(factory, "wrappedFactory", factory)      # inside TLSMemoryBIOFactory on implicit TLS
@@ -139,14 +136,6 @@ def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferre
                  factory=type(inner).__name__, grace=grace)
         done.callback(None)
 
-    def look():
-        # No Deferred from shutdown_sessions(): the factory's connection count tells.
-        connections = getattr(inner, "connections", None)
-        if getattr(connections, "open_total", 0) <= 0:
-            gone()
-        elif not done.called:
-            clock.callLater(SHUTDOWN_POLL, look)
-
     deadline = clock.callLater(grace, too_late)
     try:
         result = shutdown()
@@ -154,12 +143,9 @@ def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferre
         log.failure("{factory}: shutdown_sessions failed", factory=type(inner).__name__)
         gone()
         return done
-    if isinstance(result, defer.Deferred):
-        result.addErrback(lambda failure: log.failure("{factory}: shutdown_sessions failed", failure=failure,
-                                                      factory=type(inner).__name__))
-        result.addBoth(gone)
-    else:
-        look()
+    result.addErrback(lambda failure: log.failure("{factory}: shutdown_sessions failed", failure=failure,
+                                                  factory=type(inner).__name__))
+    result.addBoth(gone)
     return done
 
 

@@ -175,29 +175,9 @@ class IMAPFactory(ListenerFactory):
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=limits,
                          tls_context=tls_context, implicit_tls=implicit_tls)
         self.cache = message_cache if message_cache is not None else MessageCache()
-        self.sessions: set[IMAPServer] = set()       # admitted and not yet lost
-        self._all_gone: list[defer.Deferred] = []
 
     def make_protocol(self):
         return IMAPServer(self)
-
-    def session_ended(self, session: "IMAPServer") -> None:
-        self.sessions.discard(session)
-        if not self.sessions:
-            waiting, self._all_gone = self._all_gone, []
-            for d in waiting:
-                d.callback(None)
-
-    def shutdown_sessions(self) -> defer.Deferred:
-        """BYE to every session (IDLE ones too) and close it; fires when all are gone."""
-        gone = defer.Deferred()
-        if not self.sessions:
-            gone.callback(None)
-            return gone
-        self._all_gone.append(gone)
-        for session in list(self.sessions):
-            session.shut_down()
-        return gone
 
 
 @implementer(IPushProducer)
@@ -262,7 +242,7 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             self._close("[UNAVAILABLE] Too many connections, try again later")
             return
         self._admitted = True
-        self.factory.sessions.add(self)
+        self.factory.session_started(self)
         self.can_starttls = (ITLSTransport.providedBy(self.transport)
                              and self.factory.tls_context is not None and not self.factory.implicit_tls)
         if hasattr(self.transport, "setTcpNoDelay"):

@@ -517,29 +517,9 @@ class POP3Factory(ListenerFactory):
             raise ValueError("config.pop3 is missing: load the config with mailgw.config.load()")
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.pop3,
                          tls_context=tls_context, implicit_tls=implicit_tls)
-        self.sessions: set[MailgwPOP3] = set()       # admitted and not yet lost
-        self._all_gone: list[defer.Deferred] = []
 
     def make_protocol(self):
         return MailgwPOP3(self)
-
-    def session_ended(self, session: "MailgwPOP3") -> None:
-        self.sessions.discard(session)
-        if not self.sessions:
-            waiting, self._all_gone = self._all_gone, []
-            for d in waiting:
-                d.callback(None)
-
-    def shutdown_sessions(self) -> defer.Deferred:
-        """Tell every session the server stops and close it; fires when all are gone."""
-        gone = defer.Deferred()
-        if not self.sessions:
-            gone.callback(None)
-            return gone
-        self._all_gone.append(gone)
-        for session in list(self.sessions):
-            session.shut_down()
-        return gone
 
 
 @implementer(IPushProducer)
@@ -588,7 +568,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
             self._close_with(TOO_MANY_CONNECTIONS)
             return
         self._admitted = True
-        self.factory.sessions.add(self)
+        self.factory.session_started(self)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not self.factory.implicit_tls)
         if hasattr(self.transport, "setTcpNoDelay"):

@@ -162,16 +162,9 @@ class SMTPFactory(ListenerFactory):
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
                          tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
         self.new_queue_id = new_queue_id
-        self.sessions: set[MailgwSMTP] = set()      # admitted and not yet lost
 
     def make_protocol(self):
         return MailgwSMTP(self)
-
-    def shutdown_sessions(self) -> None:
-        """We are stopping: every session gets 421 and is closed. The caller
-        (services.ListenerService) waits for connections.open_total to drop."""
-        for session in list(self.sessions):
-            session.shut_down()
 
 
 class MailgwSMTP(SerialCommands, smtp.ESMTP):
@@ -225,7 +218,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             self._close_with(codes.TOO_MANY_CONNECTIONS)
             return
         self._admitted = True
-        self.factory.sessions.add(self)
+        self.factory.session_started(self)
         self.canStartTLS = (ITLSTransport.providedBy(self.transport)
                             and self.ctx is not None and not self.factory.implicit_tls)
         if hasattr(self.transport, "setTcpNoDelay"):
@@ -247,7 +240,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._abort_timer = None
         if self._admitted:
             self.factory.release(self.session.client_ip)
-            self.factory.sessions.discard(self)
+            self.factory.session_ended(self)
             self._admitted = False
         self._mode = CLOSING
         self._do_logout()

@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from mailgw.services import SHUTDOWN_GRACE, SHUTDOWN_POLL, ListenerService
+from mailgw.services import SHUTDOWN_GRACE, ListenerService
 from imap_harness import IMAPSession, filled
 from pop3_harness import Session
 
@@ -147,17 +147,6 @@ def test_stop_service_reaches_the_factory_inside_tls():
     _, d = stopped(TLSMemoryBIOFactory(CertificateOptions(), False, factory))
     assert factory.calls == 1
     assert d.called
-
-
-def test_stop_service_without_a_deferred_watches_the_connection_count():
-    factory = FakeFactory(None, open_total=1)      # e.g. a shutdown_sessions() that returns nothing
-    reactor, d = stopped(factory)
-    reactor.advance(SHUTDOWN_POLL)
-    assert not d.called
-    factory.connections.open_total = 0
-    reactor.advance(SHUTDOWN_POLL)
-    assert d.called
-    assert not reactor.getDelayedCalls()
 
 
 def test_stop_service_of_a_factory_without_shutdown_sessions():

@@ -13,19 +13,22 @@ def test_every_live_session_gets_421_and_is_closed():
     first.read(), second.read()
     first.ehlo()
     assert first.factory.sessions == {first.server, second.server}
-    assert first.factory.shutdown_sessions() is None
+    gone = first.factory.shutdown_sessions()
     for s in (first, second):
         assert s.read() == [NOTICE] and s.closed
-    # Gone from the factory (and its counts) once the connections are lost.
-    for s in (first, second):
-        s.server.connectionLost(None)
+    # Gone from the factory (and its counts) once the connections are lost;
+    # the Deferred fires only then.
+    first.server.connectionLost(None)
+    assert not gone.called
+    second.server.connectionLost(None)
+    assert gone.called
     assert first.factory.sessions == set() and first.factory.connections.open_total == 0
 
 
 def test_no_sessions_nothing_to_do():
     s = Session()
     s.server.connectionLost(None)
-    s.factory.shutdown_sessions()
+    assert s.factory.shutdown_sessions().called
     assert s.read() == ["220 mail.example.test ESMTP mailgw"]
 
 
