@@ -344,7 +344,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             details.append(f"to=<{_loggable(to)}>")
         details.append("proto=ESMTP" if session.esmtp else "proto=SMTP")
         if session.helo is not None:
-            details.append(f"helo=<{session.helo}>")
+            details.append(f"helo=<{_loggable(session.helo)}>")
         enhanced = f"{reply.enhanced} " if reply.enhanced else ""
         queue_id = session.queue_id if stage == END_OF_MESSAGE and session.queue_id else "NOQUEUE"
         self.log.info("{queue_id}: reject: {stage} from unknown[{client}]: "
