@@ -3,6 +3,10 @@
     mailgw check [--config PATH]          validate the configuration, start nothing
     mailgw users add|passwd|delete|list   manage the users file (passwords from a prompt or stdin)
     mailgw queue list|show|flush|stats|hold|release|delete|bounce   the relay queue, running or not
+    mailgw aliases add|delete|show|list   the alias table (lists, forwards, catch-alls, domain aliases)
+    mailgw resolve ADDRESS                what an address leads to (postmap -q / sendmail -bv)
+    mailgw quota show|set|list            mailbox quotas
+    mailgw sendmail [-t] [-i] [-f ...]    submit a message from stdin, like sendmail(1)
     mailgw --version                      the installed version
 
 Each subcommand lives next to what it manages; this module only dispatches.
@@ -27,6 +31,15 @@ commands:
   queue release ID           undo hold and try it now
   queue delete ID            remove a message (the sender is not notified)
   queue bounce ID            give up on a message and notify the sender
+  aliases add ALIAS TARGET... [--send-as]   create an alias or add targets (@domain: catch-all or domain alias)
+  aliases delete ALIAS [TARGET...]          remove an alias, or some of its targets
+  aliases show ALIAS         one alias
+  aliases list               every alias, catch-all and domain alias
+  resolve ADDRESS...         print where mail to ADDRESS goes, one target per line
+  quota show USER            a mailbox's usage and limits
+  quota set USER [--bytes SIZE] [--messages N]   override the default limits
+  quota list                 the overrides
+  sendmail [-t] [-i] [-f SENDER] [-F NAME] [RCPT...]   queue a message read from stdin (cron, web apps)
 
 options:
   --version                  print the version and exit
@@ -64,6 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     if command == "queue":
         from mailgw.queue.admin import queue_main
         return queue_main(rest)
+    if command == "aliases":
+        from mailgw.routing.admin import aliases_main
+        return aliases_main(rest)
+    if command == "resolve":
+        from mailgw.routing.admin import resolve_main
+        return resolve_main(rest)
+    if command == "quota":
+        from mailgw.store.quota_admin import quota_main
+        return quota_main(rest)
+    if command == "sendmail":
+        from mailgw.sendmail import main as sendmail_main
+        return sendmail_main(rest)
     print(f"mailgw: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -38,6 +38,8 @@ from mailgw.config_types import (
     ListenerConfig,
     POP3Limits,
     QueueConfig,
+    QuotaConfig,
+    RoutingConfig,
     RelayHost,
     SMTPLimits,
     TLSConfig,
@@ -411,6 +413,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     queue_table = _Table(root.take("queue", {}), "queue", errors)
     pop3_table = _Table(root.take("pop3", {}), "pop3", errors)
     imap_table = _Table(root.take("imap", {}), "imap", errors)
+    routing_table = _Table(root.take("routing", {}), "routing", errors)
+    quota_table = _Table(root.take("quota", {}), "quota", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -473,6 +477,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     pop3 = _pop3(pop3_table)
     imap = _imap(imap_table, smtp)
     listeners = _listeners(listeners_raw, errors)
+    routing = _routing(routing_table, data_dir, local_domains, postmaster)
+    quota = _quota(quota_table, data_dir)
     root.finish("unknown top-level table or key", list_known=True)
 
     if errors:
@@ -498,7 +504,55 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         queue=queue,
         pop3=pop3,
         imap=imap,
+        routing=routing,
+        quota=quota,
     )
+
+
+def _routing(table: _Table, data_dir: Path | None, local_domains, postmaster) -> RoutingConfig | None:
+    aliases_text = table.path_text("aliases_file", "")
+    aliases_file = _absolute(aliases_text) if aliases_text else (
+        data_dir / "aliases" if data_dir is not None else None)
+    # RFC 2142 §2: abuse@ must reach a person; by default the one postmaster@ reaches.
+    abuse = table.string("abuse", "")
+    if abuse == "":
+        abuse = postmaster
+    elif abuse and (problem := _address_problem(abuse)):
+        table.error("abuse", f"{_describe(abuse)}: {problem}")
+        abuse = None
+    elif abuse:
+        local, _, domain = abuse.rpartition("@")
+        abuse = f"{local.lower()}@{domain.lower()}"
+    max_depth = table.integer("max_alias_depth", 10, 1, 100)
+    max_expansion = table.integer("max_expansion", 1000, 1, 100_000)
+    srs_domain = table.string("srs_domain", "")
+    if srs_domain == "" and local_domains:
+        srs_domain = local_domains[0]
+    elif srs_domain and local_domains and srs_domain.lower() not in local_domains:
+        table.error("srs_domain", f"{_describe(srs_domain)}: must be one of server.local_domains "
+                                  "(bounces to SRS addresses come back to it)")
+        srs_domain = None
+    elif srs_domain:
+        srs_domain = srs_domain.lower()
+    srs_max_age = table.integer("srs_max_age", 21, 1, 365)
+    check_interval = table.seconds("check_interval", 1.0, 0.0)
+    table.finish()
+    values = (aliases_file, abuse, max_depth, max_expansion, srs_domain, srs_max_age, check_interval)
+    if None in values:
+        return None
+    return RoutingConfig(*values)
+
+
+def _quota(table: _Table, data_dir: Path | None) -> QuotaConfig | None:
+    default_bytes = table.integer("default_bytes", 0, 0)
+    default_messages = table.integer("default_messages", 0, 0)
+    quotas_text = table.path_text("quotas_file", "")
+    quotas_file = _absolute(quotas_text) if quotas_text else (
+        data_dir / "quotas" if data_dir is not None else None)
+    table.finish()
+    if None in (default_bytes, default_messages, quotas_file):
+        return None
+    return QuotaConfig(default_bytes, default_messages, quotas_file)
 
 
 def _local_domains(server: _Table) -> list[str] | None:

@@ -132,6 +132,26 @@ class QueueConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """[routing]: where addresses lead (mailgw/routing, docs/routing.md)."""
+    aliases_file: Path                  # the alias table (Postfix virtual(5)-like lines), reloaded on change
+    abuse: str                          # mailbox or address that abuse@<each local domain> reaches (RFC 2142)
+    max_alias_depth: int                # alias -> alias -> ... nesting; deeper is a table error
+    max_expansion: int                  # final targets one recipient may expand to; more is a table error
+    srs_domain: str                     # domain of SRS0 envelope senders on forwards (one of local_domains)
+    srs_max_age: int                    # days an SRS0 address stays valid for bounces coming back
+    check_interval: float               # seconds between stat()s of the tables for changes
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """[quota]: per-mailbox storage limits (RFC 9208); 0 means no limit."""
+    default_bytes: int
+    default_messages: int
+    quotas_file: Path                   # per-user overrides (`mailgw quota set`), reloaded on change
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str                          # our FQDN: greeting, Received, EHLO
     local_domains: frozenset[str]          # lower-case, exact match only
@@ -155,3 +175,5 @@ class Config:
     smtp_workers: int = 0                  # SMTP worker processes (0: SMTP in the main process)
     # Which families a wildcard "tcp:PORT" listener takes: "all" (an IPv6 twin socket beside it), "ipv4".
     inet_protocols: str = "all"
+    routing: RoutingConfig | None = field(default=None)   # None only in configs built by hand in tests
+    quota: QuotaConfig | None = field(default=None)       # None only in configs built by hand in tests

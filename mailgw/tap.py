@@ -30,8 +30,9 @@ from mailgw.queue import control
 from mailgw.queue.delivery import RelayTransport
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
-from mailgw.smtp.delivery import Router
+from mailgw.routing.dispatch import build_router
 from mailgw.store.maildir import MaildirStore
+from mailgw.store.quota import Quota
 from mailgw import pidfile, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
@@ -140,10 +141,14 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
     top.server_lock = control.acquire_server_lock(config.queue_dir)
 
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
-    mail_store = MailStore(config.mail_dir, reactor=reactor, threadpool=io_pool, writer=writer, clock=reactor)
+    # One quota object per process: delivery, IMAP and the RCPT check share its cached usage.
+    quota = Quota(config.mail_dir, config.quota, clock=reactor, threadpool=io_pool,
+                  check_interval=config.routing.check_interval)
+    mail_store = MailStore(config.mail_dir, reactor=reactor, threadpool=io_pool, writer=writer, clock=reactor,
+                           quota=quota)
     # A local delivery wakes the user's IMAP IDLE sessions at once.
     store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname,
-                         on_delivered=mail_store.delivered)
+                         on_delivered=mail_store.delivered, quota=quota)
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
     if removed := store.clean_tmp():
         log.info("removed {count} stale file(s) from Maildir tmp/ directories", count=removed)
@@ -156,7 +161,7 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                               max_delay=config.smtp.auth_max_delay,
                               lockout_failures=config.smtp.auth_lockout_failures,
                               lockout_time=config.smtp.auth_lockout_time)
-    router = Router(config, userdb)
+    router = build_router(config, userdb, reactor=reactor, quota=quota)
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
 

@@ -26,8 +26,9 @@ from mailgw.config_types import SMTP_ROLES, Config
 from mailgw.durable import DurableWriter
 from mailgw.queue.spool import Spool
 from mailgw.realm import MailRealm
-from mailgw.smtp.delivery import Router
+from mailgw.routing.dispatch import build_router
 from mailgw.store.maildir import MaildirStore
+from mailgw.store.quota import Quota
 from mailgw.iopool import IOThreadPool
 from mailgw.services import ThreadPoolService, end_sessions, listener_factory
 from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_terminal_signals
@@ -94,12 +95,14 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
     ThreadPoolService(io_pool).setServiceParent(top)
 
     writer = DurableWriter(reactor=reactor, threadpool=io_pool)
+    quota = Quota(config.mail_dir, config.quota, clock=reactor, threadpool=io_pool,
+                  check_interval=config.routing.check_interval)
     store = MaildirStore(config.mail_dir, writer=writer, hostname=config.hostname,
-                         on_delivered=lambda addresses: link.send("delivered", _as_list(addresses)))
+                         on_delivered=lambda addresses: link.send("delivered", _as_list(addresses)), quota=quota)
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
     spool.add_listener(lambda envelope: link.send("queued", envelope))
     userdb = UserFile(config.users_file, threadpool=io_pool, reactor=reactor)
-    router = Router(config, userdb)
+    router = build_router(config, userdb, reactor=reactor, quota=quota)
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
     portal = Portal(realm, [RemoteChecker(link), AllowAnonymousAccess()])
     tls_options = tls.server_options(config.tls)      # the main process made the certificate

@@ -190,7 +190,8 @@ def _owner_for(path: Path) -> tuple[int, int] | None:
 
 @contextlib.contextmanager
 def locked_users_file(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``<path>.lock`` for a read-modify-write.
+    """Hold an exclusive flock on ``<path>.lock`` for a read-modify-write
+    (of the users file, or of another table written with `replace_file`).
 
     Readers don't need it (writes are atomic renames); only writers take it.
     """
@@ -228,8 +229,14 @@ def write_users(path: Path, mapping: Mapping[str, str]) -> None:
     version, never a mix. Callers doing read-modify-write hold
     `locked_users_file(path)` around it.
     """
+    replace_file(path, format_users(mapping))
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data` (mode 0600, owned like the file or
+    its directory when run as root): the users file's write, also used for
+    the alias and quota tables."""
     path = Path(path)
-    data = format_users(mapping)
     owner = _owner_for(path)
     # mkstemp creates the file with mode 0600.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

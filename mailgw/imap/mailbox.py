@@ -64,6 +64,9 @@ class IMAPAccount:
     def __init__(self, mailbox):
         self.mailbox = mailbox                  # IUserMailbox of the logged-in user only
         self.address = mailbox.address
+        # mailgw.store.quota.IQuota of the store, or None (no QUOTA extension):
+        # the user's folders together are one quota root, "" (RFC 9208 §3.1).
+        self.quota = getattr(mailbox, "quota", None)
 
     # -- what the server uses ------------------------------------------------
     def folders(self):

@@ -1,5 +1,6 @@
 """The IMAP4rev1 server (RFC 3501) with IDLE, UIDPLUS, MOVE, NAMESPACE, ID,
-ENABLE, UNSELECT, LITERAL+, CHILDREN, SPECIAL-USE, APPENDLIMIT and SASL-IR.
+ENABLE, UNSELECT, LITERAL+, CHILDREN, SPECIAL-USE, APPENDLIMIT, SASL-IR and,
+when the store has a quota, QUOTA (RFC 9208).
 
 Why not a subclass of twisted.mail.imap4.IMAP4Server. Its defects sit in
 exactly the parts a subclass would inherit (../shared/twisted-traps.md §4):
@@ -328,7 +329,15 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 caps.append("AUTH=PLAIN")
             else:
                 caps.append("LOGINDISABLED")             # RFC 3501 §6.2.3
+        elif self._quota() is not None:
+            # RFC 9208 §5: QUOTA=RES-<name> per resource; after login only (the quota is the
+            # user's; Dovecot does the same). No QUOTASET: limits are the administrator's.
+            caps += ["QUOTA", "QUOTA=RES-STORAGE", "QUOTA=RES-MESSAGE"]
         return " ".join(caps).encode("ascii")
+
+    def _quota(self):
+        """The logged-in user's IQuota, or None (then there is no QUOTA extension)."""
+        return getattr(self.account, "quota", None) if self.account is not None else None
 
     def _auth_allowed(self) -> bool:
         return self.session.tls or self.limits.allow_plaintext_auth
@@ -536,6 +545,11 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 # RFC 7889 §4: NO [TOOBIG], and for a synchronizing literal
                 # no continuation, so the message is never sent.
                 return NO(f"Message larger than APPENDLIMIT={self.limits.max_append}", b"TOOBIG")
+            quota = self._quota()
+            if quota is not None and quota.over(self.user):
+                # RFC 9208 §4.3: already full: refused before the message is sent (the
+                # exact check, with its size on disk, follows the literal).
+                return NO(_OVER_QUOTA_TEXT, b"OVERQUOTA")
             limit = self.limits.max_append + self.limits.max_literal
         elif size > limit:
             return BAD(f"Literal larger than {limit} octets")
@@ -1120,6 +1134,10 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             raise NO("Empty message")
 
         def got(folder):
+            quota = self._quota()
+            # Stored with LF line ends: the octets it takes on disk (S=).
+            if quota is not None and quota.over(self.user, len(message) - message.count(b"\r\n"), 1):
+                raise NO(_OVER_QUOTA_TEXT, b"OVERQUOTA")             # RFC 9208 §4.3: nothing stored
             return (defer.maybeDeferred(folder.append, message, flags=tuple(flags), internaldate=date)
                     .addErrback(_trap(ValueError, _STORE_REFUSED))
                     .addCallback(lambda new_uid: OK(
@@ -1481,12 +1499,19 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
             raise NO("Mailbox is read-only", b"READ-ONLY")
         seqs = view.resolve(ranges, uid_mode)
         find = view.lookup(len(seqs))
-        uids = [u for u in (view.uids[s - 1] for s in seqs) if find(u) is not None]
+        infos = [info for info in (find(u) for u in (view.uids[s - 1] for s in seqs)) if info is not None]
+        uids = [info.uid for info in infos]
         verb = "MOVE" if move else "COPY"
 
         def got(target):
             if not uids:
                 return OK(f"{verb} completed")
+            quota = self._quota()
+            # RFC 9208 §4.3: a COPY that would go over stores nothing. A MOVE never changes
+            # the usage of our one quota root (a full mailbox can still move mail to Trash),
+            # so it is never refused for quota (Dovecot does the same).
+            if not move and quota is not None and quota.over(self.user, self._copy_octets(infos), len(infos)):
+                raise NO(_OVER_QUOTA_TEXT, b"OVERQUOTA")
             return (_selected(defer.maybeDeferred(view.folder.copy, uids, target))
                     .addErrback(_trap(ValueError, _STORE_REFUSED)).addCallback(copied, target))
 
@@ -1508,6 +1533,90 @@ class IMAPServer(protocol.Protocol, policies.TimeoutMixin):
                 .addErrback(_trap(KeyError, NO("No such mailbox", b"TRYCREATE")))
                 .addErrback(_trap(ValueError, NO("Invalid mailbox name", b"CANNOT")))
                 .addCallback(got))
+
+    # -- RFC 9208 QUOTA ------------------------------------------------------------------
+    def _copy_octets(self, infos) -> int:
+        """Octets copies of `infos` take on disk: the store's exact figure when its folder
+        has one, else RFC822.SIZE (a little more than the LF-only files: errs on refusing)."""
+        measure = getattr(self.view.folder, "octets_on_disk", None)
+        return measure([info.uid for info in infos]) if measure is not None else sum(info.size for info in infos)
+
+    def _require_quota(self, name: str):
+        quota = self._quota()
+        if quota is None:
+            raise ParseError(f"Unknown command {name}")     # not advertised: as if it did not exist
+        return quota
+
+    def _quota_line(self, quota) -> bytes | None:
+        """`* QUOTA "" (...)` of the user's one quota root, None when it has no limit."""
+        resources = _quota_resources(quota.status(self.user))
+        return b'* QUOTA "" (' + resources + b")\r\n" if resources else None
+
+    def do_GETQUOTAROOT(self, tag, reader, uid):
+        quota = self._require_quota("GETQUOTAROOT")
+        reader.sp()
+        name = self._mailbox(reader)
+        reader.end()
+
+        def listed(names):
+            if name not in names:
+                raise NO("No such mailbox", b"NONEXISTENT")
+            line = self._quota_line(quota)
+            mailbox = astring(encode_mailbox(name))
+            if line is None:
+                # RFC 9208 §4.2.2: a mailbox without quota roots (no limits at all).
+                self._write(b"* QUOTAROOT " + mailbox + b"\r\n")
+            else:
+                # RFC 9208 §4.1.2: every folder of the user shares the root "".
+                self._write(b"* QUOTAROOT " + mailbox + b' ""\r\n' + line)
+            return OK("GETQUOTAROOT completed")
+        return self.account.folders().addCallback(listed)
+
+    def do_GETQUOTA(self, tag, reader, uid):
+        quota = self._require_quota("GETQUOTA")
+        reader.sp()
+        root = reader.astring()
+        reader.end()
+        line = self._quota_line(quota) if root == b"" else None
+        if line is None:
+            raise NO("No such quota root", b"NONEXISTENT")    # RFC 9208 §4.1.1
+        self._write(line)
+        return OK("GETQUOTA completed")
+
+    def do_SETQUOTA(self, tag, reader, uid):
+        self._require_quota("SETQUOTA")
+        # RFC 9208 §4.1.3: SETQUOTA root (resource limit ...); parsed, so that bad syntax is BAD.
+        reader.sp()
+        reader.astring()
+        reader.sp()
+        reader.open_paren()
+        if not reader.maybe(b")"):
+            while True:
+                reader.atom()
+                reader.sp()
+                if not reader.atom().isdigit():                # number64
+                    raise ParseError("Expected a number")
+                if reader.maybe(b")"):
+                    break
+                reader.sp()
+        reader.leave()
+        reader.end()
+        # RFC 9208 §4.1.3: without QUOTASET it is not supported; limits are `mailgw quota set`'s.
+        raise NO("Quotas are set by the administrator", b"NOPERM")
+
+
+_OVER_QUOTA_TEXT = "Mailbox is over quota"
+
+
+def _quota_resources(status: dict) -> bytes:
+    """The resource list of a QUOTA response; a resource without limit is left out."""
+    parts = []
+    if status["bytes_limit"]:
+        # RFC 9208 §5.1: STORAGE counts units of 1024 octets; usage rounded up, the limit down.
+        parts.append(b"STORAGE %d %d" % (-(-status["bytes"] // 1024), max(status["bytes_limit"] // 1024, 1)))
+    if status["messages_limit"]:
+        parts.append(b"MESSAGE %d %d" % (status["messages"], status["messages_limit"]))    # RFC 9208 §5.2
+    return b" ".join(parts)
 
 
 def _pattern(raw: bytes) -> str:
@@ -1550,6 +1659,9 @@ _COMMANDS = {
     "STORE": (IMAPServer.do_STORE, _SELECTED),
     "COPY": (IMAPServer.do_COPY, _SELECTED),
     "MOVE": (IMAPServer.do_MOVE, _SELECTED),                 # RFC 6851
+    "GETQUOTAROOT": (IMAPServer.do_GETQUOTAROOT, _AUTH),     # RFC 9208
+    "GETQUOTA": (IMAPServer.do_GETQUOTA, _AUTH),
+    "SETQUOTA": (IMAPServer.do_SETQUOTA, _AUTH),
 }
 _UID_COMMANDS = ("FETCH", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE")
 # RFC 3501 §7.4.1: no EXPUNGE response while answering these (we also hold

@@ -22,6 +22,26 @@ an error never carries a traceback (those go to the server log).
     {"cmd": "flush", "ids": [ID, ...]|null}  -> [ID, ...] flushed (held ones are skipped)
     {"cmd": "hold"|"release"|"delete"|"bounce", "id": ID} -> ID, once the runner has done it
     {"cmd": "stats"}                         -> QueueRunner.stats(): the queue now, counts since start
+    {"cmd": "submit", "sender": S, "recipients": [R, ...], "size": N, "local_user": LOGIN, "uid": UID}
+        then exactly N raw octets, the message  -> {"queue_id": ID}, once it is durable
+
+`submit` is `mailgw sendmail` handing over a message (mailgw/sendmail.py;
+the server side is the injected submitter, mailgw/routing/submit.py). The
+message cannot travel inside the JSON line (MAX_REQUEST), so its N octets
+follow the line, with no terminator; then the next request may begin. S is
+the envelope sender ("" for the null sender), the message has CRLF line ends.
+"local_user" is the login name the command claims; "uid" is informational
+only: the server trusts SO_PEERCRED, not the client, for the uid it passes on.
+A refusal carries the SMTP codes, so the command can tell 4xx from 5xx:
+
+    {"ok": false, "error": TEXT, "code": 552, "enhanced": "5.3.4"}
+
+A header the server refuses before reading the octets (no submitter, a
+malformed header, N above the size limit) is answered and then the
+connection is closed: the octets already on their way cannot be told from
+requests. The client may see EPIPE while still sending; the answer is there
+to read all the same. A failure that is not a MailError is logged with its
+traceback and answered with a generic "internal error" (code 451).
 """
 from __future__ import annotations
 
@@ -31,13 +51,14 @@ import json
 import os
 import socket
 import stat
+import struct
 import time
 from pathlib import Path
 
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.basic import LineReceiver
 
 from mailgw.errors import MailError
 from mailgw.queue.spool import is_queue_id
@@ -49,6 +70,12 @@ MAX_REQUEST = 64 * 1024            # octets per request line, the newline not co
 # More requests than this waiting on one connection: stop reading from it
 # until the backlog halves (a client pipelining without reading answers).
 _MAX_WAITING = 64
+# Largest `submit` message when neither control_service nor the submitter says
+# (the default of [smtp] max_message_size).
+DEFAULT_MAX_SUBMISSION = 35 * 1024 * 1024
+# RFC 3463 §3.4 / RFC 5321 §4.5.3.1.10: what SMTP answers for these cases too.
+_TOO_BIG = (552, "5.3.4")
+_INTERNAL = (451, "4.3.0")
 
 _log = Logger(namespace="mailgw.queue.control")
 
@@ -157,10 +184,35 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii") + b"\n"
 
 
-class ControlProtocol(LineOnlyReceiver):
+def peer_uid(transport) -> int | None:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED),
+    or None where the platform or the transport cannot say."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    try:
+        handle = transport.getHandle()
+        if option is None or handle.family != socket.AF_UNIX:
+            return None
+        credentials = handle.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except (AttributeError, OSError, TypeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return uid
+
+
+class _Refusal(Exception):
+    """A `submit` header refused before its octets are read; `answer` says why."""
+
+    def __init__(self, answer: dict):
+        super().__init__(answer.get("error"))
+        self.answer = answer
+
+
+class ControlProtocol(LineReceiver):
     """One client connection. Connection state only: the requests are the
     factory's business. Answers go out in request order: each request waits
-    for the one before it (a `hold` may wait for a delivery in flight)."""
+    for the one before it (a `hold` may wait for a delivery in flight).
+
+    A `submit` line switches to raw mode for its N octets, then back to lines."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_REQUEST
@@ -168,8 +220,10 @@ class ControlProtocol(LineOnlyReceiver):
     def connectionMade(self):
         self._tail = defer.succeed(None)
         self._waiting = 0
-        self._paused = False
+        self._pauses: set[str] = set()    # why reading is paused: "backlog", "submit"
         self._closing = False
+        self._submission = None           # while reading octets: [request, chunks, octets to come]
+        self._peer_uid = peer_uid(self.transport)
 
     def dataReceived(self, data):
         if self._closing:
@@ -179,32 +233,89 @@ class ControlProtocol(LineOnlyReceiver):
     def lineReceived(self, line):
         if self._closing:
             return
-        self._enqueue(lambda: self.factory.handle(line))
+        request, error = self.factory.parse(line)
+        if error is None and request.get("cmd") == "submit":
+            self._submit_header(request)
+            return
+        self._enqueue(lambda: error if error is not None else self.factory.handle_request(request))
 
     def lineLengthExceeded(self, line):
         # The stream cannot be framed any more: answer (after what came
         # before), then hang up.
+        error = {"ok": False, "error": f"request too long (more than {MAX_REQUEST} octets)"}
+        self._refuse(error)
+
+    def _refuse(self, answer: dict) -> None:
+        """Answer after what came before, then close; read nothing more."""
         self._closing = True
         self._buffer = b""
-        error = {"ok": False, "error": f"request too long (more than {MAX_REQUEST} octets)"}
-        self._enqueue(lambda: error, close=True)
+        self._enqueue(lambda: answer, close=True)
 
-    def _enqueue(self, make_answer, close: bool = False) -> None:
-        self._waiting += 1
-        if self._waiting > _MAX_WAITING and not self._paused:
-            self._paused = True
+    # -- submit --------------------------------------------------------------------
+
+    def _submit_header(self, request: dict) -> None:
+        try:
+            size = self.factory.submission_size(request)
+        except _Refusal as refusal:
+            self._refuse(refusal.answer)
+            return
+        self._submission = [request, [], size]
+        if size == 0:
+            self._submission_complete()
+        else:
+            self.setRawMode()
+
+    def rawDataReceived(self, data):
+        if self._closing or self._submission is None:
+            return
+        request, chunks, left = self._submission
+        piece = data[:left]
+        chunks.append(piece)
+        self._submission[2] = left - len(piece)
+        if self._submission[2]:
+            return
+        self._submission_complete()
+        # What follows the octets is the next request (LineReceiver buffers it
+        # while we are inside its dataReceived).
+        self.setLineMode(data[len(piece):])
+
+    def _submission_complete(self) -> None:
+        request, chunks, _ = self._submission
+        self._submission = None
+        message = b"".join(chunks)
+        origin = {"uid": self._peer_uid, "login": request.get("local_user")}
+        # One message in memory per connection: read no further until this one is answered.
+        self._pause("submit")
+        self._enqueue(lambda: self.factory.submit(request, message, origin), resume="submit")
+
+    # -- answers -------------------------------------------------------------------
+
+    def _pause(self, reason: str) -> None:
+        if not self._pauses:
             self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and not self._closing:
+                self.transport.resumeProducing()
+
+    def _enqueue(self, make_answer, close: bool = False, resume: str | None = None) -> None:
+        self._waiting += 1
+        if self._waiting > _MAX_WAITING:
+            self._pause("backlog")
         def step(_):
             d = defer.maybeDeferred(make_answer)
             d.addErrback(self.factory.internal_error, "answering a control request")
-            d.addCallback(self._answer, close)
+            d.addCallback(self._answer, close, resume)
             # Keep the chain alive whatever happens: the next request must still be answered.
             d.addErrback(lambda failure: self.factory.log.failure("control connection", failure))
             return d
 
         self._tail.addCallback(step)
 
-    def _answer(self, answer: dict, close: bool) -> None:
+    def _answer(self, answer: dict, close: bool, resume: str | None = None) -> None:
         self._waiting -= 1
         try:
             data = encode(answer)
@@ -214,21 +325,31 @@ class ControlProtocol(LineOnlyReceiver):
         self.transport.write(data)
         if close:
             self.transport.loseConnection()
-        elif self._paused and self._waiting <= _MAX_WAITING // 2:
-            self._paused = False
-            self.transport.resumeProducing()
+            return
+        if resume is not None:
+            self._resume(resume)
+        if self._waiting <= _MAX_WAITING // 2:
+            self._resume("backlog")
 
 
 class ControlFactory(protocol.Factory):
     """Serves `mailgw queue` requests for a running server (module docstring).
 
-    `runner`: the QueueRunner (snapshot/flush/hold/release/delete/bounce)."""
+    `runner`: the QueueRunner (snapshot/flush/hold/release/delete/bounce).
+    `submitter`: takes `submit` requests (`submit(sender, recipients, message,
+    *, origin)` -> Deferred queue id, failing with MailError); None: refused.
+    `max_size`: the largest message `submit` reads (default: the submitter's
+    `max_size`, else DEFAULT_MAX_SUBMISSION)."""
 
     protocol = ControlProtocol
     noisy = False
 
-    def __init__(self, runner, *, log: Logger | None = None):
+    def __init__(self, runner, *, submitter=None, max_size: int | None = None, log: Logger | None = None):
         self.runner = runner
+        self.submitter = submitter
+        if max_size is None:
+            max_size = getattr(submitter, "max_size", None)
+        self.max_size = max_size if isinstance(max_size, int) and max_size > 0 else DEFAULT_MAX_SUBMISSION
         self.log = log or _log
         self._commands = {
             "list": self._list, "show": self._show, "flush": self._flush, "stats": self._stats,
@@ -237,13 +358,28 @@ class ControlFactory(protocol.Factory):
 
     def handle(self, line: bytes) -> defer.Deferred:
         """Deferred firing with the answer (a dict) to one request line; never fails."""
+        request, error = self.parse(line)
+        if error is not None:
+            return defer.succeed(error)
+        return self.handle_request(request)
+
+    @staticmethod
+    def parse(line: bytes) -> tuple[dict | None, dict | None]:
+        """(the request, None), or (None, the error answer) for a malformed line."""
         try:
             request = json.loads(line.removesuffix(b"\r").decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            return defer.succeed({"ok": False, "error": "bad request: not UTF-8 JSON"})
+            return None, {"ok": False, "error": "bad request: not UTF-8 JSON"}
         if not isinstance(request, dict):
-            return defer.succeed({"ok": False, "error": "bad request: not a JSON object"})
+            return None, {"ok": False, "error": "bad request: not a JSON object"}
+        return request, None
+
+    def handle_request(self, request: dict) -> defer.Deferred:
+        """Deferred firing with the answer to a parsed request (not `submit`); never fails."""
         command = request.get("cmd")
+        if command == "submit":
+            # Only the protocol can read the octets that follow.
+            return defer.succeed({"ok": False, "error": "bad request: submit needs its message octets"})
         handler = self._commands.get(command) if isinstance(command, str) else None
         if handler is None:
             return defer.succeed({"ok": False, "error": f"unknown command: {_shown(command)}"})
@@ -290,6 +426,51 @@ class ControlFactory(protocol.Factory):
         d = defer.maybeDeferred(getattr(self.runner, command), queue_id)
         return d.addCallback(lambda _: queue_id)
 
+    # -- submit --------------------------------------------------------------------
+
+    def submission_size(self, request: dict) -> int:
+        """N, the octets that follow a valid `submit` header; _Refusal if the
+        header is refused (the protocol then reads none of them)."""
+        if self.submitter is None:
+            raise _Refusal({"ok": False, "error": "submission not available"})
+        size = request.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _Refusal({"ok": False, "error": f"bad request: size must be an octet count, got {_shown(size)}"})
+        sender = request.get("sender")
+        if not isinstance(sender, str):
+            raise _Refusal({"ok": False, "error": f"bad request: sender must be a string, got {_shown(sender)}"})
+        recipients = request.get("recipients")
+        if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+            raise _Refusal({"ok": False, "error": "bad request: recipients must be a list of strings"})
+        login = request.get("local_user")
+        if login is not None and not isinstance(login, str):
+            raise _Refusal({"ok": False, "error": "bad request: local_user must be a string"})
+        if size > self.max_size:
+            # Refused before one octet is read: a big message costs us nothing.
+            code, enhanced = _TOO_BIG
+            raise _Refusal({"ok": False, "error": f"message too big: {size} octets, the limit is {self.max_size}",
+                            "code": code, "enhanced": enhanced})
+        return size
+
+    def submit(self, request: dict, message: bytes, origin: dict) -> defer.Deferred:
+        """Deferred firing with the answer to a complete `submit`; never fails."""
+        d = defer.maybeDeferred(self.submitter.submit, request["sender"], list(request["recipients"]),
+                                message, origin=origin)
+        d.addCallbacks(lambda queue_id: {"ok": True, "result": {"queue_id": str(queue_id)}},
+                       self._submit_failed, errbackArgs=(origin,))
+        return d
+
+    def _submit_failed(self, failure, origin: dict) -> dict:
+        if failure.check(MailError):
+            error = failure.value
+            self.log.info("local submission (uid {uid}, login {login}) refused: {code} {enhanced} {text}",
+                          uid=origin.get("uid"), login=origin.get("login"), code=error.code,
+                          enhanced=error.enhanced, text=error.text)
+            return {"ok": False, "error": str(error.text), "code": error.code, "enhanced": error.enhanced}
+        answer = self.internal_error(failure, "local submission")
+        code, enhanced = _INTERNAL
+        return dict(answer, code=code, enhanced=enhanced)
+
     # -- errors --------------------------------------------------------------------
 
     def _failed(self, failure, command, request) -> dict:
@@ -312,10 +493,11 @@ class ControlFactory(protocol.Factory):
 class ControlService(service.Service):
     """Listens on the control socket while running; removes it at stop."""
 
-    def __init__(self, reactor, path, runner, *, log: Logger | None = None):
+    def __init__(self, reactor, path, runner, *, submitter=None, max_size: int | None = None,
+                 log: Logger | None = None):
         self.reactor = reactor
         self.path = Path(path)
-        self.factory = ControlFactory(runner, log=log)
+        self.factory = ControlFactory(runner, submitter=submitter, max_size=max_size, log=log)
         self.log = log or _log
         self.port = None
 
@@ -346,9 +528,11 @@ class ControlService(service.Service):
         return d
 
 
-def control_service(reactor, socket_path, runner, *, log: Logger | None = None) -> ControlService:
-    """The control socket as a Service; start it after the server lock is taken."""
-    return ControlService(reactor, socket_path, runner, log=log)
+def control_service(reactor, socket_path, runner, submitter=None, *, max_size: int | None = None,
+                    log: Logger | None = None) -> ControlService:
+    """The control socket as a Service; start it after the server lock is taken.
+    `submitter`/`max_size`: see ControlFactory (None: `submit` is refused)."""
+    return ControlService(reactor, socket_path, runner, submitter=submitter, max_size=max_size, log=log)
 
 
 def _remove_stale_socket(path: Path) -> None:
@@ -401,36 +585,72 @@ class ControlClient:
         try:
             self._socket.settimeout(timeout)
             self._socket.sendall(data)
-            while b"\n" not in self._buffer:
-                now = time.monotonic()
-                if now >= deadline:
-                    raise ControlError(f"no answer from mailgw within {timeout:.0f} s "
-                                       "(the request may still be carried out)")
-                wake = deadline if slow_at is None else min(deadline, slow_at)
-                self._socket.settimeout(max(0.01, wake - now))
-                try:
-                    chunk = self._socket.recv(65536)
-                except socket.timeout:
-                    if slow_at is not None and time.monotonic() >= slow_at:
-                        slow_at = None
-                        on_slow()
-                    continue
-                if not chunk:
-                    raise ControlError("mailgw closed the control connection without answering "
-                                       "(is it stopping?); the request may or may not have been carried out")
-                self._buffer += chunk
+            line = self._answer_line(timeout, deadline, slow_at, on_slow)
         except OSError as e:
             raise ControlError(f"control socket {self.path}: {e.strerror or e}") from None
+        answer = self._decode(line)
+        if not answer["ok"]:
+            raise ControlError(str(answer.get("error") or "request refused"))
+        return answer.get("result")
+
+    def submit(self, request: dict, message: bytes, *, timeout: float = 300.0) -> dict:
+        """Send a `submit` request (its "size" must be len(message)) and the
+        message octets; return the answer as sent, ok or not (a refusal's
+        "code" matters to the caller). ControlError if there is no answer.
+
+        A server that refuses the header closes without reading the octets:
+        a write error here is not the end, the answer is already on its way."""
+        if request.get("size") != len(message):
+            raise ValueError("submit: size must be the length of the message")
+        data = encode(request)
+        if len(data) - 1 > MAX_REQUEST:
+            raise ControlError("request too long")
+        deadline = time.monotonic() + timeout
+        try:
+            self._socket.settimeout(timeout)
+            self._socket.sendall(data)
+            try:
+                self._socket.sendall(message)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            line = self._answer_line(timeout, deadline)
+        except OSError as e:
+            raise ControlError(f"control socket {self.path}: {e.strerror or e}") from None
+        return self._decode(line)
+
+    def _answer_line(self, timeout: float, deadline: float, slow_at: float | None = None, on_slow=None) -> bytes:
+        while b"\n" not in self._buffer:
+            now = time.monotonic()
+            if now >= deadline:
+                raise ControlError(f"no answer from mailgw within {timeout:.0f} s "
+                                   "(the request may still be carried out)")
+            wake = deadline if slow_at is None else min(deadline, slow_at)
+            self._socket.settimeout(max(0.01, wake - now))
+            try:
+                chunk = self._socket.recv(65536)
+            except socket.timeout:
+                if slow_at is not None and time.monotonic() >= slow_at:
+                    slow_at = None
+                    on_slow()
+                continue
+            except ConnectionResetError:
+                chunk = b""   # the server hung up after answering what it had read
+            if not chunk:
+                raise ControlError("mailgw closed the control connection without answering "
+                                   "(is it stopping?); the request may or may not have been carried out")
+            self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    @staticmethod
+    def _decode(line: bytes) -> dict:
         try:
             answer = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise ControlError("mailgw sent an answer that is not JSON") from None
         if not isinstance(answer, dict) or "ok" not in answer:
             raise ControlError("mailgw sent an answer of the wrong shape")
-        if not answer["ok"]:
-            raise ControlError(str(answer.get("error") or "request refused"))
-        return answer.get("result")
+        return answer
 
 
 def connect(path) -> ControlClient | None:

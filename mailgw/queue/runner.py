@@ -28,14 +28,14 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.config_types import Config
-from mailgw.errors import log_failure
+from mailgw.errors import MailError, log_failure
 from mailgw.queue import dsn, policy
 from mailgw.queue.model import (
     BOUNCED, EXPIRED, PENDING, SENT, STATUS_BOUNCED, STATUS_SENT,
     AttemptResult, DeliveryRequest, Recipient, RecipientResult,
 )
 from mailgw.queue.spool import new_queue_id
-from mailgw.smtp.address import Mailbox
+from mailgw.routing.resolver import LocalTarget, RemoteTarget
 
 # How many attempt records an envelope keeps (the CLI shows them).
 HISTORY_LIMIT = 20
@@ -297,9 +297,11 @@ class QueueRunner(service.Service):
     def _log_result(self, envelope, entry, result: RecipientResult, relay, now, status) -> None:
         # One line per recipient per attempt, in the shape Postfix admins grep.
         self.counters[status] += 1
+        # orig_to: the address the client gave, when an alias or SRS led here (Postfix's orig_to=).
+        orig = f", orig_to=<{entry['orig_to']}>" if entry.get("orig_to") else ""
         self.log.info(
-            "{queue_id}: to=<{to}>, relay={relay}, delay={delay:.1f}, dsn={dsn}, status={status} ({reply})",
-            queue_id=envelope["id"], to=entry["address"], relay=relay or "none",
+            "{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay:.1f}, dsn={dsn}, status={status} ({reply})",
+            queue_id=envelope["id"], to=entry["address"], orig=orig, relay=relay or "none",
             delay=now - envelope["arrival"], dsn=result.enhanced, status=status,
             reply=result.diagnostic or result.text)
 
@@ -337,31 +339,47 @@ class QueueRunner(service.Service):
             yield self._send_notice(envelope, kind, message)
 
     def _send_notice(self, envelope: dict, kind: str, message: bytes):
-        """Deliver a DSN to the original sender: into the Maildir when the
-        sender is ours, else through the queue with the null sender <>."""
+        """Deliver a DSN to the original sender, through the same recipient
+        resolution as any mail: into the Maildir when the sender is ours,
+        on to the original sender when it is one of our SRS addresses (a
+        forward that failed), else through the queue with the null sender <>."""
         sender = envelope["sender"]
-        local, _, domain = sender.rpartition("@")
         self.counters[f"notice_{kind}"] += 1
-        if self.router.is_local_domain(domain.lower()):
-            mailbox = self.router.local_mailbox(Mailbox(local, domain.lower()))
-            if mailbox is None:
-                self.log.warn("{queue_id}: {kind} notice for unknown local sender <{sender}> dropped",
-                              queue_id=envelope["id"], kind=kind, sender=sender)
+        remote = [sender]
+        work = []
+        if self.router.is_local_domain(sender.rpartition("@")[2].lower()):
+            try:
+                targets = self.router.resolver.resolve(sender)
+            except MailError as error:
+                self.log.warn("{queue_id}: {kind} notice for local sender <{sender}> dropped: {error}",
+                              queue_id=envelope["id"], kind=kind, sender=sender, error=error.text)
                 return defer.succeed(None)
-            self.log.info("{queue_id}: {kind} notice delivered to <{sender}>",
-                          queue_id=envelope["id"], kind=kind, sender=sender)
-            return self.store.deliver([mailbox], message, return_path="")    # RFC 5321 §4.5.5: notices come from <>
-        now = self.clock.seconds()
-        queue_id = new_queue_id(now)
-        notice = {
-            "version": 1, "id": queue_id, "arrival": now,
-            "client": {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "dsn"},
-            "attempts": 0, "next_attempt": now, "history": [],
-            **dsn.dsn_envelope_fields(envelope, message),
-        }
-        self.log.info("{queue_id}: {kind} notice queued as {notice_id} for <{sender}>",
-                      queue_id=envelope["id"], kind=kind, notice_id=queue_id, sender=sender)
-        return self.spool.enqueue(queue_id, notice, message)
+            boxes = [t.mailbox if t.folder is None else (t.mailbox, t.folder)
+                     for t in targets if isinstance(t, LocalTarget)]
+            remote = [t.address for t in targets if isinstance(t, RemoteTarget)]
+            if boxes:
+                self.log.info("{queue_id}: {kind} notice delivered to <{sender}>",
+                              queue_id=envelope["id"], kind=kind, sender=sender)
+                # RFC 5321 §4.5.5: notices come from <>
+                work.append(self.store.deliver(boxes, message, return_path=""))
+        if remote:
+            now = self.clock.seconds()
+            queue_id = new_queue_id(now)
+            fields = dsn.dsn_envelope_fields(envelope, message)
+            model_recipient = fields["recipients"][0]
+            fields["recipients"] = [{**model_recipient, "address": address} for address in remote]
+            notice = {
+                "version": 1, "id": queue_id, "arrival": now,
+                "client": {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "dsn"},
+                "attempts": 0, "next_attempt": now, "history": [],
+                **fields,
+            }
+            self.log.info("{queue_id}: {kind} notice queued as {notice_id} for <{to}>",
+                          queue_id=envelope["id"], kind=kind, notice_id=queue_id, to=">, <".join(remote))
+            work.append(self.spool.enqueue(queue_id, notice, message))
+        if len(work) == 1:
+            return work[0]
+        return defer.gatherResults(work, consumeErrors=True).addErrback(lambda failure: failure.value.subFailure)
 
     # -- administration (mailgw queue ...) --------------------------------------------
     def snapshot(self) -> list[dict]:

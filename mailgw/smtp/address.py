@@ -44,6 +44,12 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 
 # RFC 5321 §4.5.3.1.1/.2: local part 64, domain 255 octets.
 MAX_LOCAL_PART = 64
+# An SRS address (routing/srs.py) wraps another sender's whole address, so a
+# bounce to one can pass 64 octets; §4.5.3.1 asks receivers to impose no
+# limits where they can, and Postfix imposes none. The command line limit
+# still bounds it.
+MAX_SRS_LOCAL_PART = 255
+_SRS_TAG = re.compile(r"(?i)srs[01][=+-]")
 MAX_DOMAIN = 255
 
 
@@ -99,7 +105,8 @@ def parse_mailbox(path: str, *, utf8: bool, bad: Reply) -> Mailbox:
             raise AddressError(codes.NEEDS_SMTPUTF8)
         raise AddressError(bad)
     local, domain = match.group("local"), match.group("domain")
-    if len(local.encode()) > MAX_LOCAL_PART or len(domain.encode()) > MAX_DOMAIN:
+    limit = MAX_SRS_LOCAL_PART if _SRS_TAG.match(local) else MAX_LOCAL_PART
+    if len(local.encode()) > limit or len(domain.encode()) > MAX_DOMAIN:
         raise AddressError(bad)
     return Mailbox(local, domain.lower())
 

@@ -75,6 +75,10 @@ UNKNOWN_USER = Reply(550, "5.1.1", "User unknown in local recipient table")
 # RFC 5321 §3.6.2 and RFC 3463 5.7.1: relaying refused.
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+# RFC 5322 §3.6.2 header From:/Sender: of an authenticated user's message; RFC 3463 5.7.1.
+HEADER_SENDER_NOT_OWNED = Reply(550, "5.7.1", "From: header address rejected: not owned by user")
+# RFC 3463 §3.3 4.2.2: mailbox full (over quota); temporary, the sender retries.
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full: user is over quota")
 NULL_SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Null sender not allowed for authenticated submission")
 # RFC 1870 §6.2 / RFC 3463 5.3.4: message too big for the system.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")

@@ -33,6 +33,7 @@ from mailgw.errors import MailError, StorageFailed, StorageFull
 from mailgw.interfaces import IFolder
 from mailgw.store import index as ix
 from mailgw.store.maildir import _escape_hostname
+from mailgw.store.quota import size_from_name
 from mailgw.store.events import (
     MAILDIR_LETTERS, SYSTEM_FLAGS, Added, Expunged, FlagsChanged, MessageInfo, SyncResult,
 )
@@ -305,6 +306,19 @@ class Folder:
                 contents.append(None)
         return contents
 
+    def octets_on_disk(self, uids) -> int:
+        """What copies of `uids` would add to the quota (S= of their names; the CRLF
+        size where a name has none): from memory, no I/O. Not in IFolder: IMAP asks for
+        it when the folder has it, and takes RFC822.SIZE otherwise."""
+        state = self._state
+        total = 0
+        for uid in uids:
+            rec = state.recs.get(uid) if state is not None else None
+            if rec is not None:
+                size = size_from_name(rec.key)
+                total += rec.size if size is None else size
+        return total
+
     def store_flags(self, uids, flags, mode):
         try:
             if mode not in MODES:
@@ -543,33 +557,56 @@ class Folder:
         return self._outcome(snap, ctx, result)
 
     def _job_expunge(self, snap, uids):
-        with self._locked():
-            ctx = self._refresh(snap, False)
-            st = ctx.st
-            removed = []
-            listing = None
-            for uid in uids:
-                rec = st.recs.get(uid)
-                if rec is None:
-                    continue
-                try:
-                    os.unlink(f"{self._cur}/{rec.name}")
-                except FileNotFoundError:
-                    if listing is None:
-                        listing = self._keys(self._cur)
-                    current = listing.get(rec.key)
-                    if current is not None:
-                        try:
-                            os.unlink(f"{self._cur}/{current}")
-                        except FileNotFoundError:
-                            pass
-                st.drop(uid)
-                removed.append(uid)
-                ctx.dirty = ctx.changed = True
-            if removed:
-                ctx.synced_dirs.add(self._cur)
-            self._commit(ctx)
+        freed = [0, 0]          # octets on disk, files: what this job unlinked
+        try:
+            with self._locked():
+                ctx = self._refresh(snap, False)
+                st = ctx.st
+                removed = []
+                listing = None
+                for uid in uids:
+                    rec = st.recs.get(uid)
+                    if rec is None:
+                        continue
+                    if not self._unlink(f"{self._cur}/{rec.name}", rec.key, freed):
+                        if listing is None:
+                            listing = self._keys(self._cur)
+                        current = listing.get(rec.key)
+                        if current is not None:
+                            self._unlink(f"{self._cur}/{current}", rec.key, freed)
+                    st.drop(uid)
+                    removed.append(uid)
+                    ctx.dirty = ctx.changed = True
+                if removed:
+                    ctx.synced_dirs.add(self._cur)
+                self._commit(ctx)
+        finally:
+            # Unlinked is gone, even if the index write failed afterwards.
+            self._record_quota(-freed[0], -freed[1])
         return self._outcome(snap, ctx, removed)
+
+    def _unlink(self, path: str, key: str, freed: list) -> bool:
+        """Remove one message file, adding its octets (S=, else a stat) to `freed`;
+        False if it was not there (someone else removed it, and counted it)."""
+        size = size_from_name(key)
+        try:
+            if size is None:
+                size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        freed[0] += size
+        freed[1] += 1
+        return True
+
+    def _record_quota(self, octets: int, messages: int) -> None:
+        """Tell the quota (mailgw.store.quota) what a job stored or removed."""
+        quota = getattr(self._store, "quota", None)
+        if quota is not None and (octets or messages):
+            try:
+                quota.record(self.address, octets, messages)
+            except Exception:  # the operation is done: a failed count must not fail it
+                self.log.failure("{folder}: quota record failed", folder=self)
 
     def _job_append(self, snap, message, letters, keywords, internaldate):
         osc = self._store._os
@@ -609,39 +646,51 @@ class Folder:
                     os.unlink(tmp)
                 except OSError:
                     pass
+            else:   # in cur/: counts, even if the index write failed (the next sync adopts it)
+                self._record_quota(len(stored), 1)
         return self._outcome(snap, ctx, uid)
 
     def _job_copy_in(self, snap, source_cur, items):
-        with self._locked():
-            ctx = self._refresh(snap, False)
-            st = ctx.st
-            pairs = []
-            listing = None
-            for src_uid, src_name, src_key, letters, keywords, size, date in items:
-                mask = self._keyword_mask(ctx, keywords, create=True)
-                fields = src_key.split(",", 1)[1] if "," in src_key else f"W={size}"
-                key = f"{fresh_base()},{fields}"
-                uid = self._allocate(ctx)
-                name = make_name(key, uid, letters)
-                source = f"{source_cur}/{src_name}"
-                target = f"{self._cur}/{name}"
-                try:
+        added = [0, 0]          # octets on disk, files: each copy counts (Maildir++, as Dovecot: links too)
+        try:
+            with self._locked():
+                ctx = self._refresh(snap, False)
+                st = ctx.st
+                pairs = []
+                listing = None
+                for src_uid, src_name, src_key, letters, keywords, size, date in items:
+                    mask = self._keyword_mask(ctx, keywords, create=True)
+                    fields = src_key.split(",", 1)[1] if "," in src_key else f"W={size}"
+                    key = f"{fresh_base()},{fields}"
+                    uid = self._allocate(ctx)
+                    name = make_name(key, uid, letters)
+                    source = f"{source_cur}/{src_name}"
+                    target = f"{self._cur}/{name}"
                     try:
-                        self._link_or_copy(source, target, date)
+                        try:
+                            self._link_or_copy(source, target, date)
+                        except FileNotFoundError:
+                            if listing is None:
+                                listing = self._keys(source_cur)
+                            current = listing.get(src_key)
+                            if current is None:
+                                continue  # expunged meanwhile: nothing to copy (the UID stays unused)
+                            self._link_or_copy(f"{source_cur}/{current}", target, date)
                     except FileNotFoundError:
-                        if listing is None:
-                            listing = self._keys(source_cur)
-                        current = listing.get(src_key)
-                        if current is None:
-                            continue  # expunged meanwhile: nothing to copy (the UID stays unused)
-                        self._link_or_copy(f"{source_cur}/{current}", target, date)
-                except FileNotFoundError:
-                    continue
-                ctx.synced_dirs.add(self._cur)
-                st.put(self._rec(ctx, uid, name, key, size, date, mask, letters))
-                pairs.append((src_uid, uid))
-                ctx.dirty = ctx.changed = True
-            self._commit(ctx)
+                        continue
+                    on_disk = size_from_name(key)
+                    if on_disk is None:
+                        on_disk = os.stat(target).st_size
+                    added[0] += on_disk
+                    added[1] += 1
+                    ctx.synced_dirs.add(self._cur)
+                    st.put(self._rec(ctx, uid, name, key, size, date, mask, letters))
+                    pairs.append((src_uid, uid))
+                    ctx.dirty = ctx.changed = True
+                self._commit(ctx)
+        finally:
+            # Linked is stored, even if the index write failed afterwards (the next sync adopts it).
+            self._record_quota(*added)
         return self._outcome(snap, ctx, pairs)
 
     def _link_or_copy(self, source: str, target: str, date: float) -> None:

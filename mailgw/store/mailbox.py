@@ -7,7 +7,6 @@ one `Folder` object of that folder in this process.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
@@ -25,63 +24,14 @@ from mailgw.store import index as ix
 from mailgw.store.events import DEFAULT_FOLDERS
 from mailgw.store.folder import Folder, read_file
 from mailgw.store.maildir import MAILDIR_SUBDIRECTORIES, split_mailbox_address
+from mailgw.store.names import INBOX, NAME_MAX, decode_dirname, folder_dirname
+from mailgw.store.quota import folder_usage
 
-INBOX = "INBOX"
-NAME_MAX = 255          # octets in one directory name (Linux NAME_MAX)
-SEPARATOR = "/"         # IMAP hierarchy separator; "." in the directory name
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_ESCAPE = re.compile(r"%([0-9A-F]{2})")
 SUBSCRIPTIONS_HEADER = b"mailgw-subscriptions 1\n"
 # Folders kept loaded after their last user left (MailStore._recent): at most
 # this many, holding at most this many messages together (~0.5 KiB each).
 KEEP_FOLDERS = 16
 KEEP_MESSAGES = 100_000
-
-
-# -- folder names <-> directory names --------------------------------------------------
-
-def folder_dirname(name) -> tuple[str, str | None]:
-    """(canonical name, directory name below the user's directory) of an
-    IMAP folder name; the directory is None for INBOX (the user's directory
-    itself). ValueError for names that are not allowed.
-
-    The name stays UTF-8; in each "/"-separated component "%" becomes "%25"
-    and "." becomes "%2E", then the components are joined with "." behind a
-    leading "." (Maildir++): "Work/2024.Q1" -> ".Work.2024%2EQ1". A component
-    cannot contain "/" (it is the separator), and control characters are
-    refused, so nothing else needs escaping; "." and ".." components,
-    leading/trailing/double "/", NUL, lone surrogates and directory names
-    longer than NAME_MAX are refused: no name leaves the user's directory."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"not a folder name: {name!r}")
-    if name.upper() == INBOX:  # RFC 3501 §5.1: INBOX is case-insensitive
-        return INBOX, None
-    if _CONTROL.search(name):
-        raise ValueError(f"control character in folder name: {name!r}")
-    parts = name.split(SEPARATOR)
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"not an allowed folder name: {name!r}")
-    dirname = "." + ".".join(part.replace("%", "%25").replace(".", "%2E") for part in parts)
-    try:
-        size = len(dirname.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError(f"not UTF-8: {name!r}") from None
-    if size > NAME_MAX:
-        raise ValueError(f"folder name too long: {name!r}")
-    return name, dirname
-
-
-def decode_dirname(dirname: str) -> str | None:
-    """The folder name of a directory name, or None if it is not one this
-    store would have made (those are ignored, never guessed at)."""
-    if not dirname.startswith(".") or dirname in (".", ".."):
-        return None
-    name = SEPARATOR.join(_ESCAPE.sub(lambda m: chr(int(m[1], 16)), part) for part in dirname[1:].split("."))
-    try:
-        canonical, again = folder_dirname(name)
-    except ValueError:
-        return None
-    return canonical if again == dirname else None
 
 
 # -- the store ------------------------------------------------------------------------------
@@ -92,13 +42,17 @@ class MailStore:
 
     `threadpool` is started and stopped by its owner; every blocking file
     operation runs there through deferToThreadPool(reactor, threadpool, ...).
-    `clock` (default: reactor) drives the poll of folders with subscribers."""
+    `clock` (default: reactor) drives the poll of folders with subscribers.
+    `quota` (mailgw.store.quota.IQuota or None) is told what appends,
+    copies, expunges and folder deletions change; IMAP reaches it as
+    `UserMailbox.quota`."""
 
     log = Logger()
 
     def __init__(self, mail_dir: Path, *, reactor, threadpool, writer: DurableWriter, clock=None,
-                 poll_interval: float = 1.0):
+                 poll_interval: float = 1.0, quota=None):
         self._mail_dir = Path(mail_dir)
+        self.quota = quota
         self._reactor = reactor
         self._pool = threadpool
         self._writer = writer
@@ -234,6 +188,11 @@ class UserMailbox:
 
     def __repr__(self):
         return f"<UserMailbox {self.address}>"
+
+    @property
+    def quota(self):
+        """The store's IQuota (all folders of this address share one quota root), or None."""
+        return self._store.quota
 
     # -- IUserMailbox ----------------------------------------------------------------
 
@@ -371,8 +330,12 @@ class UserMailbox:
         if not os.path.isdir(path):
             raise KeyError(name)
         with ix.locked(path / ix.LOCK_NAME):
+            # Counted under the lock: no job of ours adds or removes meanwhile.
+            octets, messages = folder_usage(path) if self._store.quota is not None else (0, 0)
             shutil.rmtree(path)
         ix.fsync_directory(self._store._os, self.path)
+        if octets or messages:
+            self._store.quota.record(self.address, -octets, -messages)
 
     def _job_rename(self, old: str, old_dir: str, new_dir: str) -> list[str]:
         """Rename the folder and its inferiors (RFC 3501 §6.3.5); returns the

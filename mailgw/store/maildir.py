@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
 from mailgw.interfaces import ILocalStore
+from mailgw.store.names import folder_dirname
 
 # Lower-case only: "Alice" and "alice" must not become two mailboxes.
 _LOCAL_PART = re.compile(r"[a-z0-9_+\-][a-z0-9._+\-]*")
@@ -83,8 +84,12 @@ class MaildirStore:
         hostname: str,
         clock: Callable[[], float] = time.time,
         on_delivered: Callable[[list], None] | None = None,
+        quota=None,
     ):
         self._mail_dir = Path(mail_dir)
+        # IQuota (mailgw.store.quota) or None: told what each commit stored.
+        # Never asked here: a message that got its 250 is delivered even over quota.
+        self._quota = quota
         # Told the addresses after each successful commit (MailStore.delivered:
         # wakes IMAP IDLE sessions of those INBOXes).
         self._on_delivered = on_delivered
@@ -106,24 +111,35 @@ class MaildirStore:
         local, domain = split_mailbox_address(address)
         return self._mail_dir / domain / local
 
-    def _mailbox_directories(self, address: str) -> tuple[Path, Path, Path]:
-        known = self._directories.get(address)
+    def _mailbox_directories(self, address: str, folder: str | None = None) -> tuple[Path, Path, Path]:
+        """(Maildir, its new/, its tmp/) of `address`'s INBOX or of one of its folders."""
+        key = (address, folder)
+        known = self._directories.get(key)
         if known is None:
             path = self.mailbox_path(address)          # ValueError if unsafe: not kept
+            if folder is not None:
+                _, dirname = folder_dirname(folder)    # ValueError for a name that would leave the mailbox
+                if dirname is not None:
+                    path = path / dirname
             if len(self._directories) >= _MAX_KNOWN_MAILBOXES:
                 self._directories.clear()
-            known = self._directories[address] = (path, path / "new", path / "tmp")
+            known = self._directories[key] = (path, path / "new", path / "tmp")
         return known
 
     def deliver(self, mailboxes, message: bytes, lf: bool = False, return_path: str | None = None) -> Deferred:
         """Store `message` (CRLF; or already LF-only when `lf`, which saves a
         pass over big messages) in new/ of every mailbox, all or nothing.
+        A mailbox is an address (its INBOX) or an (address, folder) pair
+        (subaddress filing, routing.resolver); one copy per distinct pair.
         With `return_path` (the envelope sender, "" for <>), each copy starts
         with Return-Path: and Delivered-To: its mailbox, so copies differ.
         Fires with the stored paths (one per distinct mailbox)."""
-        addresses = list(dict.fromkeys(mailboxes))
+        targets = [(box, None) if isinstance(box, str) else (box[0], box[1] if box[1] != "INBOX" else None)
+                   for box in mailboxes]
+        targets = list(dict.fromkeys(targets))
+        addresses = list(dict.fromkeys(address for address, _ in targets))
         try:
-            directories = [self._mailbox_directories(address) for address in addresses]
+            directories = [self._mailbox_directories(address, folder) for address, folder in targets]
             if return_path is not None and not _HEADER_SAFE.fullmatch(return_path):
                 raise ValueError(f"unsafe return path: {return_path!r}")
         except ValueError:
@@ -140,7 +156,7 @@ class MaildirStore:
             writes = [(new, tmp, name, stored) for _, new, tmp in directories]
         else:
             writes = []
-            for address, (_, new, tmp) in zip(addresses, directories):
+            for (address, _), (_, new, tmp) in zip(targets, directories):
                 # RFC 5321 §4.4: the final delivery adds Return-Path; Delivered-To (RFC 9228: a bare addr-spec)
                 # as Postfix's local(8), so a forwarding loop can be seen.
                 header = f"Return-Path: <{return_path}>\nDelivered-To: {address}\n".encode("utf-8")
@@ -163,9 +179,25 @@ class MaildirStore:
             return failure
 
         d.addErrback(forget)
+        if self._quota is not None:
+            per_address: dict[str, list[int]] = {}    # address -> [octets, messages]
+            for (address, _), (_, _, _, data) in zip(targets, writes):
+                totals = per_address.setdefault(address, [0, 0])
+                totals[0] += len(data)
+                totals[1] += 1
+            d.addCallback(self._record_quota, per_address, 1)
         if self._on_delivered is not None:
             d.addCallback(self._notify_delivered, addresses)
         return d
+
+    def _record_quota(self, result, per_address: dict[str, list[int]], sign: int):
+        # One maildirsize line per address (its INBOX and folder copies together), octets as on disk (S=).
+        for address, (octets, messages) in per_address.items():
+            try:
+                self._quota.record(address, sign * octets, sign * messages)
+            except Exception:  # the mail is stored: a failed count must not undo that
+                Logger().failure("quota record failed for {address}", address=address)
+        return result
 
     def _notify_delivered(self, stored, addresses):
         try:
@@ -180,10 +212,24 @@ class MaildirStore:
         them would deliver twice. Best effort; only files in a new/ below
         mail_dir are touched."""
         mine = []
+        per_address: dict[str, list[int]] = {}
         for path in map(Path, paths):
             if path.parent.name == "new" and self._mail_dir in path.parents and ".." not in path.parts:
                 mine.append(path)
-        return self._writer.remove(mine)
+                if self._quota is not None:
+                    # Only what is still in new/: a file a sync already moved to cur/ stays (and counts).
+                    try:
+                        size = os.stat(path).st_size
+                    except OSError:
+                        continue
+                    domain, local = path.relative_to(self._mail_dir).parts[:2]
+                    totals = per_address.setdefault(f"{local}@{domain}", [0, 0])
+                    totals[0] += size
+                    totals[1] += 1
+        d = self._writer.remove(mine)
+        if per_address:
+            d.addCallback(self._record_quota, per_address, -1)
+        return d
 
     def clean_tmp(self, *, older_than: float = TMP_MAX_AGE) -> int:
         """Remove files left in tmp/ by a crashed writer. Start-up only (blocking).

@@ -127,15 +127,16 @@ class Session:
     """One SMTP session: feed bytes, read replies."""
 
     def __init__(self, *, role="relay", client="192.0.2.10", tls=False, starttls=True, config=None,
-                 smtp=None, userdb=None, store=None, spool=None, clock=None, queue_ids=None, factory=None):
+                 smtp=None, userdb=None, store=None, spool=None, clock=None, queue_ids=None, factory=None,
+                 router=None):
         self.clock = clock or task.Clock()
         self.config = config or make_config(smtp=smtp)
         self.userdb = userdb or FakeUserDB()
         self.store = store or FakeStore()
         self.spool = spool or FakeSpool()
         self.checker = FakeChecker(self.userdb)
-        realm = MailRealm(router=Router(self.config, self.userdb), store=self.store, spool=self.spool,
-                          clock=self.clock)
+        self.router = router or Router(self.config, self.userdb)
+        realm = MailRealm(router=self.router, store=self.store, spool=self.spool, clock=self.clock)
         portal = Portal(realm, [self.checker, AllowAnonymousAccess()])
         listener = ListenerConfig(role=role, endpoint="tcp:0", name=role)
         ids = iter(queue_ids or (f"Q{n:015d}" for n in range(1, 10**6)))

@@ -15,6 +15,8 @@ from mailgw import cli
 from mailgw.auth import admin as users_admin
 from mailgw.config import check_main
 from mailgw.queue import admin as queue_admin
+from mailgw.routing import admin as routing_admin
+from mailgw.store import quota_admin
 from mailgw.services import HangupIgnored
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,7 +35,9 @@ def subcommands(parser: argparse.ArgumentParser) -> list[str]:
     return list(action.choices)
 
 
-@pytest.mark.parametrize("group, parser", [("users", users_admin._parser), ("queue", queue_admin._parser)])
+@pytest.mark.parametrize("group, parser", [("users", users_admin._parser), ("queue", queue_admin._parser),
+                                           ("aliases", routing_admin._aliases_parser),
+                                           ("quota", quota_admin._parser)])
 def test_help_lists_every_subcommand(capsys, group, parser):
     assert cli.main(["--help"]) == 0
     usage = capsys.readouterr().out

@@ -214,7 +214,7 @@ def test_section_that_is_not_a_table(in_tmp):
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
     errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
     assert errors == ["logging: unknown top-level table or key "
-                      "(known: imap, listeners, pop3, queue, server, smtp, tls)"]
+                      "(known: imap, listeners, pop3, queue, quota, routing, server, smtp, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):

@@ -17,7 +17,7 @@ UNTRUSTED = "192.0.2.10"
 def lines():
     events = []
     globalLogPublisher.addObserver(events.append)
-    yield lambda: [formatEvent(e) for e in events if "mailgw.smtp" in (e.get("log_namespace") or "")]
+    yield lambda: [formatEvent(e) for e in events if (e.get("log_namespace") or "").startswith(("mailgw.smtp", "mailgw.routing"))]
     globalLogPublisher.removeObserver(events.append)
 
 

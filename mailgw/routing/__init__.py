@@ -1,0 +1,1 @@
+"""Where an address leads: the recipient-resolution stage (docs/routing.md)."""

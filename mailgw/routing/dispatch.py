@@ -1,0 +1,272 @@
+"""The targets stage: after resolution, every accepted message is made
+durable for each of its targets, the same way for every entry path.
+
+    listener -> policy (Router) -> resolution (routing.resolver)
+             -> checks / modifiers (later stages) -> targets (this module)
+
+`Router` is the policy the SMTP avatar, the queue runner and the local
+submission (`mailgw sendmail`) share; `Transaction` the envelope being
+built; `Dispatcher.add_local` files a resolved recipient into it and
+`Dispatcher.commit` writes the message: local targets into their Maildirs
+(folder included), direct remote recipients into the spool with the
+original sender, forwards into the spool with an SRS sender.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from email.parser import HeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailgw.config_types import Config
+from mailgw.errors import MailError, PermanentError
+from mailgw.interfaces import IUserDB
+from mailgw.queue.spool import new_queue_id
+from mailgw.routing.resolver import LocalTarget, Resolver
+from mailgw.smtp import codes
+from mailgw.smtp.address import MailFrom, Mailbox, RcptTo
+
+
+def refusal(reply: codes.Reply) -> MailError:
+    return PermanentError(reply.code, reply.enhanced, reply.text) if reply.code >= 500 \
+        else MailError(reply.code, reply.enhanced, reply.text)
+
+
+class Router:
+    """Session policy around the recipient-resolution stage: which domains
+    are ours, which clients are trusted, who may send as what, who is over
+    quota. The answers about addresses come from `resolver`
+    (mailgw.routing.resolver), the one every path shares."""
+
+    def __init__(self, config: Config, userdb: IUserDB, resolver: Resolver | None = None, *,
+                 quota=None, srs=None):
+        self.config = config
+        self.userdb = userdb
+        self.resolver = resolver if resolver is not None else Resolver.static(config, userdb)
+        self.quota = quota                # IQuota or None (no limits)
+        self.srs = srs                    # SRS or None: forwards keep their sender
+
+    @property
+    def local_domains(self):
+        return self.resolver.local_domains
+
+    def is_local_domain(self, domain: str) -> bool:
+        return self.resolver.is_ours(domain)
+
+    def resolve(self, mailbox: Mailbox):
+        """Final targets of a recipient in one of our domains (MailError if none)."""
+        return self.resolver.resolve(str(mailbox))
+
+    def local_mailbox(self, mailbox: Mailbox) -> str | None:
+        """The one local mailbox a recipient reaches, or None (aliases with
+        several targets, remote targets and unknown addresses)."""
+        try:
+            targets = self.resolve(mailbox)
+        except MailError:
+            return None
+        if len(targets) == 1 and isinstance(targets[0], LocalTarget):
+            return targets[0].mailbox
+        return None
+
+    def over_quota(self, mailbox: str) -> bool:
+        return self.quota is not None and self.quota.over(mailbox)
+
+    def is_trusted(self, client_ip) -> bool:
+        return any(client_ip in network for network in self.config.trusted_networks
+                   if network.version == client_ip.version)
+
+    def owns(self, user: str, sender: Mailbox | str) -> bool:
+        """May authenticated `user` use `sender` as MAIL FROM or header From:?"""
+        if self.config.allow_sender_mismatch:
+            return True
+        return self.resolver.owns(user, str(sender))
+
+    def forward_sender(self, sender: str) -> str:
+        """The envelope sender of a forward to another domain: SRS0 in our
+        domain, so the receiver's SPF check of us passes. The null sender and
+        our own domains' senders stay as they are."""
+        if self.srs is None or not sender or self.is_local_domain(sender.rpartition("@")[2]):
+            return sender
+        try:
+            return self.srs.forward(sender)
+        except ValueError:
+            return sender
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... DATA: the envelope as accepted so far."""
+    mail_from: MailFrom
+    # (mailbox, folder) -> the RCPTs that lead there; folder None is INBOX.
+    local: dict[tuple[str, str | None], list[RcptTo]] = field(default_factory=dict)
+    remote: list[RcptTo] = field(default_factory=list)
+    # Remote addresses reached through an alias or SRS: (the RCPT, the address).
+    forwards: list[tuple[RcptTo, str]] = field(default_factory=list)
+
+    @property
+    def recipient_count(self) -> int:
+        return sum(map(len, self.local.values())) + len(self.remote) + len(self.forwards)
+
+
+def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None) -> Router:
+    """The production Router: the alias file, SRS with the data directory's
+    secret, and the quota. The main process and each SMTP worker build one."""
+    from mailgw.routing import srs as srs_module
+
+    routing = config.routing
+    srs = srs_module.SRS(srs_module.load_secret(config.data_dir), routing.srs_domain,
+                         clock=reactor.seconds, max_age_days=routing.srs_max_age)
+    resolver = Resolver.from_config(config, userdb, clock=reactor, srs=srs)
+    return Router(config, userdb, resolver, quota=quota, srs=srs)
+
+
+class Dispatcher:
+    """Resolved recipients in, durable copies out (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(self, *, router: Router, store, spool, clock):
+        self.router = router
+        self.store = store
+        self.spool = spool
+        self.clock = clock
+
+    def add_local(self, transaction: Transaction, rcpt: RcptTo) -> None:
+        """Resolve a recipient in one of our domains into `transaction`;
+        MailError (the reply to RCPT) when it leads nowhere or is full."""
+        targets = self.router.resolve(rcpt.recipient)
+        local = [target for target in targets if isinstance(target, LocalTarget)]
+        if local and len(local) == len(targets) and all(self.router.over_quota(t.mailbox) for t in local):
+            # RFC 3463 §3.3 4.2.2: mailbox full. Temporary, so the sender retries
+            # once the user has made room; an alias with members under quota goes on.
+            raise refusal(codes.MAILBOX_FULL)
+        for target in targets:
+            if isinstance(target, LocalTarget):
+                transaction.local.setdefault((target.mailbox, target.folder), []).append(rcpt)
+            else:
+                transaction.forwards.append((rcpt, target.address))
+
+    def commit(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool = False,
+               client: dict, user: str | None = None):
+        """Make the message durable for every recipient; fires with queue_id.
+
+        All or nothing: if any part fails, what was already written for this
+        message is removed again and the client is told to retry (4xx), so a
+        250 always means every recipient's copy is on disk.
+        """
+        if user is not None and not self.router.config.allow_sender_mismatch:
+            refused = self.header_sender_refused(user, message)
+            if refused is not None:
+                return defer.fail(refused)
+        work = []
+        started = self.clock.seconds()
+        sender = transaction.mail_from.sender
+        sender_text = str(sender) if sender else ""
+        if transaction.local:
+            # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
+            boxes = [mailbox if folder is None else (mailbox, folder)
+                     for mailbox, folder in sorted(transaction.local, key=_target_order)]
+            work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
+        # The spool keeps the SMTP wire form (docs/spool-format.md).
+        wire = None
+        if transaction.remote or transaction.forwards:
+            wire = message.replace(b"\n", b"\r\n") if lf else message
+        if transaction.remote:
+            recipients = [_spool_recipient(rcpt, str(rcpt.recipient)) for rcpt in transaction.remote]
+            work.append(self.spool.enqueue(queue_id, self._envelope(transaction, queue_id, len(wire), recipients,
+                                                                    sender_text, client), wire))
+        if transaction.forwards:
+            # A forward leaves with an SRS sender of ours (so its bounce comes
+            # back to us and on to the original sender, never to the alias's
+            # owner): its own spool entry when direct remote recipients keep
+            # the original sender.
+            forward_id = new_queue_id(self.clock.seconds()) if transaction.remote else queue_id
+            recipients = [_spool_recipient(rcpt, address) for rcpt, address in transaction.forwards]
+            envelope = self._envelope(transaction, forward_id, len(wire), recipients,
+                                      self.router.forward_sender(sender_text), client)
+            work.append(self.spool.enqueue(forward_id, envelope, wire))
+        done = defer.DeferredList(work, consumeErrors=True)
+
+        def settle(results):
+            failures = [result for ok, result in results if not ok]
+            if not failures:
+                self._log_local(transaction, queue_id, started)
+                return queue_id
+            for ok, result in results:
+                if ok and isinstance(result, list):
+                    self.store.discard(result)
+                elif ok and isinstance(result, str):
+                    self.spool.discard(result)
+            return failures[0]          # the first error becomes the reply
+        return done.addCallback(settle)
+
+    def header_sender_refused(self, user: str, message: bytes) -> MailError | None:
+        """RFC 5322 §3.6.2: the From: (and Sender:) of an authenticated user's
+        message must be addresses it may send as, as its MAIL FROM must: a
+        DMARC receiver judges the header, not the envelope."""
+        end = message.find(b"\n\n")
+        head = message if end < 0 else message[:end + 1]
+        try:
+            headers = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", "replace"))
+        except Exception:
+            return refusal(codes.HEADER_SENDER_NOT_OWNED)
+        for name in ("From", "Sender"):
+            for value in headers.get_all(name) or ():
+                for _, address in getaddresses([str(value)]):
+                    if address and not self.router.owns(user, address):
+                        return refusal(codes.HEADER_SENDER_NOT_OWNED)
+        return None
+
+    def _log_local(self, transaction: Transaction, queue_id: str, started: float) -> None:
+        # One line per mailbox, in the queue runner's shape (queue/runner.py _log_result).
+        delay = self.clock.seconds() - started
+        for mailbox, folder in sorted(transaction.local, key=_target_order):
+            first = str(transaction.local[(mailbox, folder)][0].recipient)
+            orig = f", orig_to=<{first}>" if first.lower() != mailbox else ""
+            where = "maildir" if folder is None else f"maildir folder {folder}"
+            self.log.info("{queue_id}: to=<{to}>{orig}, relay=local, delay={delay:.2f}, dsn=2.0.0, "
+                          "status=sent (delivered to {where})",
+                          queue_id=queue_id, to=mailbox, orig=orig, delay=delay, where=where)
+
+    def _envelope(self, transaction: Transaction, queue_id: str, size: int, recipients: list[dict],
+                  sender: str, client: dict) -> dict:
+        mail_from = transaction.mail_from
+        now = self.clock.seconds()
+        return {
+            "version": 1,
+            "id": queue_id,
+            "arrival": now,
+            "sender": sender,
+            "sender_utf8": mail_from.smtputf8,
+            "body": mail_from.body,
+            "size": size,
+            "envid": mail_from.envid,
+            "ret": mail_from.ret,
+            "client": client,
+            "recipients": recipients,
+            "attempts": 0,
+            "next_attempt": now,
+            "history": [],
+        }
+
+
+def _target_order(target: tuple[str, str | None]):
+    mailbox, folder = target
+    return mailbox, folder or ""
+
+
+def _spool_recipient(rcpt: RcptTo, address: str) -> dict:
+    entry = {"address": address, "orcpt": rcpt.orcpt,
+             "notify": list(rcpt.notify) if rcpt.notify else None,
+             "state": "pending", "attempts": 0, "last_reply": None}
+    original = str(rcpt.recipient)
+    if original.lower() != address.lower():
+        # What the client asked for, for the log's orig_to= and, when the
+        # client gave no ORCPT, the DSN's Original-Recipient (RFC 3461 §4.2).
+        entry["orig_to"] = original
+        if rcpt.orcpt is None:
+            entry["orcpt"] = f"rfc822;{original}"
+    return entry
