@@ -117,3 +117,41 @@ def test_resolve_shows_what_the_running_server_does(e2e, make_server):
     assert done.stdout.splitlines() == [ALICE, "ext@elsewhere.example remote forwarded"]
     done = e2e.run_cli(["resolve", "abuse@example.test", "--config", str(server.config_path)], cwd=server.root)
     assert done.stdout == "postmaster@example.test\n"
+
+
+def test_an_over_quota_user_gets_452_over_smtp_and_overquota_over_imap_while_others_keep_receiving(e2e, make_server):
+    import imaplib
+
+    # alice may hold 2 messages; bob has the default (no limit).
+    server = make_server(extra=ROUTING + "\n[quota]\ndefault_messages = 0\n")
+    server.write_config()
+    server.add_users()
+    done = e2e.run_cli(["quota", "set", ALICE, "--messages", "2", "--config", str(server.config_path)],
+                       cwd=server.root)
+    assert done.returncode == 0, done.stderr
+    server.start()
+    client = server.smtp("relay")
+    client.ehlo(server.CLIENT_NAME)
+    for n in range(2):
+        server.send(client, "x@sender.example", [ALICE], f"Subject: {n}\r\n\r\nfill\r\n".encode())
+    assert client.mail("<x@sender.example>")[0] == 250
+    code, text = client.rcpt(f"<{ALICE}>")
+    assert (code, text[:5]) == (452, b"4.2.2"), (code, text)        # RFC 3463: mailbox full, try later
+    assert client.rcpt(f"<{BOB}>")[0] == 250
+    assert client.data(b"Subject: for bob\r\n\r\nstill arrives\r\n")[0] == 250
+    client.quit()
+    assert len(server.messages(ALICE)) == 2
+    assert any(b"still arrives" in data for data in server.messages(BOB).values())
+
+    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"], timeout=10)
+    imap.starttls(ssl_context=server.tls_client_context())
+    imap.login(ALICE, "secret")
+    typ, data = imap.getquotaroot("INBOX")
+    assert typ == "OK" and b'"" (MESSAGE 2 2)' in b" ".join(d for d in data[1] if isinstance(d, bytes)), data
+    typ, data = imap.append("INBOX", None, None, b"Subject: appended\r\n\r\nover\r\n")
+    assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+    imap.logout()
+    assert len(server.messages(ALICE)) == 2
+
+    done = e2e.run_cli(["quota", "show", ALICE, "--config", str(server.config_path)], cwd=server.root)
+    assert done.returncode == 0 and "2" in done.stdout, done.stdout
