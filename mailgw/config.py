@@ -922,6 +922,19 @@ def check_main(argv: list[str]) -> int:
         for line in problems:
             print(f"error: {line}", file=sys.stderr)
         return 1
+    from mailgw.routing.aliases import read_aliases
+    # The alias table is data, not config, but a bad line in it is the
+    # admin's mistake as much as a bad key: name file and line, exit 1.
+    routing = config.routing
+    try:
+        _, alias_problems = read_aliases(routing.aliases_file, config.local_domains,
+                                         max_depth=routing.max_alias_depth, max_expansion=routing.max_expansion)
+    except OSError as e:
+        alias_problems = [(0, f"cannot read: {e.strerror}")]
+    if alias_problems:
+        for line, reason in alias_problems:
+            print(f"error: {routing.aliases_file}:{line}: {reason}", file=sys.stderr)
+        return 1
     print(f"config OK: {config.source if config.source else 'embedded default'}")
     width = max(len(listener.name) for listener in config.listeners)
     for listener in config.listeners:

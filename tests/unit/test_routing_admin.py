@@ -114,3 +114,14 @@ def test_alias_change_is_seen_by_a_running_resolver_without_restart(config_path,
     assert run(capsys, "aliases", "add", "help@example.com", "bob@example.com")[0] == 0
     clock.advance(config.routing.check_interval)
     assert resolver.resolve("help@example.com") == (LocalTarget("bob@example.com"),)
+
+
+def test_check_reports_bad_alias_lines_with_file_and_line(config_path, capsys):
+    aliases_file(config_path).write_text("a@example.com b@example.com\nb@example.com a@example.com\n"
+                                         "ok@example.com alice@example.com\n")
+    code, _, err = run(capsys, "check", "--config", str(config_path))
+    assert code == 1
+    assert f"error: {aliases_file(config_path)}:1: alias loop" in err
+    assert f"error: {aliases_file(config_path)}:2: alias loop" in err
+    aliases_file(config_path).write_text("ok@example.com alice@example.com\n")
+    assert run(capsys, "check", "--config", str(config_path))[0] == 0
