@@ -31,6 +31,7 @@ from mailgw.queue.delivery import RelayTransport
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
 from mailgw.routing.dispatch import build_router
+from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
 from mailgw import pidfile, tls
@@ -172,7 +173,11 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                          clock=reactor, read_message=read_message)
     runner.load(waiting)
     runner.setServiceParent(top)
-    control.control_service(reactor, control.socket_path(config.data_dir), runner).setServiceParent(top)
+    # `mailgw sendmail` submits here: the same resolution and targets as SMTP.
+    submitter = LocalSubmission(router=router, store=store, spool=spool, clock=reactor, hostname=config.hostname,
+                                max_size=config.smtp.max_message_size, max_recipients=config.smtp.max_recipients)
+    control.control_service(reactor, control.socket_path(config.data_dir), runner,
+                            submitter).setServiceParent(top)
 
     tls.ensure_certificate(config.tls, config.hostname)
     if problems := tls.check_files(config.tls):

@@ -155,3 +155,37 @@ def test_an_over_quota_user_gets_452_over_smtp_and_overquota_over_imap_while_oth
 
     done = e2e.run_cli(["quota", "show", ALICE, "--config", str(server.config_path)], cwd=server.root)
     assert done.returncode == 0 and "2" in done.stdout, done.stdout
+
+
+def test_sendmail_t_from_a_subprocess_without_a_terminal(e2e, make_server, sink):
+    import subprocess
+    import sys
+
+    server = make_server(relay_port=sink.controller.port, extra=ROUTING).start()
+    aliases(e2e, server, "add", "ops@example.test", ALICE, BOB)
+    mark = uuid.uuid4().hex
+    message = (f"To: ops@example.test, Friend <friend@elsewhere.example>\n"
+               f"Bcc: bob@example.test\nSubject: cron {mark}\nX-Test-Marker: {mark}\n\n"
+               f"disk usage report\n.\nafter a lone dot\n").encode()
+    done = subprocess.run([sys.executable, "-m", "mailgw.cli", "sendmail", "-t", "-i", "-f", "cron@example.test",
+                           "--config", str(server.config_path)], input=message, capture_output=True,
+                          env=e2e.server_env(), cwd=server.root, timeout=30)   # stdin is a pipe, not a terminal
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b""
+    _, stored = server.find(ALICE, mark)
+    assert b"after a lone dot" in stored                   # -i: a "." line does not end the message
+    assert b"\nDate: " in stored and b"\nMessage-ID: <" in stored   # added: the input had neither
+    assert b"Bcc:" not in stored and b"mailgw sendmail" in stored
+    # bob is reached twice (ops@ and Bcc): one copy.
+    assert sum(mark.encode() in data for data in server.messages(BOB).values()) == 1
+    sink.wait_for(1)
+    (mail_from, rcpt_tos, content), = sink.messages
+    assert (mail_from, rcpt_tos) == ("cron@example.test", ["friend@elsewhere.example"])
+    assert b"Bcc:" not in content
+
+    # The server stopped: sendmail cannot queue, says so and exits EX_TEMPFAIL.
+    server.stop()
+    done = subprocess.run([sys.executable, "-m", "mailgw.cli", "sendmail", "alice@example.test",
+                           "--config", str(server.config_path)], input=b"Subject: x\n\nbody\n",
+                          capture_output=True, env=e2e.server_env(), cwd=server.root, timeout=30)
+    assert done.returncode == 75 and done.stderr.startswith(b"mailgw sendmail: "), done.stderr
