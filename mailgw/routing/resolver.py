@@ -39,9 +39,9 @@ from mailgw.routing import aliases as alias_table
 from mailgw.routing.srs import SRSError
 from mailgw.store.maildir import split_mailbox_address
 from mailgw.store.names import decode_dirname, folder_dirname
+from mailgw.watched import WatchedTable
 
 _log = Logger(namespace="mailgw.routing")
-_NOT_LOADED = object()
 
 # RFC 3463 §3.2 5.1.1: bad destination mailbox address.
 UNKNOWN = (550, "5.1.1", "User unknown in local recipient table")
@@ -69,67 +69,31 @@ class RemoteTarget:
         return self.address
 
 
-def _file_key(st: os.stat_result):
-    return st.st_mtime_ns, st.st_size, st.st_ino
-
-
-class AliasFile:
+class AliasFile(WatchedTable):
     """The alias table file in memory, reloaded when it changes (at most one
     stat() per check_interval, like the users file)."""
 
-    log = _log
+    what = "alias table"
 
     def __init__(self, path: Path, local_domains, *, clock, check_interval: float = 1.0,
                  max_depth: int = 10, max_expansion: int = 1000):
-        self.path = Path(path)
         self.local_domains = frozenset(local_domains)
-        self._clock = clock
-        self._check_interval = check_interval
         self.max_depth = max_depth
         self.max_expansion = max_expansion
-        self._table = alias_table.AliasTable()
-        self._key: object = _NOT_LOADED
-        self._last_check: float | None = None
-        self._last_error: str | None = None
-        self.generation = 0
-        self.table()
+        super().__init__(path, clock=clock, check_interval=check_interval)
 
     def table(self) -> alias_table.AliasTable:
-        now = self._clock.seconds()
-        if self._last_check is None or now - self._last_check >= self._check_interval:
-            self._last_check = now
-            self._reload()
-        return self._table
+        return self.current()
 
-    def _reload(self) -> None:
-        try:
-            if _file_key(os.stat(self.path)) == self._key:
-                return
-            with open(self.path, "rb") as f:
-                key = _file_key(os.fstat(f.fileno()))
-                data = f.read()
-        except FileNotFoundError:
-            if self._key is not None:
-                self._install(alias_table.AliasTable(), None)
-            return
-        except OSError as error:
-            message = f"{type(error).__name__}: {error.strerror}"
-            if message != self._last_error:      # each distinct error once
-                self.log.error("cannot read alias table {path}: {error}; keeping the previous aliases",
-                               path=str(self.path), error=message)
-                self._last_error = message
-            return
-        table, problems = alias_table.parse_aliases(data, self.local_domains, max_depth=self.max_depth,
-                                                    max_expansion=self.max_expansion)
-        for line, reason in problems:
-            self.log.warn("{path}:{line}: {reason}", path=str(self.path), line=line, reason=reason)
-        self.log.info("loaded {count} aliases from {path}", count=len(table.exact) + len(table.catch_all)
-                      + len(table.domain_aliases), path=str(self.path))
-        self._install(table, key)
+    def parse(self, data: bytes):
+        return alias_table.parse_aliases(data, self.local_domains, max_depth=self.max_depth,
+                                         max_expansion=self.max_expansion)
 
-    def _install(self, table, key) -> None:
-        self._table, self._key, self._last_error = table, key, None
-        self.generation += 1
+    def empty(self) -> alias_table.AliasTable:
+        return alias_table.AliasTable()
+
+    def size(self, table) -> int:
+        return len(table.exact) + len(table.catch_all) + len(table.domain_aliases)
 
 
 class StaticAliases:

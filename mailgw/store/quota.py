@@ -47,6 +47,7 @@ from mailgw.auth.userdb import locked_users_file, replace_file, validate_address
 from mailgw.config_types import QuotaConfig
 from mailgw.store.maildir import split_mailbox_address
 from mailgw.store.names import decode_dirname
+from mailgw.watched import WatchedTable
 
 MAILDIRSIZE = "maildirsize"
 # flock'ed as "mailgw-quota.lock" (userdb.locked_users_file adds ".lock"): not
@@ -219,11 +220,6 @@ def read_quotas(path: Path) -> tuple[dict[str, Override], list[tuple[int, str]]]
     return parse_quotas(data)
 
 
-_NOT_LOADED = object()
-
-
-def _file_key(st: os.stat_result):
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 class _WallClock:
@@ -232,58 +228,22 @@ class _WallClock:
 
 
 @implementer(IQuotaOverrides)
-class QuotasFile:
+class QuotasFile(WatchedTable):
     """The quotas file in memory, reloaded when it changed: at most one
     stat() per check_interval (`clock`: IReactorTime)."""
 
     log = Logger()
 
-    def __init__(self, path: Path, *, clock, check_interval: float = 1.0):
-        self.path = Path(path)
-        self._clock = clock
-        self._check_interval = check_interval
-        self._overrides: dict[str, Override] = {}
-        self._key: object = _NOT_LOADED
-        self._last_check: float | None = None
-        self._last_error: str | None = None
-        self.generation = 0
-        self.overrides()
+    what = "quotas file"
 
     def overrides(self) -> dict[str, Override]:
-        now = self._clock.seconds()
-        if self._last_check is None or now - self._last_check >= self._check_interval:
-            self._last_check = now
-            self._reload()
-        return self._overrides
+        return self.current()
 
-    def _reload(self) -> None:
-        try:
-            if _file_key(os.stat(self.path)) == self._key:
-                return
-            with open(self.path, "rb") as f:
-                # The key of what we read, even if the file is replaced meanwhile.
-                key = _file_key(os.fstat(f.fileno()))
-                data = f.read()
-        except FileNotFoundError:
-            if self._key is not None:
-                self._install({}, None)
-            return
-        except OSError as error:
-            message = f"{type(error).__name__}: {error.strerror}"
-            if message != self._last_error:       # each distinct error once
-                self.log.error("cannot read quotas file {path}: {error}; keeping the previous quotas",
-                               path=str(self.path), error=message)
-                self._last_error = message
-            return
-        overrides, problems = parse_quotas(data)
-        for line, reason in problems:
-            self.log.warn("{path}:{line}: {reason}", path=str(self.path), line=line, reason=reason)
-        self.log.info("loaded {count} quota overrides from {path}", count=len(overrides), path=str(self.path))
-        self._install(overrides, key)
+    def parse(self, data: bytes):
+        return parse_quotas(data)
 
-    def _install(self, overrides, key) -> None:
-        self._overrides, self._key, self._last_error = overrides, key, None
-        self.generation += 1
+    def empty(self) -> dict[str, Override]:
+        return {}
 
 
 # -- maildirsize ----------------------------------------------------------------------------
