@@ -119,6 +119,16 @@ def link_tmpfile(fd: int, destination) -> None:
         raise OSError(error, os.strerror(error), str(destination))
 
 
+def fsync_directory(directory) -> None:
+    """fsync a directory, so the names just made or removed in it survive a crash
+    (blocking: call it off the reactor thread or outside the reactor)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def rename_noreplace(source, destination) -> None:
     """Move `source` to `destination`, failing with EEXIST rather than
     replacing an existing file. One directory operation (renameat2) where

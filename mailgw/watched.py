@@ -15,6 +15,24 @@ from twisted.logger import Logger
 _NOT_LOADED = object()
 
 
+def parsed_lines(data: bytes, parse_line, problems: list):
+    """(line number, result) of each line `parse_line(text, number)` accepts
+    (None: blank or comment). A line it refuses with ValueError, or that is
+    not UTF-8, is added to `problems` and skipped: one bad line costs only
+    itself."""
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            parsed = parse_line(raw.decode("utf-8"), number)
+        except UnicodeDecodeError:
+            problems.append((number, "not valid UTF-8"))
+            continue
+        except ValueError as error:
+            problems.append((number, str(error)))
+            continue
+        if parsed is not None:
+            yield number, parsed
+
+
 def file_key(st: os.stat_result):
     """Changes whenever the file does: a rename gives a new inode, an edit in
     place a new mtime or size."""

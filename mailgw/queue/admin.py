@@ -49,6 +49,7 @@ import sys
 import time
 from pathlib import Path
 
+from mailgw.durable import fsync_directory
 from mailgw.queue import control
 from mailgw.queue.spool import ENV_SUFFIX, MSG_SUFFIX, EnvelopeError, Spool, check_envelope, \
     encode_envelope, is_queue_id
@@ -362,22 +363,16 @@ class _Offline:
             raise
         os.close(fd)
         os.rename(tmp, self.active / name)
-        _fsync_directory(self.active)
+        fsync_directory(self.active)
 
     def _delete(self, queue_id: str) -> None:
         # The .env first: it is the commit point. A crash in between leaves a
         # lone .msg, which recovery deletes.
         (self.active / (queue_id + ENV_SUFFIX)).unlink()
         (self.active / (queue_id + MSG_SUFFIX)).unlink(missing_ok=True)
-        _fsync_directory(self.active)
+        fsync_directory(self.active)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- commands ---------------------------------------------------------------------------

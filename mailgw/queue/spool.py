@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.durable import DurableWriter
+from mailgw.durable import DurableWriter, fsync_directory
 from mailgw.interfaces import ISpool
 from mailgw.iopool import ReactorInbox
 
@@ -336,7 +336,7 @@ class Spool:
                 continue
             valid.append(envelope)
         for directory in (self.incoming, self.active, self.corrupt):
-            _fsync_directory(directory)
+            fsync_directory(directory)
         return valid
 
     def load(self, queue_id: str) -> tuple[dict, Path]:
@@ -379,7 +379,7 @@ class Spool:
                 created = True
         if created:
             for directory in (self._queue_dir.parent, self._queue_dir):
-                _fsync_directory(directory)
+                fsync_directory(directory)
 
     def _move_to_corrupt(self, paths: list[Path], reason: str) -> None:
         moved = []
@@ -433,9 +433,3 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mailgw.auth import userdb
 from mailgw.routing import aliases as table_module
+from mailgw.watched import parsed_lines
 
 ALIASES_USAGE = """usage: mailgw aliases add ALIAS TARGET... [--send-as] [--config PATH]
        mailgw aliases delete ALIAS [TARGET...]    [--config PATH]
@@ -123,17 +124,10 @@ def _read_entries(config, *, for_writing: bool) -> list[table_module.AliasEntry]
         data = b""
     except OSError as error:
         raise AdminError(f"cannot read {path}: {error.strerror}") from None
-    entries, problems = [], []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            entry = table_module.parse_line(raw.decode("utf-8"), number)
-        except (UnicodeDecodeError, ValueError) as error:
-            problems.append(f"{path}:{number}: {error}")
-            continue
-        if entry is not None:
-            entries.append(entry)
+    line_problems: list = []
+    entries = [entry for _, entry in parsed_lines(data, table_module.parse_line, line_problems)]
     _, table_problems = _table(config, entries)
-    problems += [f"{path}:{line}: {reason}" for line, reason in table_problems]
+    problems = [f"{path}:{line}: {reason}" for line, reason in line_problems + table_problems]
     if problems and for_writing:
         raise AdminError("the alias table has errors; fix them first (nothing written):\n  "
                          + "\n  ".join(problems))

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailgw.auth.userdb import validate_address
+from mailgw.watched import parsed_lines
 
 SEND_AS = "[send-as]"
 _SPLIT = re.compile(r"[\s,]+")
@@ -129,17 +130,7 @@ def parse_aliases(data: bytes, local_domains, *, max_depth: int,
     problems: list[tuple[int, str]] = []
     entries: list[AliasEntry] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            entry = parse_line(raw.decode("utf-8"), number)
-        except UnicodeDecodeError:
-            problems.append((number, "not valid UTF-8"))
-            continue
-        except ValueError as error:
-            problems.append((number, str(error)))
-            continue
-        if entry is None:
-            continue
+    for number, entry in parsed_lines(data, parse_line, problems):
         if entry.pattern in seen:
             problems.append((number, f"{entry.pattern} already defined on line {seen[entry.pattern]}; "
                                      "this line is ignored"))

@@ -60,17 +60,6 @@ class Router:
         """Final targets of a recipient in one of our domains (MailError if none)."""
         return self.resolver.resolve(str(mailbox))
 
-    def local_mailbox(self, mailbox: Mailbox) -> str | None:
-        """The one local mailbox a recipient reaches, or None (aliases with
-        several targets, remote targets and unknown addresses)."""
-        try:
-            targets = self.resolve(mailbox)
-        except MailError:
-            return None
-        if len(targets) == 1 and isinstance(targets[0], LocalTarget):
-            return targets[0].mailbox
-        return None
-
     def over_quota(self, mailbox: str) -> bool:
         return self.quota is not None and self.quota.over(mailbox)
 

@@ -107,11 +107,6 @@ class StaticAliases:
         return self._table
 
 
-class _NeverReloads:
-    def seconds(self) -> float:
-        return 0.0
-
-
 class Resolver:
     """The recipient-resolution stage. `users` is an IUserDB (`exists`);
     `srs` a mailgw.routing.srs.SRS or None; `mail_dir` where the Maildirs
@@ -148,10 +143,8 @@ class Resolver:
     def static(cls, config, users) -> "Resolver":
         """No alias file: users, subaddresses and role addresses only (configs
         built by hand in tests)."""
-        routing = config.routing
-        if routing is not None:
-            return cls.from_config(config, users, clock=_NeverReloads())
-        return cls(local_domains=config.local_domains, postmaster=config.postmaster, abuse=config.postmaster,
+        abuse = config.routing.abuse if config.routing is not None else config.postmaster
+        return cls(local_domains=config.local_domains, postmaster=config.postmaster, abuse=abuse,
                    recipient_delimiter=config.recipient_delimiter, users=users, aliases=StaticAliases())
 
     # -- questions ----------------------------------------------------------------

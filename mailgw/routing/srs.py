@@ -65,7 +65,7 @@ import secrets
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from mailgw.durable import rename_noreplace
+from mailgw.durable import fsync_directory, rename_noreplace
 
 SECRET_FILE = "srs.secret"
 SECRET_BYTES = 32
@@ -387,7 +387,7 @@ def _create_secret(path: Path) -> None:
             _move_noreplace(tmp, path)
         except FileExistsError:
             pass                            # another process was first: its secret counts
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except OSError as error:
         raise SecretFileError(f"{path}: cannot make the SRS secret: {error.strerror or error}") from error
     finally:
@@ -397,9 +397,3 @@ def _create_secret(path: Path) -> None:
             os.unlink(tmp)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

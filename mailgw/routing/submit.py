@@ -21,7 +21,8 @@ from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, MailFrom, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.delivery import trace_date
 
-# RFC 3463 §3.6 5.6.0 / RFC 5321 §4.5.3.1.10: a message needs a recipient; too many are refused.
+# RFC 3463 §3.6 5.5.1 (invalid command): a submission needs at least one recipient.
+# RFC 3463 §3.5 5.3.4: message too big for the system.
 NO_RECIPIENTS = (554, "5.5.1", "No recipients")
 TOO_BIG = (552, "5.3.4", "Message size exceeds fixed maximum message size")
 

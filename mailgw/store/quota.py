@@ -47,7 +47,7 @@ from mailgw.auth.userdb import locked_users_file, replace_file, validate_address
 from mailgw.config_types import QuotaConfig
 from mailgw.store.maildir import split_mailbox_address
 from mailgw.store.names import decode_dirname
-from mailgw.watched import WatchedTable
+from mailgw.watched import WatchedTable, parsed_lines
 
 MAILDIRSIZE = "maildirsize"
 # flock'ed as "mailgw-quota.lock" (userdb.locked_users_file adds ".lock"): not
@@ -175,18 +175,7 @@ def parse_quotas(data: bytes) -> tuple[dict[str, Override], list[tuple[int, str]
     A bad line is skipped; the rest loads. A repeated address keeps its first line."""
     overrides: dict[str, Override] = {}
     problems: list[tuple[int, str]] = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            parsed = parse_line(raw.decode("utf-8"), number)
-        except UnicodeDecodeError:
-            problems.append((number, "not valid UTF-8"))
-            continue
-        except ValueError as error:
-            problems.append((number, str(error)))
-            continue
-        if parsed is None:
-            continue
-        address, override = parsed
+    for number, (address, override) in parsed_lines(data, parse_line, problems):
         if address in overrides:
             problems.append((number, f"{address} already on line {overrides[address].line}; this line is ignored"))
             continue
