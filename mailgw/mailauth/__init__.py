@@ -1,0 +1,1 @@
+"""Mail authentication: DKIM signing, SPF/DKIM/DMARC/ARC checks, the DNS doctor."""
