@@ -7,6 +7,8 @@
     mailgw resolve ADDRESS                what an address leads to (postmap -q / sendmail -bv)
     mailgw quota show|set|list            mailbox quotas
     mailgw sendmail [-t] [-i] [-f ...]    submit a message from stdin, like sendmail(1)
+    mailgw dkim keygen|list|activate|remove   DKIM signing keys and the records to publish
+    mailgw doctor [DOMAIN]                the DNS and TLS checks before going live
     mailgw --version                      the installed version
 
 Each subcommand lives next to what it manages; this module only dispatches.
@@ -40,6 +42,11 @@ commands:
   quota set USER [--bytes SIZE] [--messages N]   override the default limits
   quota list                 the overrides
   sendmail [-t] [-i] [-f SENDER] [-F NAME] [RCPT...]   queue a message read from stdin (cron, web apps)
+  dkim keygen DOMAIN [--selector S] [--algorithm rsa|ed25519]   a signing key and its DNS record
+  dkim list                  every key: domain, selector, algorithm, active or only published
+  dkim activate DOMAIN SELECTOR   sign with this key from now on (rotation, docs/dkim.md)
+  dkim remove DOMAIN SELECTOR     delete a key that no longer signs
+  doctor [DOMAIN] [--nameserver IP[:PORT]]   MX, PTR, SPF, DKIM, DMARC and TLS checks, with fixes
 
 options:
   --version                  print the version and exit
@@ -86,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "quota":
         from mailgw.store.quota_admin import quota_main
         return quota_main(rest)
+    if command == "dkim":
+        from mailgw.mailauth.dkim_admin import dkim_main
+        return dkim_main(rest)
+    if command == "doctor":
+        from mailgw.mailauth.doctor import doctor_main
+        return doctor_main(rest)
     if command == "sendmail":
         from mailgw.sendmail import main as sendmail_main
         return sendmail_main(rest)

@@ -33,7 +33,10 @@ from mailgw.config_types import (
     IMPLICIT_TLS_ROLES,
     OUTBOUND_TLS_MODES,
     TLS_OPPORTUNISTIC,
+    ChecksConfig,
     Config,
+    DKIMConfig,
+    DNSConfig,
     IMAPLimits,
     ListenerConfig,
     POP3Limits,
@@ -415,6 +418,9 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     imap_table = _Table(root.take("imap", {}), "imap", errors)
     routing_table = _Table(root.take("routing", {}), "routing", errors)
     quota_table = _Table(root.take("quota", {}), "quota", errors)
+    dns_table = _Table(root.take("dns", {}), "dns", errors)
+    dkim_table = _Table(root.take("dkim", {}), "dkim", errors)
+    checks_table = _Table(root.take("checks", {}), "checks", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -479,6 +485,9 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     listeners = _listeners(listeners_raw, errors)
     routing = _routing(routing_table, data_dir, local_domains, postmaster)
     quota = _quota(quota_table, data_dir)
+    dns_config = _dns(dns_table)
+    dkim = _dkim(dkim_table, data_dir)
+    checks = _checks(checks_table, hostname)
     root.finish("unknown top-level table or key", list_known=True)
 
     if errors:
@@ -506,6 +515,9 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         imap=imap,
         routing=routing,
         quota=quota,
+        dns=dns_config,
+        dkim=dkim,
+        checks=checks,
     )
 
 
@@ -553,6 +565,75 @@ def _quota(table: _Table, data_dir: Path | None) -> QuotaConfig | None:
     if None in (default_bytes, default_messages, quotas_file):
         return None
     return QuotaConfig(default_bytes, default_messages, quotas_file)
+
+
+def _dns(table: _Table) -> DNSConfig | None:
+    servers_text = table.string_list("nameservers", ())
+    timeout = table.seconds("timeout", 5.0, 0.1)
+    table.finish()
+    servers = []
+    for text in servers_text or ():
+        host, port = text, 53
+        if text.count(":") == 1:                 # "host:port"; a bare IPv6 address has several colons
+            host, _, port_text = text.partition(":")
+            port = int(port_text) if port_text.isdigit() else -1
+        elif text.startswith("[") and "]:" in text:
+            host, _, port_text = text[1:].partition("]:")
+            port = int(port_text) if port_text.isdigit() else -1
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            table.error("nameservers", f"{_describe(text)}: must be an IP address, optionally with :port")
+            continue
+        if not 0 < port < 65536:
+            table.error("nameservers", f"{_describe(text)}: port must be 1-65535")
+            continue
+        servers.append((host, port))
+    if servers_text is None or timeout is None or len(servers) != len(servers_text):
+        return None
+    return DNSConfig(tuple(servers), timeout)
+
+
+def _dkim(table: _Table, data_dir: Path | None) -> DKIMConfig | None:
+    sign = table.boolean("sign", True)
+    keys_text = table.path_text("keys_dir", "")
+    keys_dir = _absolute(keys_text) if keys_text else (data_dir / "dkim" if data_dir is not None else None)
+    add_missing = table.boolean("add_missing_headers", True)
+    table.finish()
+    if None in (sign, keys_dir, add_missing):
+        return None
+    return DKIMConfig(sign, keys_dir, add_missing)
+
+
+ON_TEMPERROR = ("accept", "defer")
+
+
+def _checks(table: _Table, hostname: str | None) -> ChecksConfig | None:
+    flags = [table.boolean(name, True) for name in ("spf", "dkim", "dmarc", "arc")]
+    authserv_id = table.string("authserv_id", "")
+    if authserv_id == "":
+        authserv_id = hostname
+    elif authserv_id and (problem := _dns_name_problem(authserv_id)):
+        table.error("authserv_id", f"{_describe(authserv_id)}: {problem}")
+        authserv_id = None
+    enforce = table.boolean("dmarc_enforce", True)
+    folder = table.string("quarantine_folder", "Junk")
+    if folder is not None and (not folder or "/" in folder or folder.startswith(".")):
+        table.error("quarantine_folder", f"{_describe(folder)}: must be a folder name such as Junk")
+        folder = None
+    on_temperror = table.string("on_temperror", "accept")
+    if on_temperror is not None and on_temperror not in ON_TEMPERROR:
+        table.error("on_temperror", f'must be one of {", ".join(ON_TEMPERROR)}, got {_describe(on_temperror)}')
+        on_temperror = None
+    budget = table.seconds("budget", 10.0, 0.1)
+    received_spf = table.boolean("received_spf", False)
+    reverse_dns = table.boolean("reverse_dns", True)
+    min_key_bits = table.integer("min_key_bits", 1024, 512, 16384)
+    table.finish()
+    values = (*flags, authserv_id, enforce, folder, on_temperror, budget, received_spf, reverse_dns, min_key_bits)
+    if None in values:
+        return None
+    return ChecksConfig(*values)
 
 
 def _local_domains(server: _Table) -> list[str] | None:

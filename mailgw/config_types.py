@@ -152,6 +152,39 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True)
+class DNSConfig:
+    """[dns]: the one resolver behind MX, SPF, DKIM, DMARC and reverse DNS lookups."""
+    nameservers: tuple[tuple[str, int], ...]   # () = the system's (/etc/resolv.conf)
+    timeout: float                             # seconds per query, retries included
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """[dkim]: signing of mail that leaves (docs/dkim.md)."""
+    sign: bool                          # sign for every domain with a key in keys_dir
+    keys_dir: Path                      # <domain>/<selector>.<rsa|ed25519>.pem (`mailgw dkim keygen`)
+    add_missing_headers: bool           # Date: and Message-ID: added at submission (RFC 6409 §8.2, §8.3)
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """[checks]: SPF, DKIM, DMARC and ARC on mail from untrusted clients on
+    the relay role (mailgw/mailauth/stages.py, docs/authentication.md)."""
+    spf: bool
+    dkim: bool
+    dmarc: bool
+    arc: bool
+    authserv_id: str                    # our name in Authentication-Results (RFC 8601 §2.5)
+    dmarc_enforce: bool                 # act on p=reject/quarantine; False: only record the result
+    quarantine_folder: str              # where p=quarantine mail goes
+    on_temperror: str                   # "accept" (record temperror) or "defer" (451 4.7.x)
+    budget: float                       # seconds all checks of one message may take
+    received_spf: bool                  # also add Received-SPF: (RFC 7208 §9.1)
+    reverse_dns: bool                   # FCrDNS of clients, for Received: and policy
+    min_key_bits: int                   # RSA DKIM keys below this are permerror (RFC 8301 §3.2)
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str                          # our FQDN: greeting, Received, EHLO
     local_domains: frozenset[str]          # lower-case, exact match only
@@ -177,3 +210,6 @@ class Config:
     inet_protocols: str = "all"
     routing: RoutingConfig | None = field(default=None)   # None only in configs built by hand in tests
     quota: QuotaConfig | None = field(default=None)       # None only in configs built by hand in tests
+    dns: DNSConfig | None = field(default=None)           # None only in configs built by hand in tests
+    dkim: DKIMConfig | None = field(default=None)         # None: no signing (configs built by hand in tests)
+    checks: ChecksConfig | None = field(default=None)     # None: no checks (configs built by hand in tests)

@@ -149,14 +149,14 @@ def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferre
     return done
 
 
-def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None):
+def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None, mail_dns=None):
     """The protocol factory for one configured listener (wrapped in TLS for
     the implicit-TLS roles). Shared by the main process and the SMTP workers."""
     implicit = listener.role in IMPLICIT_TLS_ROLES
     common = dict(config=config, listener=listener, portal=portal, clock=clock,
                   tls_context=None if implicit else tls_options, implicit_tls=implicit)
     if listener.role in SMTP_ROLES:
-        factory = SMTPFactory(new_queue_id=new_queue_id, **common)
+        factory = SMTPFactory(new_queue_id=new_queue_id, mail_dns=mail_dns, **common)
     elif listener.role in (ROLE_POP3, ROLE_POP3S):
         factory = POP3Factory(**common)
     elif listener.role in (ROLE_IMAP, ROLE_IMAPS):

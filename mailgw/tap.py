@@ -15,7 +15,6 @@ from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.logger import Logger
-from twisted.names import client as dns_client
 from twisted.python import usage
 
 from mailgw import config as config_module
@@ -30,6 +29,8 @@ from mailgw.queue import control
 from mailgw.queue.delivery import RelayTransport
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
+from mailgw.mailauth.dns import MailDNS
+from mailgw.mailauth.stages import build_resolver, build_stages
 from mailgw.routing.dispatch import build_router
 from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
@@ -163,11 +164,15 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                               lockout_failures=config.smtp.auth_lockout_failures,
                               lockout_time=config.smtp.auth_lockout_time)
     router = build_router(config, userdb, reactor=reactor, quota=quota)
+    # One resolver for every lookup: MX, SPF, DKIM, DMARC, reverse DNS.
+    resolver = build_resolver(config)
+    mail_dns = MailDNS(resolver, clock=reactor, timeout=config.dns.timeout)
+    router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor, threadpool=io_pool)
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
 
     read_message = message_reader(reactor, io_pool)
-    transport = RelayTransport(config=config, reactor=reactor, resolver=dns_client.createResolver(),
+    transport = RelayTransport(config=config, reactor=reactor, resolver=resolver,
                                read_message=read_message)
     runner = QueueRunner(config=config, spool=spool, transport=transport, store=store, router=router,
                          clock=reactor, read_message=read_message)
@@ -191,7 +196,7 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
     worker_sockets = []              # (name, fd, family) of the SMTP ports the workers accept on
     for listener in config.listeners:
         factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
-                                   imap_cache=imap_cache)
+                                   imap_cache=imap_cache, mail_dns=mail_dns)
         description = offset_endpoint(listener.endpoint, port_offset)
         listening = [ListenerService(reactor, description, factory, listener.name)]
         wildcard = wildcard_port(description)

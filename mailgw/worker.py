@@ -26,6 +26,8 @@ from mailgw.config_types import SMTP_ROLES, Config
 from mailgw.durable import DurableWriter
 from mailgw.queue.spool import Spool
 from mailgw.realm import MailRealm
+from mailgw.mailauth.dns import MailDNS
+from mailgw.mailauth.stages import build_resolver, build_stages
 from mailgw.routing.dispatch import build_router
 from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
@@ -103,6 +105,8 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
     spool.add_listener(lambda envelope: link.send("queued", envelope))
     userdb = UserFile(config.users_file, threadpool=io_pool, reactor=reactor)
     router = build_router(config, userdb, reactor=reactor, quota=quota)
+    mail_dns = MailDNS(build_resolver(config), clock=reactor, timeout=config.dns.timeout)
+    router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor, threadpool=io_pool)
     realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
     portal = Portal(realm, [RemoteChecker(link), AllowAnonymousAccess()])
     tls_options = tls.server_options(config.tls)      # the main process made the certificate
@@ -113,7 +117,8 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
         listener = listeners[name]
         if listener.role not in SMTP_ROLES:
             raise SystemExit(f"mailgw worker: listener {name!r} is not an SMTP listener")
-        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options)
+        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
+                                   mail_dns=mail_dns)
         adopted.append((fd, family, factory))
     AdoptedPorts(reactor, adopted).setServiceParent(top)
     return top

@@ -42,12 +42,15 @@ class Router:
     (mailgw.routing.resolver), the one every path shares."""
 
     def __init__(self, config: Config, userdb: IUserDB, resolver: Resolver | None = None, *,
-                 quota=None, srs=None):
+                 quota=None, srs=None, stages=None):
         self.config = config
         self.userdb = userdb
         self.resolver = resolver if resolver is not None else Resolver.static(config, userdb)
         self.quota = quota                # IQuota or None (no limits)
         self.srs = srs                    # SRS or None: forwards keep their sender
+        # The checks and modifiers stages (mailgw.mailauth.stages.AuthenticationStage);
+        # None: messages go from resolution straight to their targets.
+        self.stages = stages
 
     @property
     def local_domains(self):
@@ -139,7 +142,7 @@ class Dispatcher:
                 transaction.forwards.append((rcpt, target.address))
 
     def commit(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool = False,
-               client: dict, user: str | None = None):
+               client: dict, user: str | None = None, origin=None):
         """Make the message durable for every recipient; fires with queue_id.
 
         All or nothing: if any part fails, what was already written for this
@@ -150,14 +153,26 @@ class Dispatcher:
             refused = self.header_sender_refused(user, message)
             if refused is not None:
                 return defer.fail(refused)
+        stages = self.router.stages
+        if stages is None or origin is None:
+            return self._write(transaction, message, queue_id, lf=lf, client=client)
+        # The checks and modifiers stages (mailgw.mailauth.stages), then the targets.
+        d = stages.process(message, lf=lf, origin=origin, queue_id=queue_id)
+        return d.addCallback(lambda outcome: self._write(transaction, outcome.message, queue_id, lf=lf,
+                                                         client=client, folder=outcome.quarantine_folder))
+
+    def _write(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool, client: dict,
+               folder: str | None = None):
         work = []
         started = self.clock.seconds()
         sender = transaction.mail_from.sender
         sender_text = str(sender) if sender else ""
         if transaction.local:
             # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
-            boxes = [mailbox if folder is None else (mailbox, folder)
-                     for mailbox, folder in sorted(transaction.local, key=_target_order)]
+            # A quarantine verdict (DMARC p=quarantine) sends every local copy to that folder.
+            boxes = [(mailbox, folder) if folder is not None else mailbox if target_folder is None
+                     else (mailbox, target_folder)
+                     for mailbox, target_folder in sorted(transaction.local, key=_target_order)]
             work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
         # The spool keeps the SMTP wire form (docs/spool-format.md).
         wire = None
@@ -182,7 +197,7 @@ class Dispatcher:
         def settle(results):
             failures = [result for ok, result in results if not ok]
             if not failures:
-                self._log_local(transaction, queue_id, started)
+                self._log_local(transaction, queue_id, started, folder)
                 return queue_id
             for ok, result in results:
                 if ok and isinstance(result, list):
@@ -209,13 +224,17 @@ class Dispatcher:
                         return refusal(codes.HEADER_SENDER_NOT_OWNED)
         return None
 
-    def _log_local(self, transaction: Transaction, queue_id: str, started: float) -> None:
+    def _log_local(self, transaction: Transaction, queue_id: str, started: float,
+                   quarantine: str | None = None) -> None:
         # One line per mailbox, in the queue runner's shape (queue/runner.py _log_result).
         delay = self.clock.seconds() - started
         for mailbox, folder in sorted(transaction.local, key=_target_order):
             first = str(transaction.local[(mailbox, folder)][0].recipient)
             orig = f", orig_to=<{first}>" if first.lower() != mailbox else ""
+            folder = quarantine or folder
             where = "maildir" if folder is None else f"maildir folder {folder}"
+            if quarantine:
+                where += ", quarantined"
             self.log.info("{queue_id}: to=<{to}>{orig}, relay=local, delay={delay:.2f}, dsn=2.0.0, "
                           "status=sent (delivered to {where})",
                           queue_id=queue_id, to=mailbox, orig=orig, delay=delay, where=where)

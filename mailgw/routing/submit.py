@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.errors import MailError, PermanentError
+from mailgw.mailauth.stages import SUBMISSION, Origin
 from mailgw.queue.spool import new_queue_id
 from mailgw.routing.dispatch import Dispatcher, Transaction, refusal
 from mailgw.smtp import codes
@@ -54,7 +55,8 @@ class LocalSubmission:
         received = (f"Received: by {self.hostname} (mailgw sendmail, from {who}, login {_safe(login)})\r\n"
                     f"\tid {queue_id}; {trace_date(int(self.clock.seconds()))}\r\n").encode("ascii")
         client = {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "sendmail"}
-        d = self.dispatcher.commit(transaction, received + message, queue_id, client=client)
+        origin = Origin(SUBMISSION, "127.0.0.1", None, sender)
+        d = self.dispatcher.commit(transaction, received + message, queue_id, client=client, origin=origin)
 
         def accepted(_):
             to = [str(rcpt.recipient) for rcpt in _rcpts(transaction)]

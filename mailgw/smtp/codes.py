@@ -80,6 +80,12 @@ HEADER_SENDER_NOT_OWNED = Reply(550, "5.7.1", "From: header address rejected: no
 # RFC 3463 §3.3 4.2.2: mailbox full (over quota); temporary, the sender retries.
 MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full: user is over quota")
 NULL_SENDER_NOT_ALLOWED = Reply(553, "5.7.1", "Null sender not allowed for authenticated submission")
+# RFC 7489 §7.3 / RFC 3463 5.7.1: the From: domain's DMARC policy says reject.
+DMARC_REJECT = Reply(550, "5.7.1", "Message rejected: it fails the DMARC policy of {domain}")
+# RFC 7372 §3.2 X.7.24: SPF could not be evaluated now (DNS); the client retries.
+SPF_TEMPERROR = Reply(451, "4.7.24", "Temporary SPF validation error, try again later")
+# RFC 3463 4.7.0: a DKIM or DMARC check could not finish now.
+AUTH_CHECK_TEMPERROR = Reply(451, "4.7.0", "Temporary DKIM/DMARC validation error, try again later")
 # RFC 1870 §6.2 / RFC 3463 5.3.4: message too big for the system.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")

@@ -19,6 +19,7 @@ from zope.interface import implementer
 
 from mailgw.config_types import ROLE_RELAY
 from mailgw.interfaces import ILocalStore, ISpool
+from mailgw.mailauth.stages import INBOUND, SUBMISSION, TRUSTED_RELAY, Origin
 from mailgw.routing.dispatch import Dispatcher, Router, Transaction, refusal  # noqa: F401 (Router: re-exported)
 from mailgw.smtp import codes
 from mailgw.smtp.address import MailFrom, RcptTo
@@ -90,7 +91,12 @@ class SMTPDelivery:
         protocol = "UTF8SMTP" if mail_from.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")
         protocol += ("S" if session.tls else "") + ("A" if self.user else "")
         helo_text = session.helo or "unknown"
-        lines = [f"Received: from {helo_text} ([{session.client_text}])"]
+        # Postfix's form: the client's name only when forward-confirmed, else "unknown".
+        name = getattr(session, "client_name", None)
+        if name is None:
+            lines = [f"Received: from {helo_text} ([{session.client_text}])"]
+        else:
+            lines = [f"Received: from {helo_text} ({name} [{session.client_text}])"]
         if session.tls_details:
             lines.append(f"\t({session.tls_details})")
         if self.user:
@@ -148,11 +154,21 @@ class SMTPDelivery:
 
     def commit(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool = False):
         """The message of this session's transaction, to every target (routing.dispatch)."""
+        session = self.session
         return self.dispatcher.commit(transaction, message, queue_id, lf=lf, client={
-            "ip": self.session.client_text,
-            "helo": self.session.helo,
-            "tls": bool(self.session.tls),
+            "ip": session.client_text,
+            "helo": session.helo,
+            "tls": bool(session.tls),
             "auth": self.user,
-            "listener": self.session.listener.name,
-        }, user=self.user)
+            "listener": session.listener.name,
+        }, user=self.user, origin=Origin(self._origin_kind(), session.client_text, session.helo,
+                                         str(transaction.mail_from.sender or ""), self.user))
+
+    def _origin_kind(self) -> str:
+        """Which checks and modifiers the message gets (mailgw.mailauth.stages)."""
+        if self.user is not None:
+            return SUBMISSION
+        if self.router.is_trusted(self.session.client_ip):
+            return TRUSTED_RELAY
+        return INBOUND
 

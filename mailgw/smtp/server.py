@@ -42,6 +42,7 @@ from mailgw.config_types import Config, ListenerConfig
 from mailgw.errors import LoginsRefused, MailError
 from mailgw.interfaces import ISessionInfo
 from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection, send_now
+from mailgw.mailauth.dns import forward_confirmed_name
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
@@ -136,6 +137,9 @@ class SessionInfo:
         self.esmtp = False
         self.tls = False
         self.queue_id: str | None = None
+        # The forward-confirmed reverse DNS name, "unknown" when there is none
+        # (Postfix's client name); None until looked up, or when not looked up.
+        self.client_name: str | None = None
         self._transport = transport
 
     @property
@@ -157,11 +161,14 @@ class SMTPFactory(ListenerFactory):
     """One per SMTP listener (relay, submission, submissions)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
-                 new_queue_id, tls_context=None, implicit_tls: bool = False):
+                 new_queue_id, tls_context=None, implicit_tls: bool = False, mail_dns=None):
         # Trusted networks count towards the total only (see ConnectionLimits).
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
                          tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
         self.new_queue_id = new_queue_id
+        # MailDNS for the client's reverse DNS ([checks] reverse_dns); None: not looked up.
+        checks = config.checks
+        self.mail_dns = mail_dns if checks is not None and checks.reverse_dns else None
 
     def make_protocol(self):
         return MailgwSMTP(self)
@@ -197,6 +204,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._stage: str | None = None          # MAIL, RCPT, DATA, END-OF-MESSAGE or None (not logged)
         self._stage_argument = ""               # that command's argument, as the client wrote it
         self._data_envelope = None              # (MailFrom, [RcptTo]) of the message being answered
+        self._name_lookup = None                # the client's reverse DNS lookup while it runs
         self._producing = False       # _ReplyBackpressure is registered with the transport
         self.session: SessionInfo | None = None
         self.user: str | None = None
@@ -228,9 +236,28 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self.transport.registerProducer(_ReplyBackpressure(self), True)
         self._producing = True
         self._login_anonymous()
+        if self.factory.mail_dns is not None:
+            self._look_up_client_name()
         self._send_line(f"220 {self.factory.config.hostname} ESMTP mailgw")
         self.setTimeout(self.limits.command_timeout)
         self._session_timer = self.clock.callLater(self.limits.session_timeout, self._session_expired)
+
+    def _look_up_client_name(self) -> None:
+        """FCrDNS of the client, for Received: and policy; it runs while the
+        client talks and is bounded by [dns] timeout. Not done by the time of
+        the Received: line means "unknown" there, as a timeout does."""
+        session = self.session
+
+        def found(result):
+            name, verified = result
+            session.client_name = name if verified else "unknown"
+
+        def failed(failure):
+            session.client_name = "unknown"
+            self.log.info("reverse DNS of {client}: {why}", client=session.client_text,
+                          why=failure.getErrorMessage())
+        self._name_lookup = forward_confirmed_name(self.factory.mail_dns, session.client_text)
+        self._name_lookup.addCallbacks(found, failed)
 
     def connectionLost(self, reason=protocol.connectionDone):
         self.setTimeout(None)
@@ -629,6 +656,13 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
 
         Each check is one C-speed pass, and there are as few as possible: a
         1 MiB message must not cost a Python call per line (twisted-traps §1)."""
+        lookup = self._name_lookup
+        if lookup is not None and not lookup.called:
+            # The Received: line names the client: wait for its reverse DNS
+            # (bounded by [dns] timeout) rather than race it.
+            waiter = defer.Deferred()
+            lookup.addBoth(lambda result: (waiter.callback(None), result)[1])
+            return waiter.addCallback(lambda _: self._message_received(content))
         if self._data_overflow or len(content) - 2 > self.limits.max_message_size:
             self._reset_transaction()
             return self.reply(codes.MESSAGE_TOO_BIG)

@@ -48,6 +48,45 @@ TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 _running: list["MailServer"] = []     # servers whose log tail is attached to a failure report
 
 
+class LoopbackDNS:
+    """The session's DNS server (tests/e2e/dns_server.py) on 127.0.0.1: every
+    server under test asks it, never this machine's resolver. `set(zone)`
+    replaces the zone; it answers from the new one at its next query."""
+
+    def __init__(self, root: Path):
+        self.zone_path = root / "zone.json"
+        self.port_path = root / "dns.port"
+        self.log = open(root / "dns.log", "wb")
+        self.set({})
+        self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("dns_server.py")),
+                                         str(self.zone_path), str(self.port_path)],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self.port_path.exists, "the loopback DNS server's port")
+        self.port = int(self.port_path.read_text())
+
+    def set(self, zone: dict) -> None:
+        temporary = self.zone_path.with_suffix(".tmp")
+        temporary.write_text(__import__("json").dumps(zone))
+        temporary.replace(self.zone_path)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+_dns: LoopbackDNS | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loopback_dns(tmp_path_factory):
+    global _dns
+    _dns = LoopbackDNS(tmp_path_factory.mktemp("dns"))
+    yield _dns
+    _dns.stop()
+    _dns = None
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "e2e: end-to-end test against the real twistd mailgw process (slow-ish, uses 127.0.0.1 ports)")
@@ -135,6 +174,9 @@ def config_text(*, data_dir: Path, listeners, extra_server: str = "", extra: str
         "",
         extra,
     ]
+    if _dns is not None and "[dns]" not in extra:
+        # Every lookup goes to the loopback DNS server, never to this machine's resolver.
+        lines += ["[dns]", f'nameservers = ["127.0.0.1:{_dns.port}"]', "timeout = 2.0", ""]
     for role, name, endpoint in listeners:
         lines += ["[[listeners]]", f'role = "{role}"', f'name = "{name}"', f'endpoint = "{endpoint}"', ""]
     return "\n".join(lines)

@@ -214,7 +214,7 @@ def test_section_that_is_not_a_table(in_tmp):
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
     errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
     assert errors == ["logging: unknown top-level table or key "
-                      "(known: imap, listeners, pop3, queue, quota, routing, server, smtp, tls)"]
+                      "(known: checks, dkim, dns, imap, listeners, pop3, queue, quota, routing, server, smtp, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):
@@ -715,3 +715,26 @@ def test_queue_route_parsed():
         {"domain": "Partner.Example", "host": "127.0.0.1", "port": 2626, "tls": "none"}]}}).queue
     (domain, host), = queue.routes
     assert domain == "partner.example" and host.host == "127.0.0.1" and host.port == 2626
+
+
+# --- dns, dkim, checks ------------------------------------------------------------
+
+def test_dns_nameservers_take_ports_and_refuse_names(in_tmp):
+    config = load(write(in_tmp, '[dns]\nnameservers = ["192.0.2.53", "127.0.0.1:5353", "[2001:db8::1]:54", "::1"]\n'))
+    assert config.dns.nameservers == (("192.0.2.53", 53), ("127.0.0.1", 5353), ("2001:db8::1", 54), ("::1", 53))
+    errors = errors_of(write(in_tmp, '[dns]\nnameservers = ["ns.example.net", "127.0.0.1:0"]\ntimeout = 0\n'))
+    assert errors == ["dns.timeout: must be a number of seconds >= 0.1, got 0",
+                      'dns.nameservers: "ns.example.net": must be an IP address, optionally with :port',
+                      'dns.nameservers: "127.0.0.1:0": port must be 1-65535']
+
+
+def test_checks_defaults_and_every_error_at_once(in_tmp):
+    config = load(write(in_tmp, '[server]\nhostname = "mx.example.org"\n'))
+    assert config.checks.authserv_id == "mx.example.org"
+    assert (config.checks.on_temperror, config.checks.quarantine_folder, config.checks.dmarc_enforce) == \
+        ("accept", "Junk", True)
+    assert config.dkim.keys_dir == config.data_dir / "dkim" and config.dkim.sign
+    errors = errors_of(write(in_tmp, '[checks]\non_temperror = "maybe"\nquarantine_folder = "a/b"\n'
+                                     'authserv_id = "bad name!"\nmin_key_bits = 100\n'))
+    assert len(errors) == 4 and all(e.startswith("checks.") for e in errors)
+    assert any("on_temperror: must be one of accept, defer" in e for e in errors)
