@@ -13,7 +13,8 @@ The order is fixed, here and nowhere else (docs/authentication.md):
     modifiers
       5. Authentication-Results that claim our authserv-id removed (RFC 8601
          §5), on every path: no client can hand our users a forged verdict
-      6. our Authentication-Results (and Received-SPF) added at the top
+      6. our Authentication-Results (and Received-SPF) added right under our
+         Received: (the order Postfix + a milter gives)
       7. Date: and Message-ID: added to submissions that lack them
          (RFC 6409 §8.2, §8.3)
       8. DKIM signatures (outbound), last: they cover the header as it leaves
@@ -229,8 +230,8 @@ class AuthenticationStage:
                 log.info("{queue_id}: removed {count} Authentication-Results claiming {id}",
                          queue_id=queue_id, count=removed, id=checks.authserv_id)
         if found is not None:
-            message = self._results_header(found, origin).encode("utf-8").replace(b"\r\n", newline) \
-                + newline + message
+            results = self._results_header(found, origin).encode("utf-8").replace(b"\r\n", newline) + newline
+            message = _below_our_received(message, newline, results)
         if origin.kind == SUBMISSION and self.add_missing_headers:
             message = self._add_missing(message, newline, queue_id)
         outcome.message = message
@@ -345,6 +346,21 @@ class AuthenticationStage:
                 outcome.message = (signatures.replace(b"\r\n", b"\n") if lf else signatures) + message
             return outcome
         return d.addCallback(signed)
+
+
+def _below_our_received(message: bytes, newline: bytes, fields: bytes) -> bytes:
+    """Our trace block: `fields` right under the Received: we put on top, as
+    Postfix with a milter writes it (its Received: first, then the milter's
+    Authentication-Results); at the very top when there is no such line."""
+    if not message[:9].lower() == b"received:":
+        return fields + message
+    end = message.find(newline)
+    while end >= 0 and message[end + len(newline):end + len(newline) + 1] in (b" ", b"\t"):
+        end = message.find(newline, end + len(newline))
+    if end < 0:
+        return fields + message
+    cut = end + len(newline)
+    return message[:cut] + fields + message[cut:]
 
 
 def _b_prefix(prefix: str) -> str:

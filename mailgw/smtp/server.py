@@ -374,9 +374,11 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             details.append(f"helo=<{_loggable(session.helo)}>")
         enhanced = f"{reply.enhanced} " if reply.enhanced else ""
         queue_id = session.queue_id if stage == END_OF_MESSAGE and session.queue_id else "NOQUEUE"
-        self.log.info("{queue_id}: reject: {stage} from unknown[{client}]: "
+        # Postfix's name[ip]: the forward-confirmed name, or "unknown".
+        self.log.info("{queue_id}: reject: {stage} from {name}[{client}]: "
                       "{code} {enhanced}{about}{text}; {details}",
-                      queue_id=queue_id, stage=stage, client=session.client_text, code=reply.code,
+                      queue_id=queue_id, stage=stage, name=session.client_name or "unknown",
+                      client=session.client_text, code=reply.code,
                       enhanced=enhanced, about=about, text=text, details=" ".join(details))
 
     def _reply_error(self, failure_or_error) -> None:

@@ -255,8 +255,9 @@ def build_message(marker: str, *, subject: str = "test", body: bytes | None = No
 
 
 def split_received(stored: bytes, *, newline: bytes = b"\n") -> tuple[bytes, bytes]:
-    """(our Received: header, the rest) of a stored message; ours is the first
-    field, after the Return-Path: and Delivered-To: of a local delivery."""
+    """(our Received: header and Authentication-Results, the rest) of a stored
+    message; ours is the first field, after the Return-Path: and Delivered-To:
+    of a local delivery."""
     lines = stored.split(newline)
     start = 0
     while start < len(lines) and lines[start].startswith((b"Return-Path: ", b"Delivered-To: ")):
@@ -265,6 +266,12 @@ def split_received(stored: bytes, *, newline: bytes = b"\n") -> tuple[bytes, byt
     end = start + 1
     while end < len(lines) and lines[end][:1] in (b" ", b"\t"):
         end += 1
+    # Our Authentication-Results (mail from untrusted clients on port 25) belongs to
+    # our trace block, right under our Received: (mailgw/mailauth/stages.py).
+    if lines[end].startswith(f"Authentication-Results: {HOSTNAME};".encode()) if end < len(lines) else False:
+        end += 1
+        while end < len(lines) and lines[end][:1] in (b" ", b"\t"):
+            end += 1
     return newline.join(lines[start:end]), newline.join(lines[end:])
 
 

@@ -100,12 +100,15 @@ def test_a_correctly_signed_message_passes_spf_dkim_dmarc_and_gets_one_results_h
     signature = dkim.sign(MESSAGE.replace(b"\n", b"\r\n"), b"sel", b"good.example", pem,
                           canonicalize=(b"relaxed", b"relaxed")).replace(b"\r\n", b"\n")
     forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.example\n"
-    outcome = result_of(stage(good_zone(public)).process(forged + signature + MESSAGE, lf=True,
-                                                         origin=inbound(), queue_id="Q1"))
+    received, rest = MESSAGE.split(b"\nFrom:", 1)
+    received += b"\n"
+    # As the server hands it over: our Received: on top, then what the client sent.
+    message = received + forged + signature + b"From:" + rest
+    outcome = result_of(stage(good_zone(public)).process(message, lf=True, origin=inbound(), queue_id="Q1"))
     assert outcome.quarantine_folder is None
     assert outcome.results == {"spf": "pass", "dkim": "pass", "dmarc": "pass", "arc": "none"}
     head = outcome.message.split(b"\n\n", 1)[0].decode()
-    assert head.startswith("Authentication-Results: mx.example.test;\n\tspf=pass")
+    assert head.startswith(received.decode() + "Authentication-Results: mx.example.test;\n\tspf=pass"), head[:300]
     assert "smtp.mailfrom=friend@good.example" in head
     assert "dkim=pass header.d=good.example header.s=sel header.a=rsa-sha256 header.b=" in head
     assert "dmarc=pass (p=reject dis=none) header.from=good.example" in head
