@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
+# Imported here, not where they are used: the server may drop privileges after
+# start-up and then no longer be able to read the libraries' files.
 from mailgw.errors import MailError, PermanentError
+from mailgw.mailauth import arc, dkim_verify, dmarc, spf
+from mailgw.mailauth.dkim_sign import DKIMSigner, header_from_domain
+from mailgw.mailauth.keys import DKIMKeyStore
 from mailgw.smtp import codes
 
 log = Logger()
@@ -157,8 +162,6 @@ class AuthenticationStage:
 
     # -- checks ------------------------------------------------------------
     def _check(self, message: bytes, *, lf: bool, origin: Origin) -> defer.Deferred:
-        from mailgw.mailauth import arc, dkim_verify, dmarc, spf
-
         checks = self.checks
         crlf = message.replace(b"\n", b"\r\n") if lf else message
         budget = checks.budget
@@ -311,8 +314,7 @@ class AuthenticationStage:
         if not parts:
             header += " none"
         if checks.received_spf and spf_result is not None:
-            from mailgw.mailauth.spf import received_spf_header
-            header += "\r\n" + received_spf_header(spf_result, ip=origin.client_ip, helo=origin.helo or "",
+            header += "\r\n" + spf.received_spf_header(spf_result, ip=origin.client_ip, helo=origin.helo or "",
                                                    sender=origin.sender, receiver=checks.authserv_id)
         return header
 
@@ -331,8 +333,6 @@ class AuthenticationStage:
         return head + added + rest if added else message
 
     def _sign(self, outcome: Outcome, *, lf: bool, origin: Origin) -> defer.Deferred:
-        from mailgw.mailauth.dkim_sign import header_from_domain
-
         message = outcome.message
         domain = header_from_domain(message)
         if domain is None or not self.signer.has_key(domain):
@@ -375,9 +375,9 @@ def build_stages(config, *, router, mail_dns, reactor, threadpool) -> Authentica
 
     from twisted.internet.threads import deferToThreadPool
 
-    from mailgw.mailauth.dkim_sign import DKIMSigner
-    from mailgw.mailauth.keys import DKIMKeyStore
 
+    # The Public Suffix List is read now, while its file is still readable (see the imports).
+    dmarc.organizational_domain("example.com")
     dkim = config.dkim
     signer = DKIMSigner(DKIMKeyStore(dkim.keys_dir), clock=reactor) if dkim is not None and dkim.sign else None
     return AuthenticationStage(checks=config.checks, add_missing_headers=dkim is not None and dkim.add_missing_headers,

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from mailgw.config_types import Config
 from mailgw.errors import MailError, log_failure
+from mailgw.mailauth.stages import SUBMISSION, Origin
 from mailgw.queue import dsn, policy
 from mailgw.queue.model import (
     BOUNCED, EXPIRED, PENDING, SENT, STATUS_BOUNCED, STATUS_SENT,
@@ -376,10 +377,22 @@ class QueueRunner(service.Service):
             }
             self.log.info("{queue_id}: {kind} notice queued as {notice_id} for <{to}>",
                           queue_id=envelope["id"], kind=kind, notice_id=queue_id, to=">, <".join(remote))
-            work.append(self.spool.enqueue(queue_id, notice, message))
+            work.append(self._sign_notice(message, queue_id).addCallback(
+                lambda signed: self.spool.enqueue(queue_id, {**notice, "size": len(signed)}, signed)))
         if len(work) == 1:
             return work[0]
         return defer.gatherResults(work, consumeErrors=True).addErrback(lambda failure: failure.value.subFailure)
+
+    def _sign_notice(self, message: bytes, queue_id: str):
+        """A notice that leaves goes through the modifiers stage as any
+        submission does: DKIM-signed when the From: domain (MAILER-DAEMON@
+        our hostname) has a key (mailgw.mailauth.stages)."""
+        stages = self.router.stages
+        if stages is None:
+            return defer.succeed(message)
+        origin = Origin(SUBMISSION, "127.0.0.1", None, "")
+        d = stages.process(message, lf=False, origin=origin, queue_id=queue_id)
+        return d.addCallback(lambda outcome: outcome.message)
 
     # -- administration (mailgw queue ...) --------------------------------------------
     def snapshot(self) -> list[dict]:

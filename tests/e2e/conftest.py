@@ -247,6 +247,8 @@ def build_message(marker: str, *, subject: str = "test", body: bytes | None = No
             f"To: <{to}>\r\n"
             f"Subject: {subject} {marker}\r\n"
             f"Message-ID: <{marker}@e2e.example.net>\r\n"
+            # A Date:, as every mail client writes: a submission without one gets one added.
+            "Date: Mon, 07 Dec 2026 10:00:00 +0000\r\n"
             f"X-Test-Marker: {marker}\r\n"
             "MIME-Version: 1.0\r\n"
             "Content-Type: text/plain; charset=us-ascii\r\n"

@@ -172,6 +172,19 @@ def test_submitted_mail_is_signed_and_an_independent_verifier_accepts_it(e2e, ma
     tampered = relayed.replace(b"the signed copy", b"the signed cop!")
     assert "failed" in _opendkim(verifier, tmp_path, tampered, record.group(0)), "a changed body fails"
 
+    # `mailgw sendmail` goes through the same stages: signed too.
+    import sys
+    mark = uuid.uuid4().hex
+    done = subprocess.run([sys.executable, "-m", "mailgw.cli", "sendmail", "-i", "-f", ALICE,
+                           "--config", str(server.config_path), "partner@remote.example"],
+                          input=f"From: {ALICE}\nTo: partner@remote.example\nSubject: cron {mark}\n\nreport\n".encode(),
+                          capture_output=True, env=e2e.server_env(), cwd=server.root, timeout=30)
+    assert done.returncode == 0, done.stderr
+    sink.wait_for(2)
+    relayed = sink.messages[1][2].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert mark.encode() in relayed and relayed.startswith(b"DKIM-Signature: ")
+    assert "succeeded" in _opendkim(verifier, tmp_path, relayed, record.group(0)), "sendmail's copy verifies"
+
 
 def _opendkim(verifier: str, tmp_path, message: bytes, record: str) -> str:
     """libopendkim's verifier in test mode (`opendkim -t FILE`), the key

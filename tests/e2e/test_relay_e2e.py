@@ -31,7 +31,9 @@ def submit(server, recipients, message: bytes, rcpt_options=()):
 def test_submission_is_relayed_through_the_smarthost_and_the_queue_empties(make_server, sink):
     server = make_server(relay_port=sink.controller.port).start()
     mark = uuid.uuid4().hex
-    body = (f"Subject: relay {mark}\r\nMessage-ID: <{mark}@example.test>\r\n\r\n"
+    # With its own Date: (a submission without one gets one added, RFC 6409 §8.2).
+    body = (f"Subject: relay {mark}\r\nMessage-ID: <{mark}@example.test>\r\n"
+            f"Date: Mon, 07 Dec 2026 10:00:00 +0000\r\n\r\n"
             ".a line starting with a dot\r\n..two dots\r\n.\r\nend\r\n").encode()
     assert submit(server, ["friend@remote.test", "other@elsewhere.test"], body) == {}
     sink.wait_for(1)

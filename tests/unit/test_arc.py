@@ -9,9 +9,9 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import defer, task
-from twisted.python.failure import Failure
+from twisted.internet import task
 
+from deferreds import inline as sync, result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.mailauth.arc import ARCResult, verify_arc
 from mailgw.mailauth.dns import MailDNS
@@ -22,17 +22,8 @@ HOP1 = "arc._domainkey.relay1.example"
 HOP2 = "arc._domainkey.relay2.example"
 
 
-def sync(f, *args):
-    return defer.maybeDeferred(f, *args)
 
 
-def result_of(d: defer.Deferred):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture(scope="module")

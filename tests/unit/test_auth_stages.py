@@ -11,8 +11,9 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import defer, task
+from twisted.internet import task
 
+from deferreds import inline, result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.config_types import ChecksConfig
 from mailgw.errors import MailError
@@ -25,8 +26,6 @@ CHECKS = ChecksConfig(spf=True, dkim=True, dmarc=True, arc=True, authserv_id="mx
                       received_spf=False, reverse_dns=True, min_key_bits=1024)
 
 
-def inline(function, *args, **kwargs):
-    return defer.maybeDeferred(function, *args, **kwargs)
 
 
 def stage(zones=None, *, checks=CHECKS, signer=None, clock=None):
@@ -37,13 +36,6 @@ def stage(zones=None, *, checks=CHECKS, signer=None, clock=None):
                                is_local_domain=lambda domain: domain == "example.test")
 
 
-def result_of(d):
-    out = []
-    d.addBoth(out.append)
-    assert out, "the stage waited for something the fakes never give"
-    if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def rsa_key():

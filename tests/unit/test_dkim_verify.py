@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet import defer, task
 from twisted.names import error
-from twisted.python.failure import Failure
 
+from deferreds import inline as sync, result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.mailauth.dkim_verify import DKIMResult, verify_dkim
 from mailgw.mailauth.dns import MailDNS
@@ -70,17 +70,8 @@ PLAIN = (b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: he
          b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n\r\nHello Bob.\r\n")
 
 
-def sync(f, *args):
-    return defer.maybeDeferred(f, *args)
 
 
-def result_of(d: defer.Deferred):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def verify(zones, message, **kw):

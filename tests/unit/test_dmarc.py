@@ -9,21 +9,12 @@ import os
 import pytest
 from twisted.internet import task
 from twisted.names import error
-from twisted.python.failure import Failure
 
+from deferreds import result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.mailauth import dmarc
 from mailgw.mailauth.dkim_verify import DKIMResult
 from mailgw.mailauth.dns import MailDNS
-
-
-def result_of(d):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def dkim_pass(domain: str, result: str = "pass") -> DKIMResult:

@@ -17,8 +17,8 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import defer, task
 from twisted.internet.selectreactor import SelectReactor
 from twisted.names import common, dns, error, server
-from twisted.python.failure import Failure
 
+from deferreds import result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.config import load
 from mailgw.mailauth import doctor
@@ -32,13 +32,6 @@ HOST = "mail.example.org"
 
 # -- helpers -------------------------------------------------------------------------------
 
-def result_of(d: defer.Deferred):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def _name(text):

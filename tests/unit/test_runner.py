@@ -380,3 +380,39 @@ def test_crash_while_recording_never_loses_a_message(tmp_path, step):
         notices = [q for q in rig.transport.requests if q.sender == ""]
         assert [[r.address for r in q.recipients] for q in notices] == [["carol@elsewhere.test"]]
     assert rig.queued_ids() == []
+
+
+def test_a_bounce_that_leaves_is_dkim_signed_when_the_hostname_has_a_key(tmp_path):
+    """Notices go through the same modifiers stage as submissions (mailgw/mailauth/stages.py)."""
+    import dkim
+
+    from twisted.internet import task
+
+    from deferreds import inline
+    from mailgw.mailauth.dkim_sign import DKIMSigner
+    from mailgw.mailauth.keys import DKIMKeyStore
+    from mailgw.mailauth.stages import AuthenticationStage
+
+    class ReadingTransport(FakeTransport):
+        def deliver(self, request):
+            self.messages = getattr(self, "messages", []) + [request.message_path.read_bytes()]
+            return super().deliver(request)
+
+    rig = Rig(tmp_path, transport=ReadingTransport())
+    store = DKIMKeyStore(tmp_path / "dkim")
+    key = store.keygen(rig.config.hostname, selector="dsn")
+    # The signer's own clock is in the past: dkimpy refuses a t= in its future, and the rig's is 2027.
+    signing_clock = task.Clock()
+    signing_clock.advance(1_700_000_000)
+    rig.runner.router.stages = AuthenticationStage(
+        checks=None, add_missing_headers=True, signer=DKIMSigner(store, clock=signing_clock), mail_dns=None,
+        run_in_thread=inline, clock=rig.clock, hostname=rig.config.hostname, is_local_domain=lambda d: False)
+    rig.transport.script["bob@remote.test"] = [STATUS_BOUNCED]
+    rig.enqueue(sender="carol@elsewhere.test")
+    rig.run()
+    rig.run()
+    notice = rig.transport.messages[-1]
+    assert notice.startswith(b"DKIM-Signature: ") and f"d={rig.config.hostname}".encode() in notice[:400]
+    assert dkim.verify(notice, dnsfunc=lambda name, timeout=5: key.dns_record.encode())
+    assert not dkim.verify(notice.replace(b"bob@remote.test", b"bob@remote.tesT"),
+                           dnsfunc=lambda name, timeout=5: key.dns_record.encode())

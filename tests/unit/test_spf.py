@@ -13,8 +13,8 @@ import pytest
 import spf
 from twisted.internet import defer, task
 from twisted.names import error
-from twisted.python.failure import Failure
 
+from deferreds import result_of
 from fake_dns import HANG, FakeResolver
 from mailgw.mailauth import spf as mspf
 from mailgw.mailauth.dns import MailDNS
@@ -70,13 +70,6 @@ def zone(**txt):
     return zones
 
 
-def result_of(d: defer.Deferred):
-    results = []
-    d.addBoth(results.append)
-    assert results, "Deferred did not fire"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def evaluate(zones, *, ip, sender="someone@example.com", helo="relay.example.net", budget=10.0,
