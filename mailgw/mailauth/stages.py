@@ -165,6 +165,9 @@ class AuthenticationStage:
         checks = self.checks
         crlf = message.replace(b"\n", b"\r\n") if lf else message
         budget = checks.budget
+        # One budget for all checks of the message: DMARC, which needs the
+        # SPF and DKIM results, gets what is left of it.
+        deadline = self.clock.seconds() + budget
         common = dict(clock=self.clock, budget=budget)
         helo = origin.helo or ""
         started = {}
@@ -195,13 +198,16 @@ class AuthenticationStage:
                 return found
             spf_result = found.get("spf")
             from_domains = dmarc.header_from_domains(crlf)
-            from_domain = from_domains[0] if len(set(from_domains)) == 1 else None
+            # RFC 7489 §6.6.1: exactly one author domain, or no DMARC verdict.
+            from_domain = from_domains[0] if len(set(from_domains)) == 1 and from_domains[0] else None
             spf_domain = (origin.sender.rpartition("@")[2] if origin.sender else helo).lower()
+            left = max(0.1, deadline - self.clock.seconds())
             d = dmarc.evaluate_dmarc(self.mail_dns, from_domain=from_domain,
                                      spf_result=spf_result.result if spf_result else "temperror",
                                      spf_domain=spf_domain, dkim_results=found.get("dkim") or [],
-                                     **common, **({"random": self.random} if self.random else {}))
-            d = self._bounded(d, budget)
+                                     clock=self.clock, budget=left,
+                                     **({"random": self.random} if self.random else {}))
+            d = self._bounded(d, left)
 
             def with_dmarc(result):
                 found["dmarc"] = result
