@@ -159,20 +159,25 @@ class Dispatcher:
         # The checks and modifiers stages (mailgw.mailauth.stages), then the targets.
         d = stages.process(message, lf=lf, origin=origin, queue_id=queue_id)
         return d.addCallback(lambda outcome: self._write(transaction, outcome.message, queue_id, lf=lf,
-                                                         client=client, folder=outcome.quarantine_folder))
+                                                         client=client, quarantine=outcome.quarantine_folder))
 
     def _write(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool, client: dict,
-               folder: str | None = None):
+               quarantine: str | None = None):
         work = []
+        filed: dict = {}            # (mailbox, folder) -> the folder a quarantined copy went to
         started = self.clock.seconds()
         sender = transaction.mail_from.sender
         sender_text = str(sender) if sender else ""
         if transaction.local:
             # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
-            # A quarantine verdict (DMARC p=quarantine) sends every local copy to that folder.
-            boxes = [(mailbox, folder) if folder is not None else mailbox if target_folder is None
-                     else (mailbox, target_folder)
-                     for mailbox, target_folder in sorted(transaction.local, key=_target_order)]
+            boxes = []
+            for mailbox, target_folder in sorted(transaction.local, key=_target_order):
+                if quarantine is not None:
+                    # A quarantine verdict (DMARC p=quarantine) sends the copy to that
+                    # folder when the user has one (any case), else to INBOX, marked.
+                    filed[(mailbox, target_folder)] = self.router.resolver.folder_for(mailbox, quarantine)
+                    target_folder = filed[(mailbox, target_folder)]
+                boxes.append(mailbox if target_folder is None else (mailbox, target_folder))
             work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
         # The spool keeps the SMTP wire form (docs/spool-format.md).
         wire = None
@@ -197,7 +202,7 @@ class Dispatcher:
         def settle(results):
             failures = [result for ok, result in results if not ok]
             if not failures:
-                self._log_local(transaction, queue_id, started, folder)
+                self._log_local(transaction, queue_id, started, filed if quarantine else None)
                 return queue_id
             for ok, result in results:
                 if ok and isinstance(result, list):
@@ -225,15 +230,16 @@ class Dispatcher:
         return None
 
     def _log_local(self, transaction: Transaction, queue_id: str, started: float,
-                   quarantine: str | None = None) -> None:
+                   quarantined: dict | None = None) -> None:
         # One line per mailbox, in the queue runner's shape (queue/runner.py _log_result).
         delay = self.clock.seconds() - started
         for mailbox, folder in sorted(transaction.local, key=_target_order):
             first = str(transaction.local[(mailbox, folder)][0].recipient)
             orig = f", orig_to=<{first}>" if first.lower() != mailbox else ""
-            folder = quarantine or folder
+            if quarantined is not None:
+                folder = quarantined[(mailbox, folder)]
             where = "maildir" if folder is None else f"maildir folder {folder}"
-            if quarantine:
+            if quarantined is not None:
                 where += ", quarantined"
             self.log.info("{queue_id}: to=<{to}>{orig}, relay=local, delay={delay:.2f}, dsn=2.0.0, "
                           "status=sent (delivered to {where})",

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from deferreds import inline, result_of
 from fake_dns import HANG, FakeResolver
@@ -231,3 +231,41 @@ def test_stripping_never_touches_other_fields_or_the_body(lines):
     assert len(before) - len(after) == removed
     assert [f for f in before if not f.lower().startswith(b"authentication-results")] == \
         [f for f in after if not f.lower().startswith(b"authentication-results")]
+
+
+# -- the verdict reaches the targets stage (routing.dispatch) ---------------------------
+
+def test_a_quarantined_message_goes_to_each_users_junk_folder_or_to_inbox_when_there_is_none(tmp_path):
+    from mailgw.routing.dispatch import Dispatcher, Router, Transaction
+    from mailgw.routing.resolver import Resolver, StaticAliases
+    from mailgw.smtp.address import parse_mail_from, parse_rcpt_to
+
+    class Users:
+        def exists(self, address):
+            return address in ("alice@example.test", "bob@example.test")
+
+    class RecordingStore:
+        def __init__(self):
+            self.boxes = None
+
+        def deliver(self, boxes, message, lf=False, return_path=None):
+            self.boxes = boxes
+            return defer.succeed(["path"])
+
+    class QuarantiningStage:
+        def process(self, message, *, lf, origin, queue_id):
+            return defer.succeed(stages.Outcome(message, quarantine_folder="Junk"))
+
+    (tmp_path / "example.test" / "alice" / ".junk" / "new").mkdir(parents=True)   # any case matches
+    resolver = Resolver(local_domains=frozenset({"example.test"}), postmaster="alice@example.test",
+                        abuse="alice@example.test", recipient_delimiter="+", users=Users(),
+                        aliases=StaticAliases(), mail_dir=tmp_path)
+    router = Router(config=None, userdb=Users(), resolver=resolver, stages=QuarantiningStage())
+    store = RecordingStore()
+    dispatcher = Dispatcher(router=router, store=store, spool=None, clock=task.Clock())
+    transaction = Transaction(parse_mail_from("FROM:<x@junk.example>"))
+    for address in ("alice@example.test", "bob@example.test"):
+        dispatcher.add_local(transaction, parse_rcpt_to(f"TO:<{address}>", smtputf8=False))
+    result_of(dispatcher.commit(transaction, b"Subject: s\n\nbody\n", "Q11", lf=True, client={},
+                                origin=inbound("x@junk.example")))
+    assert store.boxes == [("alice@example.test", "junk"), "bob@example.test"]
