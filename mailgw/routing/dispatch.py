@@ -174,8 +174,10 @@ class Dispatcher:
             for mailbox, target_folder in sorted(transaction.local, key=_target_order):
                 if quarantine is not None:
                     # A quarantine verdict (DMARC p=quarantine) sends the copy to that
-                    # folder when the user has one (any case), else to INBOX, marked.
-                    filed[(mailbox, target_folder)] = self.router.resolver.folder_for(mailbox, quarantine)
+                    # folder: the user's own spelling of it if there is one, else it is
+                    # made (as Dovecot's autocreate does for Junk).
+                    filed[(mailbox, target_folder)] = \
+                        self.router.resolver.folder_for(mailbox, quarantine) or quarantine
                     target_folder = filed[(mailbox, target_folder)]
                 boxes.append(mailbox if target_folder is None else (mailbox, target_folder))
             work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))

@@ -89,6 +89,14 @@ def test_dmarc_reject_quarantine_and_pass_with_forged_results_removed(make_serve
               if mark.encode() in p.read_bytes()]
     assert len(stored) == 1, "the p=quarantine message is in Junk"
     assert not [m for m in server.messages(ALICE).values() if mark.encode() in m], "and not in INBOX"
+    # The folder was made by the delivery (alice never logged in): IMAP sees it and the message.
+    import imaplib
+    imap = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+    imap.starttls(ssl_context=server.tls_client_context())
+    imap.login(ALICE, "secret")
+    assert imap.select("Junk")[0] == "OK"
+    assert len(imap.search(None, "SUBJECT", mark)[1][0].split()) == 1
+    imap.logout()
     results = _results(stored[0], server.HOSTNAME)
     assert "dmarc=fail" in results and "spf=fail" in results and "header.from=quarantine.example" in results
 

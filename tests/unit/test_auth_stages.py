@@ -235,7 +235,7 @@ def test_stripping_never_touches_other_fields_or_the_body(lines):
 
 # -- the verdict reaches the targets stage (routing.dispatch) ---------------------------
 
-def test_a_quarantined_message_goes_to_each_users_junk_folder_or_to_inbox_when_there_is_none(tmp_path):
+def test_a_quarantined_message_goes_to_each_users_junk_folder_in_its_spelling_or_a_new_one(tmp_path):
     from mailgw.routing.dispatch import Dispatcher, Router, Transaction
     from mailgw.routing.resolver import Resolver, StaticAliases
     from mailgw.smtp.address import parse_mail_from, parse_rcpt_to
@@ -268,4 +268,4 @@ def test_a_quarantined_message_goes_to_each_users_junk_folder_or_to_inbox_when_t
         dispatcher.add_local(transaction, parse_rcpt_to(f"TO:<{address}>", smtputf8=False))
     result_of(dispatcher.commit(transaction, b"Subject: s\n\nbody\n", "Q11", lf=True, client={},
                                 origin=inbound("x@junk.example")))
-    assert store.boxes == [("alice@example.test", "junk"), "bob@example.test"]
+    assert store.boxes == [("alice@example.test", "junk"), ("bob@example.test", "Junk")]
