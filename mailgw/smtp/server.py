@@ -247,6 +247,11 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         client talks and is bounded by [dns] timeout. Not done by the time of
         the Received: line means "unknown" there, as a timeout does."""
         session = self.session
+        if session.client_ip.is_loopback:
+            # What Postfix writes for these (its resolver reads /etc/hosts first):
+            # loopback is "localhost" (RFC 6761 §6.3), nothing to ask the DNS about.
+            session.client_name = "localhost"
+            return
 
         def found(result):
             name, verified = result

@@ -61,7 +61,7 @@ class LoopbackDNS:
         self.process = subprocess.Popen([sys.executable, str(Path(__file__).with_name("dns_server.py")),
                                          str(self.zone_path), str(self.port_path)],
                                         stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.port_path.exists, "the loopback DNS server's port")
+        wait_until(self.port_path.exists, "the loopback DNS server's port", within=60.0)
         self.port = int(self.port_path.read_text())
 
     def set(self, zone: dict) -> None:

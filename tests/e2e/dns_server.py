@@ -22,6 +22,7 @@ import os
 import sys
 
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 from twisted.names import common, dns, error, server
 
 TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "PTR": dns.PTR, "CNAME": dns.CNAME}
@@ -83,9 +84,18 @@ def _record(name: str, kind: str, value) -> dns.RRHeader:
 def main(zone_path: str, port_file: str) -> None:
     factory = server.DNSServerFactory(authorities=[ZoneFileAuthority(zone_path)])
     factory.noisy = False
-    udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
-    port = udp.getHost().port
-    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    # The same port number for UDP and TCP (one nameserver address for the
+    # client); the UDP port is free, the TCP one may not be: try again.
+    for _ in range(50):
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+        port = udp.getHost().port
+        try:
+            reactor.listenTCP(port, factory, interface="127.0.0.1")
+            break
+        except CannotListenError:
+            udp.stopListening()
+    else:
+        raise SystemExit("dns_server: no port free for both UDP and TCP")
     with open(port_file + ".tmp", "w") as out:
         out.write(str(port))
     os.rename(port_file + ".tmp", port_file)

@@ -69,7 +69,7 @@ def test_relay_plain_delivery_is_byte_for_byte(server):
         assert "STARTTLS" in keywords and "AUTH" not in keywords and "PIPELINING" in keywords
         queue_id = server.send(client, "someone@elsewhere.test", [ALICE], message)
     received = assert_stored(server, ALICE, mark, message, queue_id)
-    assert received.startswith(f"Received: from {server.CLIENT_NAME} (unknown [127.0.0.1])".encode())
+    assert received.startswith(f"Received: from {server.CLIENT_NAME} (localhost [127.0.0.1])".encode())
     assert f"for <{ALICE}>".encode() in received
     assert b" with ESMTP id " in received        # no TLS, no AUTH
     # Local mail is not relayed: nothing in the queue for it.
@@ -142,7 +142,7 @@ def test_relay_to_remote_from_trusted_source_address_is_queued(server):
     received, rest = server.split_received(stored, newline=b"\r\n")
     assert rest == message, "the spool keeps the CRLF wire form"
     assert envelope["size"] == len(stored)
-    assert received.startswith(f"Received: from {server.CLIENT_NAME} (unknown [127.0.0.2])".encode())
+    assert received.startswith(f"Received: from {server.CLIENT_NAME} (localhost [127.0.0.2])".encode())
 
 
 def test_relay_mixed_local_and_remote_recipients(server):

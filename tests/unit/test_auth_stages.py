@@ -269,3 +269,49 @@ def test_a_quarantined_message_goes_to_each_users_junk_folder_in_its_spelling_or
     result_of(dispatcher.commit(transaction, b"Subject: s\n\nbody\n", "Q11", lf=True, client={},
                                 origin=inbound("x@junk.example")))
     assert store.boxes == [("alice@example.test", "junk"), ("bob@example.test", "Junk")]
+
+
+# -- the client's reverse DNS in Received: (smtp/server.py) ---------------------------------
+
+def _received_of(zone, client, clock=None):
+    from smtp_harness import Session
+
+    clock = clock or task.Clock()
+    mail_dns = MailDNS(FakeResolver(zone), clock=clock, timeout=5.0)
+    session = Session(client=client, mail_dns=mail_dns, clock=clock)
+    session.read()
+    session.ehlo("mail.sender.example")
+    assert session.last("MAIL FROM:<a@sender.example>").startswith("250")
+    assert session.last("RCPT TO:<alice@example.test>").startswith("250")
+    assert session.last("DATA").startswith("354")
+    replies = session.send("Subject: s\r\n\r\nbody\r\n.\r\n")
+    return session, replies
+
+
+def test_a_forward_confirmed_client_name_is_in_received_and_an_unconfirmed_one_is_unknown():
+    confirmed = {("1.2.0.192.in-addr.arpa", "PTR"): ["mail.sender.example"],
+                 ("mail.sender.example", "A"): ["192.0.2.1"]}
+    session, replies = _received_of(confirmed, "192.0.2.1")
+    assert replies[-1].startswith("250 ")
+    assert session.store.delivered[-1][1].startswith(
+        b"Received: from mail.sender.example (mail.sender.example [192.0.2.1])")
+    # The PTR name's address is somebody else's: not confirmed, so not shown (Postfix's "unknown").
+    forged = {("1.2.0.192.in-addr.arpa", "PTR"): ["mail.bank.example"], ("mail.bank.example", "A"): ["198.51.100.7"]}
+    session, _ = _received_of(forged, "192.0.2.1")
+    assert session.store.delivered[-1][1].startswith(b"Received: from mail.sender.example (unknown [192.0.2.1])")
+
+
+def test_the_received_line_waits_for_a_slow_reverse_lookup_within_the_dns_timeout():
+    clock = task.Clock()
+    session, replies = _received_of({("1.2.0.192.in-addr.arpa", "PTR"): HANG}, "192.0.2.1", clock=clock)
+    assert replies == [] and session.store.delivered == [], "no reply before the name is known"
+    clock.advance(5.0)
+    replies = session.read()
+    assert replies[-1].startswith("250 ")
+    assert session.store.delivered[-1][1].startswith(b"Received: from mail.sender.example (unknown [192.0.2.1])")
+
+
+def test_loopback_clients_are_localhost_without_a_query():
+    session, _ = _received_of({}, "127.0.0.1")
+    assert session.store.delivered[-1][1].startswith(b"Received: from mail.sender.example (localhost [127.0.0.1])")
+    assert session.factory.mail_dns.queries == 0
