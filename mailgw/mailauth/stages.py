@@ -396,5 +396,12 @@ def build_resolver(config):
     """The one twisted.names resolver of the process ([dns] nameservers, else resolv.conf)."""
     from twisted.names import client
 
-    servers = list(config.dns.nameservers) if config.dns is not None and config.dns.nameservers else None
-    return client.createResolver(servers=servers)
+    from twisted.names import cache, hosts, resolve
+
+    if config.dns is None or not config.dns.nameservers:
+        return client.createResolver()
+    # createResolver(servers=...) would also read /etc/resolv.conf (or, when it
+    # is empty, add 127.0.0.1:53) and spread the queries over both lists: the
+    # same chain, with only the configured servers.
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(),
+                                  client.Resolver(servers=list(config.dns.nameservers))])

@@ -52,4 +52,4 @@ def test_curl_lf_file_from_an_untrusted_client_is_refused(server, tmp_path):
     done = curl(server, path, source="127.0.0.1")
     assert done.returncode != 0        # curl 7.88 says "(8) Weird server reply" to a 554 after DATA
     assert not any(marker.encode() in data for data in server.messages(ALICE).values())
-    server.wait_for_log("reject: END-OF-MESSAGE from unknown[127.0.0.1]: 554 5.6.0")
+    server.wait_for_log("reject: END-OF-MESSAGE from localhost[127.0.0.1]: 554 5.6.0")

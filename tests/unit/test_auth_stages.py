@@ -17,6 +17,7 @@ from twisted.internet import defer, task
 
 from deferreds import inline, result_of
 from fake_dns import HANG, FakeResolver
+from fuzzing import fuzz_settings
 from mailgw.config_types import ChecksConfig
 from mailgw.errors import MailError
 from mailgw.mailauth import stages
@@ -218,6 +219,7 @@ def test_received_spf_is_added_when_asked():
     assert head.index(b"Authentication-Results:") < head.index(b"Received-SPF:") < head.index(b"From:")
 
 
+@fuzz_settings(200)
 @given(st.lists(st.sampled_from([b"Authentication-Results: mx.example.test; x=y", b"Authentication-Results:",
                                  b"authentication-results: (c) MX.example.test;", b"Subject: s", b" folded",
                                  b"\tfolded", b"From: a@b", b"Authentication-Results: other; y", b""]),
@@ -315,3 +317,13 @@ def test_loopback_clients_are_localhost_without_a_query():
     session, _ = _received_of({}, "127.0.0.1")
     assert session.store.delivered[-1][1].startswith(b"Received: from mail.sender.example (localhost [127.0.0.1])")
     assert session.factory.mail_dns.queries == 0
+
+
+def test_configured_nameservers_are_the_only_ones_asked():
+    from twisted.names import client
+
+    from mailgw.config import load
+    config = load(None, overrides={"dns": {"nameservers": ["127.0.0.1:5353"]}})
+    chain = stages.build_resolver(config)
+    upstream, = [r for r in chain.resolvers if isinstance(r, client.Resolver)]
+    assert upstream.servers == [("127.0.0.1", 5353)] and not upstream.dynServers
