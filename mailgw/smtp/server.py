@@ -243,9 +243,9 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._session_timer = self.clock.callLater(self.limits.session_timeout, self._session_expired)
 
     def _look_up_client_name(self) -> None:
-        """FCrDNS of the client, for Received: and policy; it runs while the
-        client talks and is bounded by [dns] timeout. Not done by the time of
-        the Received: line means "unknown" there, as a timeout does."""
+        """FCrDNS of the client, for Received:, logs and policy. It runs while
+        the client talks; the Received: line waits for it (two queries, each
+        bounded by [dns] timeout), and a failure or timeout is "unknown"."""
         session = self.session
         if session.client_ip.is_loopback:
             # What Postfix writes for these (its resolver reads /etc/hosts first):
