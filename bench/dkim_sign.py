@@ -465,7 +465,7 @@ def check_signed(path: Path, selector: str | None, record: bytes | None, verify:
     msg = path.read_bytes()
     sigs = signature_tags(msg)
     if selector is None:
-        return (not sigs), (f"no DKIM-Signature" if not sigs else f"unexpected DKIM-Signature {sigs}")
+        return (not sigs), ("no DKIM-Signature" if not sigs else f"unexpected DKIM-Signature {sigs}")
     if len(sigs) != 1 or sigs[0].get("d") != DOMAIN or sigs[0].get("s") != selector \
             or sigs[0].get("a") != "rsa-sha256":
         return False, f"expected one DKIM-Signature a=rsa-sha256 d={DOMAIN} s={selector}, got {sigs}"
