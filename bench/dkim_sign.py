@@ -75,13 +75,14 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import clear_maildir, env, on_signal, port_open
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -177,17 +178,7 @@ def cleanup() -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 # --------------------------------------------------------------------------- helpers
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
 
 def wait_port(port: int, seconds: float, alive=lambda: True, what="") -> None:
     end = time.time() + seconds
@@ -198,12 +189,6 @@ def wait_port(port: int, seconds: float, alive=lambda: True, what="") -> None:
             raise SystemExit(f"{what} exited before opening port {port}")
         time.sleep(0.1)
     raise SystemExit(f"{what} did not open port {port} within {seconds} s")
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + (":" + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    return e
 
 
 def run(argv, **kw) -> subprocess.CompletedProcess:
@@ -425,17 +410,6 @@ def _alive(pid: int) -> bool:
 
 def maildir_files(d: Path) -> list[Path]:
     return [d / sub / n for sub in ("new", "cur") if (d / sub).is_dir() for n in os.listdir(d / sub)]
-
-
-def clear_maildir(d: Path) -> None:
-    for sub in ("new", "cur", "tmp"):
-        p = d / sub
-        if p.is_dir():
-            for name in os.listdir(p):
-                try:
-                    os.unlink(p / name)
-                except OSError:
-                    pass
 
 
 def signature_tags(message: bytes) -> list[dict]:
@@ -723,8 +697,8 @@ def main() -> int:
     rng = random.Random(args.seed)
 
     atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     scratch = Path(tempfile.mkdtemp(prefix="mailgw-dkim.", dir="/tmp"))
     SCRATCH.append(scratch)
     os.chmod(scratch, 0o755)        # Postfix (user postfix) and virtual(8) (uid 5000) work below it

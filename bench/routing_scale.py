@@ -57,13 +57,14 @@ import random
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import clear_maildir, env, on_signal, port_open
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -110,23 +111,7 @@ def cleanup() -> None:
             shutil.rmtree(SCRATCH, ignore_errors=True)
 
 
-def _on_signal(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 # --------------------------------------------------------------------------- setup
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def env() -> dict:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = str(REPO) + (":" + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    return e
-
 
 def cli(args, config: Path, stdin: str | None = None, check=True) -> subprocess.CompletedProcess:
     cp = subprocess.run([PYTHON, "-m", "mailgw.cli", *args, "--config", str(config)], input=stdin,
@@ -224,17 +209,6 @@ def start_server(name: str, d: Path, config: Path, port: int, pin: str | None, t
 
 def maildir_count(d: Path) -> int:
     return sum(len(os.listdir(d / sub)) for sub in ("new", "cur") if (d / sub).is_dir())
-
-
-def clear_maildir(d: Path) -> None:
-    for sub in ("new", "cur", "tmp"):
-        p = d / sub
-        if p.is_dir():
-            for name in os.listdir(p):
-                try:
-                    os.unlink(p / name)
-                except OSError:
-                    pass
 
 
 def run_mailbench(cell: dict, n: int, pin_client: str | None, meta: dict, log) -> dict:
@@ -430,8 +404,8 @@ def main() -> int:
     KEEP = args.keep_data
 
     atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     SCRATCH = Path(tempfile.mkdtemp(prefix="mailgw-routing.", dir="/tmp"))
     rng = random.Random(args.seed)
     txt: list[str] = []
