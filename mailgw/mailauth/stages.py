@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -325,14 +327,13 @@ class AuthenticationStage:
         return header
 
     def _add_missing(self, message: bytes, newline: bytes, queue_id: str) -> bytes:
-        from mailgw.smtp.delivery import trace_date
-
         head, rest = split_header(message, newline)
         names = {f.split(b":", 1)[0].strip().lower() for f in header_fields(head, newline)}
         added = b""
         if b"date" not in names:
             # RFC 6409 §8.2: the MSA may add Date: when the client left it out.
-            added += b"Date: " + trace_date(int(self.clock.seconds())).encode("ascii") + newline
+            now = datetime.fromtimestamp(int(self.clock.seconds()), timezone.utc)
+            added += b"Date: " + format_datetime(now).encode("ascii") + newline
         if b"message-id" not in names:
             # RFC 6409 §8.3: and Message-ID:, unique by the queue id.
             added += f"Message-ID: <{queue_id}@{self.hostname}>".encode("ascii") + newline
