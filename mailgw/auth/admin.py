@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from mailgw.admin_cli import Parser, UsageError
 from mailgw.auth import userdb
 
 USAGE = """usage: mailgw users add ADDRESS     [--config PATH | --users-file PATH]
@@ -41,24 +42,15 @@ class UserError(Exception):
     """The request cannot be done; the message says why (exit 1)."""
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print and sys.exit(2) itself
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
     # No argparse help: USAGE is printed instead (add_help would also make
     # argparse exit on its own).
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     source = common.add_mutually_exclusive_group()
     source.add_argument("--config", metavar="PATH")
     source.add_argument("--users-file", metavar="PATH")
 
-    parser = _Parser(prog="mailgw users", add_help=False)
+    parser = Parser(prog="mailgw users", add_help=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in ("add", "passwd", "delete"):
         sub = commands.add_parser(name, parents=[common], add_help=False)
@@ -76,10 +68,10 @@ def users_main(argv: list[str]) -> int:
         args, extra = _parser().parse_known_args(argv)
         if extra:
             # Don't echo the extra words: they may well be a password.
-            raise _UsageError(
+            raise UsageError(
                 f"{len(extra)} unexpected argument(s); passwords are never taken from the "
                 "command line (they are read from a prompt or one line of stdin)")
-    except _UsageError as e:
+    except UsageError as e:
         print(f"mailgw users: {e}\n\n{USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -13,8 +13,8 @@ import argparse
 import os
 import sys
 
+from mailgw.admin_cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, AdminError, Parser, UsageError, load_config
 from mailgw.mailauth import keys as keys_module
-from mailgw.routing.admin import EXIT_ERROR, EXIT_OK, EXIT_USAGE, AdminError, _Parser, _UsageError, load_config
 
 DKIM_USAGE = """usage: mailgw dkim keygen DOMAIN [--selector S] [--algorithm rsa|ed25519] [--bits N] [--config PATH]
        mailgw dkim list [DOMAIN]                     [--config PATH]
@@ -58,9 +58,9 @@ def keys_directory(config) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="PATH")
-    parser = _Parser(prog="mailgw dkim", add_help=False)
+    parser = Parser(prog="mailgw dkim", add_help=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keygen = commands.add_parser("keygen", parents=[common], add_help=False)
     keygen.add_argument("domain")
@@ -87,8 +87,8 @@ def dkim_main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "keygen" and args.bits is not None and args.algorithm != "rsa":
-            raise _UsageError("--bits is for rsa keys only (Ed25519 keys have one size)")
-    except _UsageError as error:
+            raise UsageError("--bits is for rsa keys only (Ed25519 keys have one size)")
+    except UsageError as error:
         print(f"mailgw dkim: {error}\n\n{DKIM_USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     problems = _Problems()

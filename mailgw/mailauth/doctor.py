@@ -36,10 +36,10 @@ from pathlib import Path
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from mailgw.admin_cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, AdminError, Parser, UsageError, load_config
 from mailgw.mailauth.dns import DEFAULT_TIMEOUT, TempDNSError, reverse_name
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 # RFC 7208 §4.6.4: at most 10 terms that cause DNS queries, includes and redirects followed.
 SPF_LOOKUP_LIMIT = 10
@@ -508,10 +508,6 @@ def exit_code(findings) -> int:
 
 # -- the command ---------------------------------------------------------------------------------
 
-class _UsageError(Exception):
-    pass
-
-
 def parse_nameserver(text: str) -> tuple[str, int]:
     """"HOST", "HOST:PORT", "[V6]:PORT" or a bare IPv6 address -> (ip, port)."""
     host, port = text, 53
@@ -519,19 +515,19 @@ def parse_nameserver(text: str) -> tuple[str, int]:
         host, _, rest = text[1:].partition("]")
         if rest:
             if not rest.startswith(":") or not rest[1:].isdigit():
-                raise _UsageError(f"--nameserver {text}: expected HOST[:PORT]")
+                raise UsageError(f"--nameserver {text}: expected HOST[:PORT]")
             port = int(rest[1:])
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
         if not port_text.isdigit():
-            raise _UsageError(f"--nameserver {text}: expected HOST[:PORT]")
+            raise UsageError(f"--nameserver {text}: expected HOST[:PORT]")
         port = int(port_text)
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
-        raise _UsageError(f"--nameserver {text}: must be an IP address, optionally with :port") from None
+        raise UsageError(f"--nameserver {text}: must be an IP address, optionally with :port") from None
     if not 0 < port < 65536:
-        raise _UsageError(f"--nameserver {text}: port must be 1-65535")
+        raise UsageError(f"--nameserver {text}: port must be 1-65535")
     return host, port
 
 
@@ -550,9 +546,7 @@ def _resolv_conf_servers(path: str = "/etc/resolv.conf") -> str:
 
 
 def _parser():
-    from mailgw.routing.admin import _Parser
-
-    parser = _Parser(prog="mailgw doctor", add_help=False)
+    parser = Parser(prog="mailgw doctor", add_help=False)
     parser.add_argument("domain", nargs="?")
     parser.add_argument("--config", metavar="PATH")
     parser.add_argument("--nameserver", action="append", default=[], metavar="HOST[:PORT]")
@@ -577,8 +571,6 @@ def _run_on(reactor, function, *, install_signal_handlers: bool):
 
 def doctor_main(argv: list[str], *, reactor=None) -> int:
     """`mailgw doctor ...`; `reactor` for tests (a fresh one each: a reactor runs once)."""
-    from mailgw.routing.admin import AdminError, _UsageError as _ParserUsageError, load_config
-
     argv = list(argv)
     if argv and argv[0] in ("-h", "--help", "help") or "--help" in argv or "-h" in argv:
         print(USAGE, end="")
@@ -589,13 +581,13 @@ def doctor_main(argv: list[str], *, reactor=None) -> int:
         try:
             outbound = [str(ipaddress.ip_address(ip)) for ip in args.outbound_ip]
         except ValueError as error:
-            raise _UsageError(f"--outbound-ip: {error}") from None
+            raise UsageError(f"--outbound-ip: {error}") from None
         if args.timeout is not None and not args.timeout > 0:
-            raise _UsageError("--timeout must be more than 0 seconds")
+            raise UsageError("--timeout must be more than 0 seconds")
         domain = args.domain.rstrip(".").lower() if args.domain else None
         if args.domain is not None and not domain:
-            raise _UsageError("DOMAIN must not be empty")
-    except (_UsageError, _ParserUsageError) as error:
+            raise UsageError("DOMAIN must not be empty")
+    except UsageError as error:
         print(f"mailgw doctor: {error}\n\n{USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -49,6 +49,7 @@ import sys
 import time
 from pathlib import Path
 
+from mailgw.admin_cli import Parser, UsageError
 from mailgw.durable import fsync_directory
 from mailgw.queue import control
 from mailgw.queue.spool import ENV_SUFFIX, MSG_SUFFIX, EnvelopeError, Spool, check_envelope, \
@@ -95,19 +96,10 @@ class QueueError(Exception):
     """The request cannot be done; the message says why (exit 1)."""
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print and sys.exit(2) itself
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="PATH")
-    parser = _Parser(prog="mailgw queue", add_help=False)
+    parser = Parser(prog="mailgw queue", add_help=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("list", parents=[common], add_help=False)
     listing.add_argument("--json", action="store_true")
@@ -130,7 +122,7 @@ def queue_main(argv: list[str], *, clock=time.time) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     try:
         args = _parser().parse_args(argv)
-    except _UsageError as e:
+    except UsageError as e:
         print(f"mailgw queue: {e}\n\n{USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:

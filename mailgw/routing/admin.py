@@ -12,10 +12,9 @@ address, a table error, unknown recipient for `resolve`), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
+from mailgw.admin_cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, AdminError, Parser, UsageError, load_config
 from mailgw.auth import userdb
 from mailgw.routing import aliases as table_module
 from mailgw.watched import parsed_lines
@@ -48,40 +47,13 @@ With several ADDRESSes each line starts with "ADDRESS: ".
 Exit 1 if an address leads nowhere (the server answers 550 to it).
 """
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
-
-
-class AdminError(Exception):
-    """The request cannot be done; the message says why (exit 1)."""
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
-def load_config(path_text: str | None):
-    from mailgw.config import ConfigError, load
-
-    config_path = path_text or os.environ.get("MAILGW_CONFIG") or None
-    try:
-        return load(Path(config_path) if config_path else None)
-    except ConfigError as error:
-        raise AdminError("configuration error:\n  " + "\n  ".join(error.errors)) from None
-    except OSError as error:
-        raise AdminError(f"cannot read configuration {config_path}: {error.strerror}") from None
-
 
 # -- mailgw aliases ------------------------------------------------------------------
 
 def _aliases_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="PATH")
-    parser = _Parser(prog="mailgw aliases", add_help=False)
+    parser = Parser(prog="mailgw aliases", add_help=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = commands.add_parser("add", parents=[common], add_help=False)
     add.add_argument("alias")
@@ -103,7 +75,7 @@ def aliases_main(argv: list[str]) -> int:
         return EXIT_OK if argv else EXIT_USAGE
     try:
         args = _aliases_parser().parse_args(argv)
-    except _UsageError as error:
+    except UsageError as error:
         print(f"mailgw aliases: {error}\n\n{ALIASES_USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -269,7 +241,7 @@ def describe(target) -> str:
 def resolve_main(argv: list[str]) -> int:
     from mailgw.errors import MailError
 
-    parser = _Parser(prog="mailgw resolve", add_help=False)
+    parser = Parser(prog="mailgw resolve", add_help=False)
     parser.add_argument("addresses", nargs="*")
     parser.add_argument("--config", metavar="PATH")
     argv = list(argv)
@@ -279,8 +251,8 @@ def resolve_main(argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
         if not args.addresses:
-            raise _UsageError("an ADDRESS is required")
-    except _UsageError as error:
+            raise UsageError("an ADDRESS is required")
+    except UsageError as error:
         print(f"mailgw resolve: {error}\n\n{RESOLVE_USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:

@@ -12,10 +12,10 @@ is not ours, an unreadable configuration or quotas file), 2 usage error.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from mailgw.admin_cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, AdminError, Parser, UsageError, load_config
 from mailgw.auth import userdb
 from mailgw.store import quota as quota_module
 
@@ -32,28 +32,13 @@ USAGE = """usage: mailgw quota show USER                                [--confi
 
 A running server picks up changes without a restart.
 """
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 DEFAULT = "default"
 
 
-class AdminError(Exception):
-    """The request cannot be done; the message says why (exit 1)."""
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print and sys.exit(2) itself
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", metavar="PATH")
-    parser = _Parser(prog="mailgw quota", add_help=False)
+    parser = Parser(prog="mailgw quota", add_help=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     show = commands.add_parser("show", parents=[common], add_help=False)
     show.add_argument("user", metavar="USER")
@@ -73,8 +58,8 @@ def quota_main(argv: list[str]) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command == "set" and args.bytes is None and args.messages is None:
-            raise _UsageError("set needs --bytes and/or --messages")
-    except _UsageError as error:
+            raise UsageError("set needs --bytes and/or --messages")
+    except UsageError as error:
         print(f"mailgw quota: {error}\n\n{USAGE}", end="", file=sys.stderr)
         return EXIT_USAGE
     try:
@@ -85,15 +70,7 @@ def quota_main(argv: list[str]) -> int:
 
 
 def _load_config(path_text: str | None):
-    from mailgw.config import ConfigError, load
-
-    config_path = path_text or os.environ.get("MAILGW_CONFIG") or None
-    try:
-        config = load(Path(config_path) if config_path else None)
-    except ConfigError as error:
-        raise AdminError("configuration error:\n  " + "\n  ".join(error.errors)) from None
-    except OSError as error:
-        raise AdminError(f"cannot read configuration {config_path}: {error.strerror}") from None
+    config = load_config(path_text)
     if config.quota is None:
         raise AdminError("the configuration has no [quota] settings")
     return config
