@@ -231,7 +231,11 @@ def header_from_domain(message: bytes) -> str | None:
     """The domain (lower case, A-label) of the one address in the message's
     From: (LF or CRLF line ends); None when there is no From:, several
     (fields or addresses), or it cannot be parsed."""
-    fields, _ = _split(message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    # Only the header is needed: cut it off before normalising line ends (this
+    # runs on the reactor, once per message that may be signed).
+    ends = [at for at in (message.find(b"\n\n"), message.find(b"\n\r\n")) if at >= 0]
+    head = message[:min(ends) + 1] if ends else message
+    fields, _ = _split(head.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n")
     values = [_field_value(raw) for name, raw in fields if name == b"from"]
     if len(values) != 1:
         return None
