@@ -11,7 +11,7 @@ from twisted.mail import imap4, pop3, smtp
 from zope.interface import implementer
 
 from mailgw.imap.mailbox import IMAPAccount
-from mailgw.pop3.server import Maildrop, MaildropLocks
+from mailgw.pop3.maildrop import Maildrop, MaildropLocks
 from mailgw.smtp.delivery import Router, SMTPDelivery
 
 

@@ -25,16 +25,8 @@ from mailgw.realm import MailRealm
 from mailgw.config import ConfigError, load
 from mailgw.config_types import ListenerConfig, POP3Limits
 from mailgw.interfaces import IFolder, IMailStore, ISessionInfo, IUserMailbox
-from mailgw.pop3.server import (
-    LOCK_FILE_NAME,
-    Maildrop,
-    MaildropInUse,
-    MaildropLocks,
-    MailgwPOP3,
-    POP3Factory,
-    stuff,
-    top,
-)
+from mailgw.pop3.maildrop import LOCK_FILE_NAME, Maildrop, MaildropInUse, MaildropLocks
+from mailgw.pop3.server import MailgwPOP3, POP3Factory, stuff, top
 from mailgw.smtp.delivery import Router
 from mailgw.store.events import SEEN
 from fuzzing import fuzz_settings, no_logged_failures
@@ -797,7 +789,7 @@ def test_pipelined_replies_equal_one_by_one_replies(state, lines):
 
 
 def test_read_ahead_is_bounded_and_skips_deleted_messages():
-    from mailgw.pop3 import server as pop3_server
+    from mailgw.pop3 import maildrop as pop3_server
     size = pop3_server.READ_AHEAD_MESSAGES
     bodies = [b"x" * 100 + b"\r\n" for _ in range(2 * size + 8)]
     s = logged_in(*bodies)
@@ -822,7 +814,7 @@ def test_read_ahead_is_bounded_and_skips_deleted_messages():
 
 
 def test_a_retr_of_a_message_being_read_ahead_waits_for_that_read():
-    from mailgw.pop3 import server as pop3_server
+    from mailgw.pop3 import maildrop as pop3_server
     size = pop3_server.READ_AHEAD_MESSAGES
     bodies = [f"message {i}\r\n".encode() for i in range(2 * size)]
     s = logged_in(*bodies)
@@ -842,7 +834,7 @@ def test_a_retr_of_a_message_being_read_ahead_waits_for_that_read():
 
 
 def test_a_failed_read_ahead_costs_nothing_the_retr_reads_again():
-    from mailgw.pop3 import server as pop3_server
+    from mailgw.pop3 import maildrop as pop3_server
     size = pop3_server.READ_AHEAD_MESSAGES
     bodies = [f"message {i}\r\n".encode() for i in range(2 * size)]
     s = logged_in(*bodies)

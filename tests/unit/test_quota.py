@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailgw.config_types import QuotaConfig
 from mailgw.durable import DurableWriter
-from mailgw.pop3.server import Maildrop, MaildropLocks
+from mailgw.pop3.maildrop import Maildrop, MaildropLocks
 from mailgw.store import quota as quota_module
 from mailgw.store.folder import Folder
 from mailgw.store.mailbox import MailStore
