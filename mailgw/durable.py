@@ -119,12 +119,28 @@ def link_tmpfile(fd: int, destination) -> None:
         raise OSError(error, os.strerror(error), str(destination))
 
 
-def fsync_directory(directory) -> None:
+def fsync_directory(directory, *, osc=os) -> None:
     """fsync a directory, so the names just made or removed in it survive a crash
-    (blocking: call it off the reactor thread or outside the reactor)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    (blocking: call it off the reactor thread or outside the reactor).
+    `osc`: where open/fsync/close come from - the os module, or an `_OSCalls`
+    (a test double that records the calls or injects faults)."""
+    fd = osc.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        osc.fsync(fd)
+    finally:
+        osc.close(fd)
+
+
+def read_file(path) -> bytes:
+    """The whole file in as few system calls as possible (open, read, close):
+    in a pool thread each one is a GIL hand-off. FileNotFoundError (and
+    every other OSError) as open(2) or read(2) report it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        parts = []
+        while chunk := os.read(fd, 1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
     finally:
         os.close(fd)
 
@@ -182,7 +198,8 @@ class _Write:
         self.replace = replace     # overwrite an existing final file (envelope updates)
         self.final_path = directory / final_name
         # A new file's final name is unique (O_EXCL/link refuse a second one),
-        # so it can name its tmp file too; a replacement's cannot (issue 23).
+        # so it can name its tmp file too; a replacement's cannot (two replacements
+        # of one name may overlap).
         self.tmp_name = tmp_name or final_name
 
     @property
@@ -488,12 +505,8 @@ class DurableWriter:
             o.close(fd)
 
     def _fsync_directory(self, directory: Path) -> None:
-        o = self._os
-        fd = o.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            o.fsync(fd)
-        finally:
-            o.close(fd)
+        # Through self._os, looked up at each call: tests replace it after construction.
+        fsync_directory(directory, osc=self._os)
 
     def _make_chains(self, root: Path, directories: list[Path]) -> None:
         parents: set[Path] = set()

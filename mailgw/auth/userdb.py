@@ -46,6 +46,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgw.durable import fsync_directory
 from mailgw.interfaces import IUserDB
 
 HASH_PREFIX = "$argon2id$"
@@ -253,11 +254,7 @@ def replace_file(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)
 
 
 # Stands for "never loaded", distinct from None ("file missing").

@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from mailgw.durable import fsync_directory
+
 ALGORITHMS = ("rsa", "ed25519")                 # signing order: RSA first, then Ed25519
 SELECTOR_PREFIX = {"rsa": "rsa", "ed25519": "ed"}
 # RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits, SHOULD use 2048;
@@ -192,14 +194,6 @@ def _owner_for(path: str) -> tuple[int, int] | None:
             candidate = parent
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_directory(path: str, owner) -> None:
     if os.path.isdir(path):
         return
@@ -211,7 +205,7 @@ def _make_directory(path: str, owner) -> None:
     os.chmod(path, DIRECTORY_MODE)           # mkdir's mode is masked by the umask
     if owner is not None:
         os.chown(path, *owner)
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def write_file_atomically(path: str, data: bytes, *, replace: bool, owner=None) -> None:
@@ -237,7 +231,7 @@ def write_file_atomically(path: str, data: bytes, *, replace: bool, owner=None) 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def _key_file_name(selector: str, algorithm: str) -> str:
@@ -522,7 +516,7 @@ class DKIMKeyStore:
                 with contextlib.suppress(OSError):
                     os.rmdir(directory)
             else:
-                _fsync_directory(directory)
+                fsync_directory(directory)
             self.reload()
         return key
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# IMAP system flags (RFC 3501 §2.3.2) and their Maildir info letters
-# (https://cr.yp.to/proto/maildir.html: "2," followed by the letters in ASCII order).
+# IMAP system flags (RFC 3501 §2.3.2). Their Maildir info letters:
+# mailgw.store.maildir_name.FLAG_LETTERS.
 SEEN, ANSWERED, FLAGGED, DELETED, DRAFT = "\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft"
 SYSTEM_FLAGS = (ANSWERED, DELETED, DRAFT, FLAGGED, SEEN)
-MAILDIR_LETTERS = {DRAFT: "D", FLAGGED: "F", ANSWERED: "R", SEEN: "S", DELETED: "T"}
 DEFAULT_FOLDERS = ("Drafts", "Sent", "Junk", "Trash")
 # RFC 6154 special-use attributes of the default folders.
 SPECIAL_USE = {"Drafts": "\\Drafts", "Sent": "\\Sent", "Junk": "\\Junk", "Trash": "\\Trash"}

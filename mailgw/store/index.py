@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
 
+from mailgw.durable import fsync_directory
 from mailgw.errors import StorageFailed, StorageFull
 
 INDEX_NAME = "mailgw-index"
@@ -174,7 +175,7 @@ def parse_index(data: bytes) -> Index:
             name = unescape_name(name)
             if (
                 tag != "m" or not previous < uid < uidnext or size < 0 or not 0 <= mask < limit
-                or not name or "/" in name or name in names or date != date
+                or not name or "/" in name or "\0" in name or name in names or date != date
             ):
                 raise ValueError(line)
             previous = uid
@@ -278,15 +279,7 @@ def write_atomic(osc, directory: Path, name: str, data: bytes) -> None:
         if e.errno in _DISK_FULL:
             raise StorageFull() from e
         raise
-    fsync_directory(osc, directory)
-
-
-def fsync_directory(osc, directory) -> None:
-    fd = osc.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        osc.fsync(fd)
-    finally:
-        osc.close(fd)
+    fsync_directory(directory, osc=osc)
 
 
 @contextmanager

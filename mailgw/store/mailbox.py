@@ -18,11 +18,11 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailgw.durable import DurableWriter, _OSCalls
+from mailgw.durable import DurableWriter, _OSCalls, fsync_directory, read_file
 from mailgw.interfaces import IMailStore, IUserMailbox
 from mailgw.store import index as ix
 from mailgw.store.events import DEFAULT_FOLDERS
-from mailgw.store.folder import Folder, read_file
+from mailgw.store.folder import Folder
 from mailgw.store.maildir import MAILDIR_SUBDIRECTORIES, split_mailbox_address
 from mailgw.store.names import INBOX, NAME_MAX, decode_dirname, folder_dirname
 from mailgw.store.quota import folder_usage
@@ -324,7 +324,7 @@ class UserMailbox:
                 os.mkdir(path / sub, 0o700)
             uidvalidity = ix.allocate_uidvalidity(osc, self.path)
             ix.write_atomic(osc, path, ix.UIDVALIDITY_NAME, ix.format_uidvalidity(uidvalidity, 1))
-        ix.fsync_directory(osc, self.path)
+        fsync_directory(self.path, osc=osc)
 
     def _job_delete(self, name: str, path: Path) -> None:
         if not os.path.isdir(path):
@@ -333,7 +333,7 @@ class UserMailbox:
             # Counted under the lock: no job of ours adds or removes meanwhile.
             octets, messages = folder_usage(path) if self._store.quota is not None else (0, 0)
             shutil.rmtree(path)
-        ix.fsync_directory(self._store._os, self.path)
+        fsync_directory(self.path, osc=self._store._os)
         if octets or messages:
             self._store.quota.record(self.address, -octets, -messages)
 
@@ -355,7 +355,7 @@ class UserMailbox:
                     raise FileExistsError(decode_dirname(target) or target)
             for source, target in moves:
                 os.rename(self.path / source, self.path / target)
-            ix.fsync_directory(self._store._os, self.path)
+            fsync_directory(self.path, osc=self._store._os)
         return [name for name in (decode_dirname(source) for source, _ in moves) if name]
 
     def _job_rename_inbox(self, new: str, path: Path) -> list[str]:
@@ -374,8 +374,8 @@ class UserMailbox:
                         os.rename(source / name, path / sub / name)
                     except FileNotFoundError:
                         pass
-                ix.fsync_directory(osc, path / sub)
-                ix.fsync_directory(osc, source)
+                fsync_directory(path / sub, osc=osc)
+                fsync_directory(source, osc=osc)
         return []
 
     def _job_subscriptions(self, change, name):

@@ -4,8 +4,8 @@ Layout under `mail_dir` (see docs/spool-format.md):
 
     mail_dir/<domain>/<local>/          the mailbox of local@domain = its INBOX Maildir
         tmp/  new/  cur/                Maildir; delivery goes tmp/ -> new/
-        .Drafts/ .Sent/ .Junk/ .Trash/  Maildir++ folders, each with tmp/ new/ cur/ (later issues)
-        index files of the IMAP store   (later issues)
+        .Drafts/ .Sent/ .Junk/ .Trash/  Maildir++ folders, each with tmp/ new/ cur/
+        index files of the IMAP store   (docs/store-format.md)
 
 Messages are stored with LF line ends (the Maildir convention Dovecot and mutt
 expect); the SMTP wire form is CRLF. The file name in new/ is
@@ -15,7 +15,7 @@ expect); the SMTP wire form is CRLF. The file name in new/ is
 following Dovecot: S= is the file size, W= the RFC 822 (CRLF) size, so POP3
 LIST and IMAP RFC822.SIZE need no read of the file. In the hostname "/", ":"
 and "," are written as \\057, \\072 and \\054 (":" starts the info part, ","
-separates the size fields).
+separates the size fields). Names are built by mailgw.store.maildir_name.
 
 The address becomes a path, so it is validated again here, whatever the SMTP
 layer already checked.
@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
 from mailgw.interfaces import ILocalStore
+from mailgw.store.maildir_name import delivery_name, escape_hostname, unique_base
 from mailgw.store.names import folder_dirname
 
 # Lower-case only: "Alice" and "alice" must not become two mailboxes.
@@ -70,10 +71,6 @@ def split_mailbox_address(address: str) -> tuple[str, str]:
     return local, domain
 
 
-def _escape_hostname(hostname: str) -> str:
-    return hostname.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
-
-
 @implementer(ILocalStore)
 class MaildirStore:
     def __init__(
@@ -94,7 +91,7 @@ class MaildirStore:
         # wakes IMAP IDLE sessions of those INBOXes).
         self._on_delivered = on_delivered
         self._writer = writer
-        self._host = _escape_hostname(hostname)
+        self._host = escape_hostname(hostname)
         self._clock = clock
         self._pid = os.getpid()
         self._counter = itertools.count(1)
@@ -252,10 +249,5 @@ class MaildirStore:
     def _new_name(self, size: int, wire_size: int) -> str:
         # Unique within this host: the pid tells processes apart, the counter
         # deliveries within one (the clock may repeat or go back).
-        now = self._clock()
-        seconds = int(now)
-        micros = int((now - seconds) * 1_000_000)
-        return (
-            f"{seconds}.M{micros}P{self._pid}Q{next(self._counter)}.{self._host}"
-            f",S={size},W={wire_size}"
-        )
+        return delivery_name(unique_base(self._clock(), self._pid, next(self._counter), self._host),
+                             size, wire_size)

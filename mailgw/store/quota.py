@@ -46,6 +46,7 @@ from zope.interface import Attribute, Interface, implementer
 from mailgw.auth.userdb import locked_users_file, replace_file, validate_address
 from mailgw.config_types import QuotaConfig
 from mailgw.store.maildir import split_mailbox_address
+from mailgw.store.maildir_name import size_from_name
 from mailgw.store.names import decode_dirname
 from mailgw.watched import WatchedTable, parsed_lines
 
@@ -65,7 +66,6 @@ _MAX_CACHED = 10_000            # addresses whose maildirsize state is kept
 _SIZE = re.compile(r"([0-9]{1,20})([KMGT]?)", re.IGNORECASE)
 _COUNT = re.compile(r"[0-9]{1,20}")
 _DELTA = re.compile(rb"-?[0-9]{1,20}")
-_S_FIELD = re.compile(r"S=([0-9]{1,20})")
 
 URGENT, LATER = "urgent", "later"
 
@@ -252,16 +252,6 @@ class _Sums:
 
 def format_definition(bytes_limit: int, messages_limit: int) -> str:
     return f"{bytes_limit}S,{messages_limit}C"
-
-
-def size_from_name(name: str) -> int | None:
-    """The S= (octets on disk) of a Maildir file name, or None."""
-    base = name.partition(":")[0]
-    for part in base.split(",")[1:]:
-        m = _S_FIELD.fullmatch(part)
-        if m:
-            return int(m[1])
-    return None
 
 
 def folder_usage(folder_dir) -> tuple[int, int]:

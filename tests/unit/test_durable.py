@@ -602,3 +602,64 @@ def test_falls_back_to_named_tmp_files_when_unnamed_files_are_unsupported(tmp_pa
     assert result_of(writer.commit([(final, tmp, "a", b"x")])) == [final / "a"]
     assert writer._tmpfile is False and (final / "a").read_bytes() == b"x"
     assert result_of(writer.commit([(final, tmp, "b", b"y")])) == [final / "b"]
+
+
+# -- the shared helpers: fsync_directory, read_file ------------------------------------
+
+def test_fsync_directory_uses_the_os_it_is_given(tmp_path):
+    durable.fsync_directory(tmp_path)                    # the os module by default
+    osc = RecordingOS()
+    durable.fsync_directory(tmp_path, osc=osc)
+    assert osc.calls == [("open", tmp_path), ("fsync", tmp_path), ("fsynced", tmp_path), ("close", tmp_path)]
+
+
+def test_fsync_directory_closes_the_directory_when_fsync_fails(tmp_path):
+    osc = RecordingOS()
+    osc.fail("fsync", err=errno.EIO)
+    with pytest.raises(OSError) as caught:
+        durable.fsync_directory(tmp_path, osc=osc)
+    assert caught.value.errno == errno.EIO and osc.calls[-1] == ("close", tmp_path) and not osc._paths
+
+
+def test_fsync_directory_refuses_what_is_no_directory(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(NotADirectoryError):
+        durable.fsync_directory(tmp_path / "file")
+    with pytest.raises(FileNotFoundError):
+        durable.fsync_directory(tmp_path / "missing")
+
+
+def test_every_directory_fsync_goes_through_the_one_helper():
+    from mailgw.mailauth import keys
+    from mailgw.store import folder_files, index, mailbox
+    for module in (keys, index, mailbox, folder_files):
+        assert module.fsync_directory is durable.fsync_directory, module.__name__
+    assert mailbox.read_file is folder_files.read_file is durable.read_file
+
+
+def test_the_writer_fsyncs_directories_through_its_os_calls(tmp_path, recording_writer):
+    recording_writer._fsync_directory(tmp_path)         # looked up at each call: tests swap _os
+    assert ("fsynced", tmp_path) in recording_writer._os.calls
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 17])
+def test_read_file_returns_the_whole_file(tmp_path, size):
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    before = _open_fds()
+    assert durable.read_file(tmp_path / "f") == data
+    assert durable.read_file(str(tmp_path / "f")) == data      # str or Path
+    assert _open_fds() == before
+
+
+def test_read_file_errors_are_those_of_the_system_calls(tmp_path):
+    before = _open_fds()
+    with pytest.raises(FileNotFoundError):
+        durable.read_file(tmp_path / "missing")
+    with pytest.raises(IsADirectoryError):                      # open(2) succeeds, read(2) fails: closed
+        durable.read_file(tmp_path)
+    assert _open_fds() == before

@@ -1,4 +1,4 @@
-"""The mailbox store: MailStore / UserMailbox / Folder over Maildir (issue 4).
+"""The mailbox store: MailStore / UserMailbox / Folder over Maildir.
 
 Everything runs synchronously (ImmediatePool + ThreadlessClock) except the tests
 marked "real thread pool"; polling is driven by the Clock.
@@ -22,7 +22,8 @@ from mailgw.errors import StorageFull
 from mailgw.interfaces import IFolder, IMailStore, IUserMailbox
 from mailgw.store import index as ix
 from mailgw.store.events import Added, Expunged, FlagsChanged, MessageInfo, SyncResult
-from mailgw.store.folder import Folder, crlf_size, parse_name
+from mailgw.store.folder import Folder, crlf_size
+from mailgw.store.maildir_name import parse_name
 from mailgw.store.mailbox import MailStore, decode_dirname, folder_dirname
 from mailgw.store.maildir import MaildirStore
 from threadless import ImmediatePool, ThreadlessClock

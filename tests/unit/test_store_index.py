@@ -10,7 +10,8 @@ import pytest
 
 from mailgw.errors import StorageFull
 from mailgw.store import index as ix
-from mailgw.store.folder import crlf_size, make_name, parse_name, split_flags, to_crlf
+from mailgw.store.folder import crlf_size, split_flags, to_crlf
+from mailgw.store.maildir_name import make_name, parse_name
 
 try:
     from test_durable import RecordingOS
@@ -81,6 +82,7 @@ def reseal(text: str) -> bytes:
     "mailgw-index 1 uidvalidity=1 uidnext=2 generation=1 keywords=0 messages=1\nm 1 1.0 -1 0 a\n",
     "mailgw-index 1 uidvalidity=1 uidnext=2 generation=1 keywords=0 messages=1\nm 1 1.0 1 0 a b\n",
     "mailgw-index 1 uidvalidity=1 uidnext=2 generation=1 keywords=0 messages=1\nm 1 1.0 1 0 a%2Fb\n",  # "/"
+    "mailgw-index 1 uidvalidity=1 uidnext=2 generation=1 keywords=0 messages=1\nm 1 1.0 1 0 a%00b\n",  # NUL
     "mailgw-index 1 uidvalidity=1 uidnext=2 generation=1 keywords=0 messages=1\nx 1 1.0 1 0 a\n",
 ])
 def test_strict_parsing(text):

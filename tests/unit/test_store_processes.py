@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 from mailgw.store import index as ix
-from mailgw.store.folder import parse_name
+from mailgw.store.maildir_name import parse_name
 
 try:
     from test_store import ALICE, make_store, result
