@@ -47,8 +47,8 @@ class ISpool(Interface):
     """The relay queue's storage (mailgw.queue.spool)."""
 
     def enqueue(queue_id, envelope, message):
-        """Durably store `message` (bytes, CRLF) with `envelope` (a dict, see
-        docs/spool-format.md) under `queue_id`. Deferred fires with queue_id once
+        """Durably store `message` (bytes, CRLF) with `envelope` (a
+        mailgw.queue.envelope.Envelope) under `queue_id`. Deferred fires with queue_id once
         both are fsynced and committed."""
 
 
@@ -63,7 +63,7 @@ class ISessionInfo(Interface):
 
 
 class IRelayTransport(Interface):
-    """Sends one DeliveryRequest to its destination (mailgw.queue.delivery)."""
+    """Sends one DeliveryRequest to its destination (mailgw.queue.outbound)."""
 
     def destination(domain):
         """The key of where mail for `domain` goes ("[host]:port" of a relay
@@ -79,7 +79,7 @@ class IRelayTransport(Interface):
         """Deferred: idle connections kept for reuse are closed (at shutdown)."""
 
 
-# -- the mailbox store (issue 4): shared by POP3 and IMAP ------------------------
+# -- the mailbox store: shared by POP3 and IMAP ---------------------------------
 # Flags are str: the IMAP system flags "\\Seen" "\\Answered" "\\Flagged" "\\Deleted"
 # "\\Draft" and keywords (atoms without a backslash). \\Recent is not stored: it
 # is a property of a session (see IFolder.sync).

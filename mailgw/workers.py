@@ -287,8 +287,8 @@ class SMTPWorkers(service.Service):
         def adopt(envelopes):
             # The runner may have learned of some while the scan ran.
             for envelope in envelopes:
-                if envelope["id"] not in self.runner.envelopes and envelope["id"] not in self.runner.finished:
-                    log.info("{queue_id}: found in the spool after a worker exited", queue_id=envelope["id"])
+                if envelope.id not in self.runner.envelopes and envelope.id not in self.runner.finished:
+                    log.info("{queue_id}: found in the spool after a worker exited", queue_id=envelope.id)
                     self.runner.add(envelope)
 
         if self.threadpool is None:

@@ -43,6 +43,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,8 +53,8 @@ from pathlib import Path
 from mailgw.admin_cli import Parser, UsageError
 from mailgw.durable import fsync_directory
 from mailgw.queue import control
-from mailgw.queue.spool import ENV_SUFFIX, MSG_SUFFIX, EnvelopeError, Spool, check_envelope, \
-    encode_envelope, is_queue_id
+from mailgw.queue.envelope import Envelope, EnvelopeError, EnvelopeRecipient, HistoryRecord, HistoryResult
+from mailgw.queue.spool import ENV_SUFFIX, MSG_SUFFIX, Spool, is_queue_id
 
 USAGE = """usage: mailgw queue list [--json]      [--config PATH]
        mailgw queue show [--json] ID   [--config PATH]
@@ -223,17 +224,29 @@ class _Online:
         except control.ControlError as e:
             raise QueueError(str(e)) from None
 
-    def envelopes(self) -> list[dict]:
+    def envelopes(self) -> list[tuple[Envelope, bool]]:
         result = self._call({"cmd": "list"})
         if not isinstance(result, list):
             raise QueueError("mailgw sent an answer of the wrong shape")
-        return [envelope for envelope in result if isinstance(envelope, dict)]
+        listed = []
+        for item in result:
+            if not isinstance(item, dict):
+                continue
+            try:
+                listed.append(control.unlisted(item))
+            except EnvelopeError as e:
+                print(f"mailgw queue: warning: mailgw sent an envelope this command cannot read ({_safe(e)})",
+                      file=sys.stderr)
+        return listed
 
-    def show(self, queue_id: str) -> dict:
+    def show(self, queue_id: str) -> tuple[Envelope, bool]:
         result = self._call({"cmd": "show", "id": queue_id})
         if not isinstance(result, dict):
             raise QueueError("mailgw sent an answer of the wrong shape")
-        return result
+        try:
+            return control.unlisted(result)
+        except EnvelopeError as e:
+            raise QueueError(f"mailgw sent an envelope this command cannot read ({_safe(e)})") from None
 
     def flush(self, ids: list[str] | None) -> list[str]:
         result = self._call({"cmd": "flush", "ids": ids})
@@ -268,7 +281,7 @@ class _Offline:
             self.lock.close()   # releases the flock
             self.lock = None
 
-    def _load(self, queue_id: str) -> dict:
+    def _load(self, queue_id: str) -> Envelope:
         if self.spool is None:
             raise QueueError(f"no such message: {queue_id}")
         try:
@@ -280,7 +293,7 @@ class _Offline:
                              f"{self.queue_dir / 'corrupt'} when it next starts") from None
         return envelope
 
-    def _readable(self, ids) -> list[dict]:
+    def _readable(self, ids) -> list[Envelope]:
         envelopes = []
         for queue_id in ids:
             try:
@@ -291,17 +304,17 @@ class _Offline:
                 print(f"mailgw queue: warning: {e}", file=sys.stderr)
         return envelopes
 
-    def envelopes(self) -> list[dict]:
+    def envelopes(self) -> list[tuple[Envelope, bool]]:
         if self.spool is None:
             return []
-        return [dict(envelope, in_flight=False) for envelope in self._readable(self.spool.ids())]
+        return [(envelope, False) for envelope in self._readable(self.spool.ids())]
 
-    def show(self, queue_id: str) -> dict:
-        return dict(self._load(queue_id), in_flight=False)
+    def show(self, queue_id: str) -> tuple[Envelope, bool]:
+        return self._load(queue_id), False
 
     def stats(self) -> dict:
         envelopes = self.envelopes()
-        return {"messages": len(envelopes), "held": sum(1 for e in envelopes if e.get("hold"))}
+        return {"messages": len(envelopes), "held": sum(1 for envelope, _ in envelopes if envelope.hold)}
 
     def flush(self, ids: list[str] | None) -> list[str]:
         if ids is None:
@@ -310,11 +323,11 @@ class _Offline:
             envelopes = [self._load(queue_id) for queue_id in ids]  # all known, or nothing changes
         flushed = []
         for envelope in envelopes:
-            if envelope.get("hold"):
+            if envelope.hold:
                 continue
-            if envelope["next_attempt"] != 0:
-                self._replace(dict(envelope, next_attempt=0))
-            flushed.append(envelope["id"])
+            if envelope.next_attempt != 0:
+                self._replace(dataclasses.replace(envelope, next_attempt=0))
+            flushed.append(envelope.id)
         return flushed
 
     def act(self, command: str, queue_id: str) -> None:
@@ -322,23 +335,22 @@ class _Offline:
         if command == "delete":
             self._delete(queue_id)
             return
-        changes = {
-            "hold": {"hold": True},
-            "release": {"hold": False, "next_attempt": 0},
-            "bounce": {"bounce_requested": True},
+        changes = {      # Envelope attributes
+            "hold": dict(hold=True),
+            "release": dict(hold=False, next_attempt=0),
+            "bounce": dict(bounce_requested=True),
         }[command]
-        if any(envelope.get(key) != value for key, value in changes.items()):
-            self._replace(dict(envelope, **changes))
+        if any(getattr(envelope, name) != value for name, value in changes.items()):
+            self._replace(dataclasses.replace(envelope, **changes))
 
     # -- writing: what Spool.update and Spool.discard do, synchronously --------------
 
-    def _replace(self, envelope: dict) -> None:
+    def _replace(self, envelope: Envelope) -> None:
         """Atomically replace the .env: temporary file in incoming/, fsync,
         rename over the old one, fsync active/. Readers see the old or the new
         envelope, never a mix; after a crash, one of the two."""
-        check_envelope(envelope)
-        data = encode_envelope(envelope)
-        name = envelope["id"] + ENV_SUFFIX
+        data = envelope.encode()
+        name = envelope.id + ENV_SUFFIX
         self.incoming.mkdir(mode=0o700, exist_ok=True)
         tmp = self.incoming / name
         tmp.unlink(missing_ok=True)  # a leftover of an interrupted run; we hold the lock
@@ -370,9 +382,9 @@ class _Offline:
 # -- commands ---------------------------------------------------------------------------
 
 def _list(backend, args, ids, now) -> int:
-    envelopes = sorted(backend.envelopes(), key=lambda e: (_number(e.get("arrival")), str(e.get("id"))))
+    envelopes = sorted(backend.envelopes(), key=lambda item: (_number(item[0].arrival), item[0].id))
     if args.json:
-        print(_json(envelopes))
+        print(_json([control.listed(envelope, in_flight) for envelope, in_flight in envelopes]))
         return EXIT_OK
     print(format_list(envelopes, now), end="")
     return EXIT_OK
@@ -380,7 +392,7 @@ def _list(backend, args, ids, now) -> int:
 
 def _show(backend, args, ids, now) -> int:
     queue_id = ids[0]
-    envelope = backend.show(queue_id)
+    envelope, in_flight = backend.show(queue_id)
     message = backend.queue_dir / "active" / (queue_id + MSG_SUFFIX)
     try:
         headers, more = read_headers(message)
@@ -388,9 +400,9 @@ def _show(backend, args, ids, now) -> int:
     except FileNotFoundError:
         headers, more, missing = [], False, "(the message file is gone: delivered or deleted meanwhile)"
     if args.json:
-        print(_json({"envelope": envelope, "headers": headers, "more_headers": more}))
+        print(_json({"envelope": control.listed(envelope, in_flight), "headers": headers, "more_headers": more}))
         return EXIT_OK
-    print(format_envelope(envelope, now), end="")
+    print(format_envelope(envelope, now, in_flight=in_flight), end="")
     print(f"Headers ({message.name}, first {HEADER_LINES} header lines, no body):")
     if missing:
         print(f"  {missing}")
@@ -492,50 +504,49 @@ def _safe(value) -> str:
                     else f"\\U{ord(c):08x}") for c in text)
 
 
-def _sender(envelope: dict) -> str:
-    return f"<{_safe(envelope.get('sender') or '')}>"
+def _sender(envelope: Envelope) -> str:
+    return f"<{_safe(envelope.sender or '')}>"
 
 
-def _status(envelope: dict, now: float) -> str:
+def _status(envelope: Envelope, in_flight: bool, now: float) -> str:
     parts = []
-    if envelope.get("in_flight"):
+    if in_flight:
         parts.append("in flight")
-    if envelope.get("bounce_requested"):
+    if envelope.bounce_requested:
         parts.append("bounce requested")
-    if envelope.get("hold"):
+    if envelope.hold:
         parts.append("held")
-    elif not envelope.get("in_flight") and not envelope.get("bounce_requested"):
-        wait = _number(envelope.get("next_attempt")) - now
+    elif not in_flight and not envelope.bounce_requested:
+        wait = _number(envelope.next_attempt) - now
         parts.append(f"next in {human_duration(wait)}" if wait >= 1 else "next: due")
-    parts.append(_plural(int(_number(envelope.get("attempts"))), "attempt"))
+    parts.append(_plural(envelope.attempts, "attempt"))
     return ", ".join(parts)
 
 
-def _recipient(entry: dict) -> str:
-    state = _safe(entry.get("state", "?"))
-    text = f"{_safe(entry.get('address', '?'))}  {state}, {_plural(int(_number(entry.get('attempts'))), 'attempt')}"
-    last = entry.get("last_reply")
+def _recipient(entry: EnvelopeRecipient) -> str:
+    state = _safe(entry.state)
+    text = f"{_safe(entry.address)}  {state}, {_plural(entry.attempts, 'attempt')}"
+    last = entry.last_reply
     if last and state != "sent":
         text += f", last error: {_safe(last)}"
     return text
 
 
-def format_list(envelopes: list[dict], now: float) -> str:
-    """The text of `mailgw queue list`."""
+def format_list(envelopes: list[tuple[Envelope, bool]], now: float) -> str:
+    """The text of `mailgw queue list`: (envelope, in_flight) pairs."""
     if not envelopes:
         return "mail queue is empty\n"
     lines = [f"{'QUEUE ID':<16}  {'AGE':>4}  {'SIZE':>9}  SENDER / RECIPIENTS"]
     total = held = 0
-    for envelope in envelopes:
-        size = int(_number(envelope.get("size")))
+    for envelope, in_flight in envelopes:
+        size = envelope.size
         total += size
-        held += bool(envelope.get("hold"))
-        age = human_duration(now - _number(envelope.get("arrival")))
-        lines.append(f"{_safe(envelope.get('id', '?')):<16}  {age:>4}  {size:>9}  "
-                     f"{_sender(envelope)}  ({_status(envelope, now)})")
-        for entry in envelope.get("recipients") or []:
-            if isinstance(entry, dict):
-                lines.append(f"    {_recipient(entry)}")
+        held += bool(envelope.hold)
+        age = human_duration(now - _number(envelope.arrival))
+        lines.append(f"{_safe(envelope.id):<16}  {age:>4}  {size:>9}  "
+                     f"{_sender(envelope)}  ({_status(envelope, in_flight, now)})")
+        for entry in envelope.recipients:
+            lines.append(f"    {_recipient(entry)}")
     summary = f"-- {_plural(len(envelopes), 'message')}, {total} octets"
     if held:
         summary += f", {held} held"
@@ -554,60 +565,57 @@ def _or_dash(value) -> str:
     return "-" if value is None or value == "" else _safe(value)
 
 
-_SHOWN_KEYS = {"version", "id", "arrival", "sender", "sender_utf8", "body", "size", "envid", "ret", "client",
-               "recipients", "attempts", "next_attempt", "history", "hold", "bounce_requested", "in_flight",
-               "delay_notice_sent"}
+def _or_unknown(value) -> str:
+    return "?" if value is None else _safe(value)
 
 
-def format_envelope(envelope: dict, now: float) -> str:
+def format_envelope(envelope: Envelope, now: float, *, in_flight: bool = False) -> str:
     """The envelope part of `mailgw queue show`."""
-    client = envelope.get("client") if isinstance(envelope.get("client"), dict) else {}
-    flags = [name for key, name in (("hold", "held"), ("in_flight", "in flight"),
-                                    ("bounce_requested", "bounce requested"),
-                                    ("delay_notice_sent", "delay notice sent")) if envelope.get(key)]
-    arrival = _number(envelope.get("arrival"))
-    wait = _number(envelope.get("next_attempt")) - now
+    client = envelope.client
+    flags = [name for on, name in ((envelope.hold, "held"), (in_flight, "in flight"),
+                                   (envelope.bounce_requested, "bounce requested"),
+                                   (envelope.delay_notice_sent, "delay notice sent")) if on]
+    arrival = _number(envelope.arrival)
+    wait = _number(envelope.next_attempt) - now
     lines = [
-        f"Queue ID:    {_safe(envelope.get('id', '?'))}",
+        f"Queue ID:    {_safe(envelope.id)}",
         f"Arrival:     {_utc(arrival)} ({human_duration(now - arrival)} ago)",
-        f"Sender:      {_sender(envelope)}" + ("  SMTPUTF8" if envelope.get("sender_utf8") else ""),
-        f"Size:        {int(_number(envelope.get('size')))} octets, body {_or_dash(envelope.get('body'))}",
-        f"Client:      {_or_dash(client.get('ip'))}, helo {_or_dash(client.get('helo'))}, "
-        f"TLS {'yes' if client.get('tls') else 'no'}, auth {_or_dash(client.get('auth'))}, "
-        f"listener {_or_dash(client.get('listener'))}",
-        f"DSN:         envid {_or_dash(envelope.get('envid'))}, ret {_or_dash(envelope.get('ret'))}",
-        f"Attempts:    {int(_number(envelope.get('attempts')))}, next "
-        + (f"{_utc(envelope.get('next_attempt'))} (in {human_duration(wait)})" if wait >= 1 else "due now"),
+        f"Sender:      {_sender(envelope)}" + ("  SMTPUTF8" if envelope.sender_utf8 else ""),
+        f"Size:        {envelope.size} octets, body {_or_dash(envelope.body)}",
+        f"Client:      {_or_dash(client.ip)}, helo {_or_dash(client.helo)}, "
+        f"TLS {'yes' if client.tls else 'no'}, auth {_or_dash(client.auth)}, "
+        f"listener {_or_dash(client.listener)}",
+        f"DSN:         envid {_or_dash(envelope.envid)}, ret {_or_dash(envelope.ret)}",
+        f"Attempts:    {envelope.attempts}, next "
+        + (f"{_utc(envelope.next_attempt)} (in {human_duration(wait)})" if wait >= 1 else "due now"),
     ]
     if flags:
         lines.append(f"Flags:       {', '.join(flags)}")
     lines.append("Recipients:")
-    for entry in envelope.get("recipients") or []:
-        if not isinstance(entry, dict):
-            continue
-        lines.append(f"  {_safe(entry.get('address', '?'))}: {_safe(entry.get('state', '?'))}, "
-                     f"{_plural(int(_number(entry.get('attempts'))), 'attempt')}")
-        notify = entry.get("notify")
-        lines.append(f"    notify {','.join(map(_safe, notify)) if isinstance(notify, list) else '-'}, "
-                     f"orcpt {_or_dash(entry.get('orcpt'))}")
-        if entry.get("last_reply"):
-            lines.append(f"    last reply: {_safe(entry['last_reply'])}")
-    history = envelope.get("history") or []
+    for entry in envelope.recipients:
+        lines.append(f"  {_safe(entry.address)}: {_safe(entry.state)}, {_plural(entry.attempts, 'attempt')}")
+        notify = entry.notify
+        lines.append(f"    notify {','.join(map(_safe, notify)) if notify is not None else '-'}, "
+                     f"orcpt {_or_dash(entry.orcpt)}")
+        if entry.last_reply:
+            lines.append(f"    last reply: {_safe(entry.last_reply)}")
+    history = envelope.history
     lines.append("History:" if history else "History:    none yet")
-    for record in history:
-        if not (isinstance(record, dict) and isinstance(record.get("results"), list)):
-            lines.append(f"  {_safe(json.dumps(record, ensure_ascii=False, default=str))}")
+    for raw in history:
+        record = HistoryRecord.from_json(raw)
+        if record is None:
+            lines.append(f"  {_safe(json.dumps(raw, ensure_ascii=False, default=str))}")
             continue
-        lines.append(f"  {_utc(record.get('time'))}")
-        for result in record["results"]:
-            if not isinstance(result, dict):
+        lines.append(f"  {_utc(record.time)}")
+        for result in record.results:
+            if not isinstance(result, HistoryResult):
                 lines.append(f"    {_safe(result)}")
                 continue
-            lines.append(f"    {_safe(result.get('address', '?'))}: {_safe(result.get('status', '?'))}"
-                         f" via {_or_dash(result.get('relay'))}, {_or_dash(result.get('dsn'))}"
-                         f", {_or_dash(result.get('reply'))}")
-    others = {key: value for key, value in envelope.items() if key not in _SHOWN_KEYS}
-    for key, value in sorted(others.items()):
+            lines.append(f"    {_or_unknown(result.address)}: {_or_unknown(result.status)}"
+                         f" via {_or_dash(result.relay)}, {_or_dash(result.dsn)}"
+                         f", {_or_dash(result.reply)}")
+    # Keys of a later release (or written by hand), shown as they are.
+    for key, value in sorted(envelope.extra.items()):
         lines.append(f"{_safe(key)}: {_safe(json.dumps(value, ensure_ascii=False, default=str))}")
     return "\n".join(lines) + "\n"
 

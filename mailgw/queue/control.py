@@ -17,7 +17,7 @@ MAX_REQUEST octets per request). Requests are answered in the order they
 arrive, each with `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`;
 an error never carries a traceback (those go to the server log).
 
-    {"cmd": "list"}                          -> [envelope + "in_flight", ...], oldest first
+    {"cmd": "list"}                          -> [envelope + "in_flight", ...], oldest first (`listed`)
     {"cmd": "show", "id": ID}                -> envelope + "in_flight"
     {"cmd": "flush", "ids": [ID, ...]|null}  -> [ID, ...] flushed (held ones are skipped)
     {"cmd": "hold"|"release"|"delete"|"bounce", "id": ID} -> ID, once the runner has done it
@@ -61,7 +61,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from mailgw.errors import MailError
-from mailgw.queue.spool import is_queue_id
+from mailgw.queue.envelope import Envelope, EnvelopeError, is_queue_id
 
 LOCK_NAME = "server.lock"          # in queue_dir
 SOCKET_NAME = "control.sock"       # in data_dir
@@ -177,6 +177,22 @@ def _queue_id(request: dict, key: str = "id") -> str:
     if not is_queue_id(value):
         raise _BadRequest(f"not a queue id: {_shown(value)}")
     return value
+
+
+def listed(envelope: Envelope, in_flight: bool) -> dict:
+    """An envelope as `list` and `show` answer it: its JSON form
+    (docs/spool-format.md) plus "in_flight"."""
+    return dict(envelope.to_json(), in_flight=in_flight)
+
+
+def unlisted(value) -> tuple[Envelope, bool]:
+    """(envelope, in_flight) of an item `list` or `show` answered;
+    EnvelopeError if it is not one."""
+    if not isinstance(value, dict):
+        raise EnvelopeError("envelope: not an object")
+    data = dict(value)
+    in_flight = bool(data.pop("in_flight", False))
+    return Envelope.from_json(data), in_flight
 
 
 def encode(message: dict) -> bytes:
@@ -335,7 +351,8 @@ class ControlProtocol(LineReceiver):
 class ControlFactory(protocol.Factory):
     """Serves `mailgw queue` requests for a running server (module docstring).
 
-    `runner`: the QueueRunner (snapshot/flush/hold/release/delete/bounce).
+    `runner`: the QueueRunner (snapshot/flush/hold/release/delete/bounce);
+    `snapshot()` gives (Envelope, in_flight) pairs, sent as `listed` makes them.
     `submitter`: takes `submit` requests (`submit(sender, recipients, message,
     *, origin)` -> Deferred queue id, failing with MailError); None: refused.
     `max_size`: the largest message `submit` reads (default: the submitter's
@@ -391,16 +408,16 @@ class ControlFactory(protocol.Factory):
     # -- commands ------------------------------------------------------------------
 
     def _list(self, command, request):
-        return self.runner.snapshot()
+        return [listed(envelope, in_flight) for envelope, in_flight in self.runner.snapshot()]
 
     def _stats(self, command, request):
         return self.runner.stats()
 
     def _show(self, command, request):
         queue_id = _queue_id(request)
-        for envelope in self.runner.snapshot():
-            if envelope.get("id") == queue_id:
-                return envelope
+        for envelope, in_flight in self.runner.snapshot():
+            if envelope.id == queue_id:
+                return listed(envelope, in_flight)
         raise KeyError(queue_id)
 
     def _flush(self, command, request):
@@ -411,7 +428,7 @@ class ControlFactory(protocol.Factory):
             ids = list(dict.fromkeys(_queue_id({"id": value}) for value in ids))
             # Refuse the whole request rather than flush some ids and then
             # fail on an unknown one.
-            known = {envelope.get("id") for envelope in self.runner.snapshot()}
+            known = {envelope.id for envelope, _ in self.runner.snapshot()}
             for queue_id in ids:
                 if queue_id not in known:
                     raise KeyError(queue_id)

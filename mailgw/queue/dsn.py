@@ -38,12 +38,13 @@ with
 
 Who gets a DSN is decided by `should_send`, per recipient (the runner puts
 only those recipients into a report, RFC 3461 §5.2.8). The DSN's own envelope
-comes from `dsn_envelope_fields`: null reverse-path, the original sender as the
+comes from `notice_envelope`: null reverse-path, the original sender as the
 only recipient with NOTIFY=NEVER, no RET, no ENVID (RFC 3461 §6.1).
 
-Recipient dicts are the envelope's recipient entries (docs/spool-format.md):
-`address`, `orcpt`, `notify`. The runner may add, in a copy, what it learnt
-from the attempt (model.AttemptResult); the DSN reads these when present:
+The envelope is a mailgw.queue.envelope.Envelope; each recipient of a report
+is a `NoticeRecipient`: the envelope recipient's `address`, `orcpt` and
+`notify` (`NoticeRecipient.of`), and what the runner learnt from the attempt
+(model.AttemptResult):
 
 * `relay` (str): AttemptResult.relay, "host[ip]:port" of the server that
   answered; gives Remote-MTA (RFC 3461 §6.3 (h)).
@@ -63,6 +64,7 @@ import ipaddress
 import re
 import textwrap
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message, MIMEPart
@@ -71,6 +73,7 @@ from email.utils import format_datetime
 from io import BytesIO
 
 from mailgw.queue import model, policy
+from mailgw.queue.envelope import Envelope, EnvelopeClient, EnvelopeRecipient
 from mailgw.queue.model import RecipientResult
 from mailgw.queue.policy import KIND_DELAY, KIND_FAILURE, KIND_SUCCESS, KINDS
 
@@ -107,6 +110,9 @@ _ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _POLICY = SMTP.clone(refold_source="none")
 _POLICY_UTF8 = SMTPUTF8.clone(refold_source="none")   # for a UTF-8 sender address (RFC 6531/6532)
 
+# The session a notice "came from" (the envelope's client; nobody's session).
+NOTICE_CLIENT = EnvelopeClient(ip="127.0.0.1", helo=None, tls=False, auth=None, listener="dsn")
+
 _MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(?:\r\n[ \t]+)?(<[\x21-\x3b\x3d\x3f-\x7e]{1,250}>)")
 
 
@@ -119,45 +125,57 @@ class _Generator(BytesGenerator):
         return s.encode("ascii", "surrogateescape")
 
 
-def should_send(kind: str, envelope: dict, recipient: dict) -> bool:
+@dataclass(frozen=True)
+class NoticeRecipient:
+    """A recipient as a report tells of it (see the module docstring)."""
+    address: str
+    orcpt: str | None = None
+    notify: tuple[str, ...] | None = None
+    relay: str | None = None
+    dsn_relayed: bool = False
+    final_delivery: bool = False
+    last_attempt: float | None = None
+
+    @classmethod
+    def of(cls, entry: EnvelopeRecipient, **attempt) -> NoticeRecipient:
+        return cls(entry.address, entry.orcpt, entry.notify, **attempt)
+
+
+def should_send(kind: str, envelope: Envelope, recipient: NoticeRecipient) -> bool:
     """Whether `recipient` of `envelope` belongs in a DSN of `kind`."""
     # RFC 3461 §5.2 / RFC 5321 §4.5.5: never a DSN to the null reverse-path
     # (a DSN about a DSN would loop).
-    if not envelope.get("sender"):
+    if not envelope.sender:
         return False
     # RFC 3461 §5.2.1 (c): a DSN-capable next hop got NOTIFY and reports success itself.
-    if kind == KIND_SUCCESS and recipient.get("dsn_relayed") is True:
+    if kind == KIND_SUCCESS and recipient.dsn_relayed is True:
         return False
-    notify = recipient.get("notify")
+    notify = recipient.notify
     return policy.wants_notice(None if notify is None else tuple(notify), kind)
 
 
-def dsn_envelope_fields(envelope: dict, dsn: bytes) -> dict:
-    """The envelope keys of a DSN about `envelope` (RFC 3461 §6.1).
-
-    The runner adds the rest of a spool envelope (version, id, arrival, client,
-    attempts, next_attempt, history) and each recipient's bookkeeping keys.
-    """
-    sender = envelope["sender"]
-    return {
-        "sender": "",                               # §6.1 / RFC 5321 §4.5.5: null reverse-path
-        "sender_utf8": not sender.isascii(),        # a UTF-8 recipient needs SMTPUTF8 (RFC 6531)
-        "body": "7BIT" if dsn.isascii() else "8BITMIME",   # RFC 6152: 8-bit returned content
-        "size": len(dsn),
-        "envid": None,                              # §6.1: a new ENVID MAY be used; we use none
-        "ret": None,                                # §6.1: RET MUST NOT be used
-        "recipients": [{
-            "address": sender,                      # §6.1: copied from the original MAIL FROM
-            "orcpt": None,
-            "notify": ["NEVER"],                    # §6.1: NOTIFY MAY be used, but only NEVER
-            "state": model.PENDING,
-            "attempts": 0,
-            "last_reply": None,
-        }],
-    }
+def notice_envelope(envelope: Envelope, dsn: bytes, *, queue_id: str, now: float,
+                    to: list[str] | None = None) -> Envelope:
+    """The spool envelope of a DSN about `envelope` (RFC 3461 §6.1), queued
+    as `queue_id` at `now`, to the original sender or, when given, to the
+    addresses `to` (where resolving the sender led)."""
+    sender = envelope.sender
+    return Envelope(
+        id=queue_id, arrival=now,
+        sender="",                                  # §6.1 / RFC 5321 §4.5.5: null reverse-path
+        sender_utf8=not sender.isascii(),           # a UTF-8 recipient needs SMTPUTF8 (RFC 6531)
+        body="7BIT" if dsn.isascii() else "8BITMIME",   # RFC 6152: 8-bit returned content
+        size=len(dsn),
+        envid=None,                                 # §6.1: a new ENVID MAY be used; we use none
+        ret=None,                                   # §6.1: RET MUST NOT be used
+        client=NOTICE_CLIENT,
+        # §6.1: the address copied from the original MAIL FROM; NOTIFY MAY be used, but only NEVER.
+        recipients=[EnvelopeRecipient(address, orcpt=None, notify=("NEVER",), state=model.PENDING)
+                    for address in (to if to is not None else [sender])],
+        attempts=0, next_attempt=now, history=[])
 
 
-def build_dsn(kind: str, envelope: dict, recipients: list[tuple[dict, RecipientResult | None]], *,
+def build_dsn(kind: str, envelope: Envelope, recipients: list[tuple[NoticeRecipient, RecipientResult | None]], *,
               reporting_mta: str, now: float, original: bytes | None,
               will_retry_until: float | None = None, return_limit: int = RETURN_LIMIT) -> bytes:
     """A complete RFC 3464 DSN of `kind` (policy.KIND_*) about `recipients`.
@@ -171,7 +189,7 @@ def build_dsn(kind: str, envelope: dict, recipients: list[tuple[dict, RecipientR
         raise ValueError(f"unknown DSN kind {kind!r}")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")      # RFC 3464 §2.1
-    sender = envelope["sender"]
+    sender = envelope.sender
     if not sender:
         raise ValueError("no DSN to the null reverse-path")          # RFC 3461 §5.2
     host = _printable(reporting_mta) or "localhost"
@@ -184,7 +202,7 @@ def build_dsn(kind: str, envelope: dict, recipients: list[tuple[dict, RecipientR
     message_id = _MESSAGE_ID.search(_header_section(_crlf(original))) if original else None
     outer_policy = _POLICY if sender.isascii() else _POLICY_UTF8
 
-    for content in returned_content(kind, envelope.get("ret"), original, return_limit):
+    for content in returned_content(kind, envelope.ret, original, return_limit):
         text = _human_text(kind, host, entries, will_retry_until, _attachment_note(kind, content, original, return_limit))
         report = MIMEPart(policy=_POLICY)
         # 7bit when it can be; quoted-printable keeps a UTF-8 address 7-bit too.
@@ -274,20 +292,20 @@ def _header_section(data: bytes) -> bytes:
 class _Entry:
     """One recipient's line in the report, sanitized."""
 
-    def __init__(self, kind: str, rcpt: dict, result: RecipientResult | None, now: float):
-        self.address = rcpt["address"]
-        self.orcpt = rcpt.get("orcpt")
+    def __init__(self, kind: str, rcpt: NoticeRecipient, result: RecipientResult | None, now: float):
+        self.address = rcpt.address
+        self.orcpt = rcpt.orcpt
         self.result = result
-        self.relay = _relay_host(rcpt.get("relay"))
+        self.relay = _relay_host(rcpt.relay)
         self.expired = kind == KIND_FAILURE and (result is None or result.status != model.STATUS_BOUNCED)
         if kind == KIND_FAILURE:
             self.action = ACTION_FAILED
         elif kind == KIND_DELAY:
             self.action = ACTION_DELAYED
         else:
-            self.action = ACTION_DELIVERED if rcpt.get("final_delivery") is True else ACTION_RELAYED
+            self.action = ACTION_DELIVERED if rcpt.final_delivery is True else ACTION_RELAYED
         self.status = self._status(result)
-        last = rcpt.get("last_attempt")
+        last = rcpt.last_attempt
         self.last_attempt = last if last is not None else (now if result is not None else None)
         # RFC 3461 §9.2: "smtp; " and the reply, on one (folded) line.
         self.diagnostic = _printable(result.diagnostic) if result is not None and result.code else ""
@@ -303,15 +321,16 @@ class _Entry:
         return _DEFAULT_STATUS[self.action]
 
 
-def _status_blocks(envelope: dict, host: str, entries: list[_Entry], will_retry_until: float | None) -> list[Message]:
+def _status_blocks(envelope: Envelope, host: str, entries: list[_Entry],
+                   will_retry_until: float | None) -> list[Message]:
     """RFC 3464 §2.2 per-message fields, then one §2.3 group per recipient."""
     per_message = _block()
-    if envelope.get("envid") is not None:
+    if envelope.envid is not None:
         # RFC 3461 §6.3 (a): the ENVID, xtext-decoded (the envelope stores it decoded).
-        _field(per_message, "Original-Envelope-Id", _printable(envelope["envid"]))
+        _field(per_message, "Original-Envelope-Id", _printable(envelope.envid))
     _field(per_message, "Reporting-MTA", f"dns; {host}")                  # RFC 3461 §6.3 (b)
-    if envelope.get("arrival") is not None:
-        _field(per_message, "Arrival-Date", _date(envelope["arrival"]))   # RFC 3464 §2.2.5
+    if envelope.arrival is not None:
+        _field(per_message, "Arrival-Date", _date(envelope.arrival))      # RFC 3464 §2.2.5
     blocks = [per_message]
     for entry in entries:
         block = _block()

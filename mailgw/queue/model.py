@@ -1,14 +1,15 @@
 """The relay queue's value types, shared by the runner, the outbound client and DSNs.
 
-The envelope itself stays a plain dict (it is what the spool stores as JSON,
-docs/spool-format.md); these types describe one delivery attempt.
+These types describe one delivery attempt. The envelope the spool stores
+(docs/spool-format.md) is mailgw.queue.envelope.Envelope; the recipient
+states below are its recipients' `state`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-# Recipient states in the envelope ("state" of each recipient).
+# Recipient states in the envelope (EnvelopeRecipient.state).
 PENDING = "pending"        # not yet delivered; will be tried (again)
 SENT = "sent"              # accepted by the next hop (2xx)
 BOUNCED = "bounced"        # failed permanently (5xx) or gave up; the sender was told

@@ -19,6 +19,7 @@ Everything runs on the reactor thread; time comes from the injected clock.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import heapq
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from mailgw.config_types import Config
 from mailgw.errors import MailError, log_failure
 from mailgw.mailauth.stages import SUBMISSION, Origin
 from mailgw.queue import dsn, policy
+from mailgw.queue.dsn import NoticeRecipient
+from mailgw.queue.envelope import Envelope, HistoryRecord, HistoryResult
 from mailgw.queue.model import (
-    BOUNCED, EXPIRED, PENDING, SENT, STATUS_BOUNCED, STATUS_SENT,
+    BOUNCED, EXPIRED, SENT, STATUS_BOUNCED, STATUS_SENT,
     AttemptResult, DeliveryRequest, Recipient, RecipientResult,
 )
 from mailgw.queue.spool import new_queue_id
@@ -73,7 +76,7 @@ class QueueRunner(service.Service):
         self.router = router
         self.clock = clock
         self.read_message = read_message      # path -> Deferred[bytes], off the reactor thread
-        self.envelopes: dict[str, dict] = {}
+        self.envelopes: dict[str, Envelope] = {}
         # Ids done with (delivered, bounced, deleted) whose files may still be on
         # their way out of the spool: a spool scan must not take them up again.
         self.finished: OrderedDict[str, None] = OrderedDict()
@@ -99,13 +102,17 @@ class QueueRunner(service.Service):
         for envelope in envelopes:
             self.add(envelope)
 
-    def add(self, envelope: dict) -> None:
-        """A committed envelope: remember it and schedule it."""
-        self.envelopes[envelope["id"]] = envelope
-        if envelope.get("bounce_requested"):
-            self._schedule(envelope["id"], self.clock.seconds())
-        elif not envelope.get("hold"):
-            self._schedule(envelope["id"], envelope["next_attempt"])
+    def add(self, envelope: Envelope | dict) -> None:
+        """A committed envelope: remember it and schedule it. A dict is its
+        JSON form (the spool's notice of a commit, or an SMTP worker's);
+        EnvelopeError if it is not a valid one."""
+        if not isinstance(envelope, Envelope):
+            envelope = Envelope.from_json(envelope)
+        self.envelopes[envelope.id] = envelope
+        if envelope.bounce_requested:
+            self._schedule(envelope.id, self.clock.seconds())
+        elif not envelope.hold:
+            self._schedule(envelope.id, envelope.next_attempt)
 
     def startService(self):
         super().startService()
@@ -144,27 +151,25 @@ class QueueRunner(service.Service):
             # Stale heap entries (rescheduled, held, deleted, already running) are skipped.
             if envelope is None or queue_id in self._attempts:
                 continue
-            if envelope.get("bounce_requested"):
+            if envelope.bounce_requested:
                 self._start_cancel(queue_id)
-            elif not envelope.get("hold") and envelope["next_attempt"] <= now:
+            elif not envelope.hold and envelope.next_attempt <= now:
                 self._start_attempt(queue_id)
         self._arm()
 
     # -- attempts -------------------------------------------------------------------
-    def _requests(self, envelope: dict) -> list[tuple[str, DeliveryRequest]]:
+    def _requests(self, envelope: Envelope) -> list[tuple[str, DeliveryRequest]]:
         """(destination, request) per destination of the pending recipients."""
         by_destination: dict[str, tuple[str, list[Recipient]]] = {}
-        for entry in envelope["recipients"]:
-            if entry["state"] == PENDING:
-                domain = _domain_of(entry["address"])
-                _, recipients = by_destination.setdefault(self.transport.destination(domain), (domain, []))
-                recipients.append(Recipient(
-                    entry["address"], tuple(entry["notify"]) if entry["notify"] else None, entry["orcpt"]))
+        for entry in envelope.pending():
+            domain = _domain_of(entry.address)
+            _, recipients = by_destination.setdefault(self.transport.destination(domain), (domain, []))
+            recipients.append(Recipient(entry.address, tuple(entry.notify) if entry.notify else None, entry.orcpt))
         return [(destination, DeliveryRequest(
-            queue_id=envelope["id"], domain=domain, sender=envelope["sender"], recipients=tuple(recipients),
-            message_path=self.spool.message_path(envelope["id"]), size=envelope["size"],
-            body=envelope["body"], smtputf8=envelope["sender_utf8"] or any(not r.address.isascii() for r in recipients),
-            envid=envelope["envid"], ret=envelope["ret"]))
+            queue_id=envelope.id, domain=domain, sender=envelope.sender, recipients=tuple(recipients),
+            message_path=self.spool.message_path(envelope.id), size=envelope.size,
+            body=envelope.body, smtputf8=envelope.sender_utf8 or any(not r.address.isascii() for r in recipients),
+            envid=envelope.envid, ret=envelope.ret))
             for destination, (domain, recipients) in sorted(by_destination.items())]
 
     def _start_attempt(self, queue_id: str) -> None:
@@ -233,8 +238,8 @@ class QueueRunner(service.Service):
     def _attempt_over(self, attempt: _Attempt) -> None:
         del self._attempts[attempt.queue_id]
         envelope = self.envelopes.get(attempt.queue_id)
-        if envelope is not None and not envelope.get("hold"):
-            when = envelope["next_attempt"]
+        if envelope is not None and not envelope.hold:
+            when = envelope.next_attempt
             if attempt.failed:
                 # The old envelope is still the truth on disk; do not spin on it.
                 when = max(when, self.clock.seconds() + self.queue.retry_schedule[0])
@@ -247,50 +252,49 @@ class QueueRunner(service.Service):
         """Record the outcome: notices first, then the envelope."""
         envelope = copy.deepcopy(self.envelopes[attempt.queue_id])
         now = self.clock.seconds()
-        entries = {entry["address"]: entry for entry in envelope["recipients"]}
+        entries = {entry.address: entry for entry in envelope.recipients}
         bounced, succeeded = [], []
         latest: dict[str, RecipientResult] = {}
-        history = {"time": now, "results": []}
+        history = []
         for request, result in attempt.outcomes:
             for recipient_result in result.results:
                 entry = entries[recipient_result.address]
-                latest[entry["address"]] = recipient_result
+                latest[entry.address] = recipient_result
                 # For the notice only (RFC 3464 §2.3.5 Remote-MTA, §2.3.7 Last-Attempt-Date).
-                notice_entry = dict(entry, relay=result.relay, last_attempt=now, dsn_relayed=result.dsn_relayed)
-                entry["attempts"] += 1
-                entry["last_reply"] = recipient_result.diagnostic or recipient_result.text
+                notice_entry = NoticeRecipient.of(entry, relay=result.relay, last_attempt=now,
+                                                  dsn_relayed=result.dsn_relayed)
+                entry.attempts += 1
+                entry.last_reply = recipient_result.diagnostic or recipient_result.text
                 status = recipient_result.status
                 if status == STATUS_SENT:
-                    entry["state"] = SENT
+                    entry.state = SENT
                     succeeded.append((notice_entry, recipient_result))
                 elif status == STATUS_BOUNCED:
-                    entry["state"] = BOUNCED
+                    entry.state = BOUNCED
                     bounced.append((notice_entry, recipient_result))
                 self._log_result(envelope, entry, recipient_result, result.relay, now, status)
-                history["results"].append({"address": entry["address"], "relay": result.relay,
-                                           "status": status, "dsn": recipient_result.enhanced,
-                                           "reply": entry["last_reply"]})
-        envelope["attempts"] += 1
-        envelope["history"] = (envelope["history"] + [history])[-HISTORY_LIMIT:]
+                history.append(HistoryResult(entry.address, result.relay, status, recipient_result.enhanced,
+                                             entry.last_reply))
+        envelope.attempts += 1
+        envelope.history = (envelope.history + [HistoryRecord(now, tuple(history)).to_json()])[-HISTORY_LIMIT:]
 
-        pending = [entry for entry in envelope["recipients"] if entry["state"] == PENDING]
+        pending = envelope.pending()
         delayed = []
         if pending:
-            next_time = policy.next_attempt(self.queue, envelope["arrival"], envelope["attempts"], now)
+            next_time = policy.next_attempt(self.queue, envelope.arrival, envelope.attempts, now)
             if next_time is None:
                 for entry in pending:
-                    entry["state"] = EXPIRED
+                    entry.state = EXPIRED
                     # RFC 3463 §3.5 X.4.7: delivery time expired.
-                    last = RecipientResult(entry["address"], STATUS_BOUNCED, 0, "5.4.7",
-                                           "delivery time expired; last error: " + (entry["last_reply"] or "none"))
-                    bounced.append((entry, last))
+                    last = RecipientResult(entry.address, STATUS_BOUNCED, 0, "5.4.7",
+                                           "delivery time expired; last error: " + (entry.last_reply or "none"))
+                    bounced.append((NoticeRecipient.of(entry), last))
                     self._log_result(envelope, entry, last, None, now, "expired")
             else:
-                envelope["next_attempt"] = next_time
-                if policy.delay_notice_due(self.queue, envelope["arrival"], now,
-                                           envelope.get("delay_notice_sent", False)):
-                    envelope["delay_notice_sent"] = True
-                    delayed = [(entry, latest.get(entry["address"])) for entry in pending]
+                envelope.next_attempt = next_time
+                if policy.delay_notice_due(self.queue, envelope.arrival, now, envelope.delay_notice_sent or False):
+                    envelope.delay_notice_sent = True
+                    delayed = [(NoticeRecipient.of(entry), latest.get(entry.address)) for entry in pending]
 
         yield self._notify(envelope, bounced, succeeded, delayed, now)
         yield self._store(envelope)
@@ -299,11 +303,11 @@ class QueueRunner(service.Service):
         # One line per recipient per attempt, in the shape Postfix admins grep.
         self.counters[status] += 1
         # orig_to: the address the client gave, when an alias or SRS led here (Postfix's orig_to=).
-        orig = f", orig_to=<{entry['orig_to']}>" if entry.get("orig_to") else ""
+        orig = f", orig_to=<{entry.orig_to}>" if entry.orig_to else ""
         self.log.info(
             "{queue_id}: to=<{to}>{orig}, relay={relay}, delay={delay:.1f}, dsn={dsn}, status={status} ({reply})",
-            queue_id=envelope["id"], to=entry["address"], orig=orig, relay=relay or "none",
-            delay=now - envelope["arrival"], dsn=result.enhanced, status=status,
+            queue_id=envelope.id, to=entry.address, orig=orig, relay=relay or "none",
+            delay=now - envelope.arrival, dsn=result.enhanced, status=status,
             reply=result.diagnostic or result.text)
 
     def _forget(self, queue_id: str) -> None:
@@ -312,9 +316,9 @@ class QueueRunner(service.Service):
         while len(self.finished) > FINISHED_REMEMBERED:
             self.finished.popitem(last=False)
 
-    def _store(self, envelope: dict):
-        queue_id = envelope["id"]
-        if all(entry["state"] != PENDING for entry in envelope["recipients"]):
+    def _store(self, envelope: Envelope):
+        queue_id = envelope.id
+        if not envelope.pending():
             self._forget(queue_id)
             return self.spool.discard(queue_id)
         self.envelopes[queue_id] = envelope
@@ -322,29 +326,29 @@ class QueueRunner(service.Service):
 
     # -- notices (RFC 3461 / RFC 3464) -----------------------------------------------
     @defer.inlineCallbacks
-    def _notify(self, envelope: dict, bounced, succeeded, delayed, now):
-        if not envelope["sender"]:
+    def _notify(self, envelope: Envelope, bounced, succeeded, delayed, now):
+        if not envelope.sender:
             return                              # never a notice about a notice (RFC 3461 §6.2)
         original = None
         failures = [(entry, result) for entry, result in bounced if dsn.should_send("failure", envelope, entry)]
         successes = [(entry, result) for entry, result in succeeded if dsn.should_send("success", envelope, entry)]
         delays = [(entry, result) for entry, result in delayed if dsn.should_send("delay", envelope, entry)]
         if failures or successes or delays:
-            original = yield self.read_message(self.spool.message_path(envelope["id"]))
+            original = yield self.read_message(self.spool.message_path(envelope.id))
         for kind, recipients in (("failure", failures), ("success", successes), ("delay", delays)):
             if not recipients:
                 continue
-            until = envelope["arrival"] + self.queue.max_lifetime if kind == "delay" else None
+            until = envelope.arrival + self.queue.max_lifetime if kind == "delay" else None
             message = dsn.build_dsn(kind, envelope, recipients, reporting_mta=self.config.hostname,
                                     now=now, original=original, will_retry_until=until)
             yield self._send_notice(envelope, kind, message)
 
-    def _send_notice(self, envelope: dict, kind: str, message: bytes):
+    def _send_notice(self, envelope: Envelope, kind: str, message: bytes):
         """Deliver a DSN to the original sender, through the same recipient
         resolution as any mail: into the Maildir when the sender is ours,
         on to the original sender when it is one of our SRS addresses (a
         forward that failed), else through the queue with the null sender <>."""
-        sender = envelope["sender"]
+        sender = envelope.sender
         self.counters[f"notice_{kind}"] += 1
         remote = [sender]
         work = []
@@ -353,32 +357,24 @@ class QueueRunner(service.Service):
                 targets = self.router.resolver.resolve(sender)
             except MailError as error:
                 self.log.warn("{queue_id}: {kind} notice for local sender <{sender}> dropped: {error}",
-                              queue_id=envelope["id"], kind=kind, sender=sender, error=error.text)
+                              queue_id=envelope.id, kind=kind, sender=sender, error=error.text)
                 return defer.succeed(None)
             boxes = [t.mailbox if t.folder is None else (t.mailbox, t.folder)
                      for t in targets if isinstance(t, LocalTarget)]
             remote = [t.address for t in targets if isinstance(t, RemoteTarget)]
             if boxes:
                 self.log.info("{queue_id}: {kind} notice delivered to <{sender}>",
-                              queue_id=envelope["id"], kind=kind, sender=sender)
+                              queue_id=envelope.id, kind=kind, sender=sender)
                 # RFC 5321 §4.5.5: notices come from <>
                 work.append(self.store.deliver(boxes, message, return_path=""))
         if remote:
             now = self.clock.seconds()
             queue_id = new_queue_id(now)
-            fields = dsn.dsn_envelope_fields(envelope, message)
-            model_recipient = fields["recipients"][0]
-            fields["recipients"] = [{**model_recipient, "address": address} for address in remote]
-            notice = {
-                "version": 1, "id": queue_id, "arrival": now,
-                "client": {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "dsn"},
-                "attempts": 0, "next_attempt": now, "history": [],
-                **fields,
-            }
+            notice = dsn.notice_envelope(envelope, message, queue_id=queue_id, now=now, to=remote)
             self.log.info("{queue_id}: {kind} notice queued as {notice_id} for <{to}>",
-                          queue_id=envelope["id"], kind=kind, notice_id=queue_id, to=">, <".join(remote))
+                          queue_id=envelope.id, kind=kind, notice_id=queue_id, to=">, <".join(remote))
             work.append(self._sign_notice(message, queue_id).addCallback(
-                lambda signed: self.spool.enqueue(queue_id, {**notice, "size": len(signed)}, signed)))
+                lambda signed: self.spool.enqueue(queue_id, dataclasses.replace(notice, size=len(signed)), signed)))
         if len(work) == 1:
             return work[0]
         return defer.gatherResults(work, consumeErrors=True).addErrback(lambda failure: failure.value.subFailure)
@@ -395,21 +391,18 @@ class QueueRunner(service.Service):
         return d.addCallback(lambda outcome: outcome.message)
 
     # -- administration (mailgw queue ...) --------------------------------------------
-    def snapshot(self) -> list[dict]:
-        """Copies of every envelope, oldest first, with "in_flight" set."""
-        out = []
-        for queue_id in sorted(self.envelopes):
-            envelope = copy.deepcopy(self.envelopes[queue_id])
-            envelope["in_flight"] = queue_id in self._attempts
-            out.append(envelope)
-        return out
+    def snapshot(self) -> list[tuple[Envelope, bool]]:
+        """(a copy of the envelope, whether an attempt is in flight) for
+        every message, oldest first."""
+        return [(copy.deepcopy(self.envelopes[queue_id]), queue_id in self._attempts)
+                for queue_id in sorted(self.envelopes)]
 
     def stats(self) -> dict:
         """What `mailgw queue stats` shows: the queue now and the counts since start."""
         idle = getattr(self.transport, "idle_connections", None)
         return {
             "messages": len(self.envelopes),
-            "held": sum(1 for envelope in self.envelopes.values() if envelope.get("hold")),
+            "held": sum(1 for envelope in self.envelopes.values() if envelope.hold),
             "in_flight": len(self._attempts),
             "deliveries_active": self._active_total,
             "deliveries_waiting": sum(len(jobs) for jobs in self._waiting.values()),
@@ -418,7 +411,7 @@ class QueueRunner(service.Service):
             "counters": dict(sorted(self.counters.items())),
         }
 
-    def _envelope(self, queue_id: str) -> dict:
+    def _envelope(self, queue_id: str) -> Envelope:
         if queue_id not in self.envelopes:
             raise KeyError(queue_id)
         return self.envelopes[queue_id]
@@ -440,9 +433,9 @@ class QueueRunner(service.Service):
         done = []
         for queue_id in chosen:
             envelope = self._envelope(queue_id)
-            if envelope.get("hold"):
+            if envelope.hold:
                 continue
-            envelope["next_attempt"] = now
+            envelope.next_attempt = now
             if queue_id not in self._attempts:
                 self._schedule(queue_id, now)
             done.append(queue_id)
@@ -451,10 +444,11 @@ class QueueRunner(service.Service):
     def _set_flag(self, queue_id: str, **changes):
         def apply():
             envelope = copy.deepcopy(self._envelope(queue_id))
-            envelope.update(changes)
+            for name, value in changes.items():
+                setattr(envelope, name, value)
             self.envelopes[queue_id] = envelope
-            if not envelope.get("hold"):
-                self._schedule(queue_id, envelope["next_attempt"])
+            if not envelope.hold:
+                self._schedule(queue_id, envelope.next_attempt)
             return self.spool.update(envelope)
         return self._when_idle(queue_id, apply)
 
@@ -477,11 +471,10 @@ class QueueRunner(service.Service):
 
     def _start_cancel(self, queue_id: str) -> defer.Deferred:
         """Every pending recipient fails now; fires when that is recorded."""
-        envelope = self.envelopes[queue_id]
-        pending = [entry for entry in envelope["recipients"] if entry["state"] == PENDING]
+        pending = self.envelopes[queue_id].pending()
         attempt = _Attempt(queue_id, [], 0)
         attempt.outcomes.append((None, AttemptResult(None, None, False, tuple(
-            RecipientResult(entry["address"], CANCELLED.status, CANCELLED.code, CANCELLED.enhanced, CANCELLED.text)
+            RecipientResult(entry.address, CANCELLED.status, CANCELLED.code, CANCELLED.enhanced, CANCELLED.text)
             for entry in pending))))
         done = defer.Deferred()
         attempt.after.append(lambda: done.callback(queue_id))

@@ -3,7 +3,7 @@
     queue_dir/incoming/   files being written; never trusted, emptied by recover()
     queue_dir/active/     <id>.msg (message, CRLF wire form) + <id>.env (JSON envelope)
     queue_dir/corrupt/    entries recover() could not read, moved aside, never dropped
-    (deferred/ and hold/ belong to the queue runner, issue 3)
+    (deferred/ and hold/ are reserved for the queue runner)
 
 Commit protocol (one DurableWriter.commit): <id>.msg is written and fsynced in
 incoming/ and linked into active/, then <id>.env the same way, then active/ is
@@ -11,13 +11,13 @@ fsynced; only then does enqueue()'s Deferred fire and the client get 250.
 The presence of <id>.env in active/ is the commit point: a .msg alone is a
 leftover of a transaction that was never acknowledged.
 
-Storing only: when to send is the runner's business (design §3.4).
+The envelope is a mailgw.queue.envelope.Envelope; its JSON form, versions
+and validation live there. Storing only: when to send is the runner's
+business (design §3.4).
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import shutil
 import threading
@@ -29,11 +29,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailgw.durable import DurableWriter, fsync_directory
+from mailgw.durable import DurableWriter, fsync_directory, read_file
 from mailgw.interfaces import ISpool
 from mailgw.iopool import ReactorInbox
+from mailgw.queue.envelope import Envelope, EnvelopeError, encode_json, is_queue_id
 
-ENVELOPE_VERSION = 1
 MSG_SUFFIX = ".msg"
 ENV_SUFFIX = ".env"
 
@@ -41,7 +41,6 @@ ENV_SUFFIX = ".env"
 # never "/" or "." either; fixed width, so string order is numeric order.
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 QUEUE_ID_LENGTH = 16  # 80 bits = 48-bit ms timestamp + 32 random bits
-_QUEUE_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{16}")
 _TIMESTAMP_MASK = (1 << 48) - 1
 _RANDOM_BITS = 32
 
@@ -69,100 +68,6 @@ def new_queue_id(now: float) -> str:
         digits.append(_CROCKFORD[value & 31])
         value >>= 5
     return "".join(reversed(digits))
-
-
-def is_queue_id(text) -> bool:
-    return isinstance(text, str) and _QUEUE_ID.fullmatch(text) is not None
-
-
-class EnvelopeError(ValueError):
-    """An envelope that does not follow docs/spool-format.md version 1."""
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _optional_str(value) -> bool:
-    return value is None or isinstance(value, str)
-
-
-_ENVELOPE_FIELDS = {
-    "version": lambda v: v == ENVELOPE_VERSION,
-    "id": is_queue_id,
-    "arrival": _is_number,
-    "sender": lambda v: isinstance(v, str),
-    "sender_utf8": lambda v: isinstance(v, bool),
-    "body": lambda v: v in ("7BIT", "8BITMIME"),
-    "size": lambda v: _is_int(v) and v >= 0,
-    "envid": _optional_str,
-    "ret": lambda v: v in ("FULL", "HDRS", None),
-    "client": lambda v: isinstance(v, dict),
-    "recipients": lambda v: isinstance(v, list) and len(v) > 0,
-    "attempts": lambda v: _is_int(v) and v >= 0,
-    "next_attempt": _is_number,
-    "history": lambda v: isinstance(v, list),
-}
-_CLIENT_FIELDS = {
-    "ip": lambda v: isinstance(v, str),
-    "helo": _optional_str,
-    "tls": lambda v: isinstance(v, bool),
-    "auth": _optional_str,
-    "listener": lambda v: isinstance(v, str),
-}
-_RECIPIENT_FIELDS = {
-    "address": lambda v: isinstance(v, str),
-    "orcpt": _optional_str,
-    "notify": lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)),
-    "state": lambda v: isinstance(v, str),
-    "attempts": lambda v: _is_int(v) and v >= 0,
-    "last_reply": lambda v: True,  # the runner's business (issue 3)
-}
-
-
-def _check_fields(mapping, fields, where: str) -> None:
-    if not isinstance(mapping, dict):
-        raise EnvelopeError(f"{where}: not an object")
-    for key, valid in fields.items():
-        if key not in mapping:
-            raise EnvelopeError(f"{where}: missing {key!r}")
-        if not valid(mapping[key]):
-            raise EnvelopeError(f"{where}: bad {key!r}: {mapping[key]!r}")
-
-
-def check_envelope(envelope) -> None:
-    """EnvelopeError unless `envelope` is a valid version-1 envelope. Unknown
-    extra keys are allowed (readers ignore them); see the versioning policy."""
-    if not isinstance(envelope, dict):
-        raise EnvelopeError("envelope: not an object")
-    if envelope.get("version") != ENVELOPE_VERSION:
-        raise EnvelopeError(f"unknown envelope version {envelope.get('version')!r}")
-    _check_fields(envelope, _ENVELOPE_FIELDS, "envelope")
-    _check_fields(envelope["client"], _CLIENT_FIELDS, "client")
-    for index, recipient in enumerate(envelope["recipients"]):
-        _check_fields(recipient, _RECIPIENT_FIELDS, f"recipient {index}")
-
-
-def encode_envelope(envelope: dict) -> bytes:
-    # allow_nan=False: NaN/Infinity are not JSON (RFC 8259 §6). One line, no
-    # indent: with indent json.dumps falls back to its pure-Python encoder
-    # (3x slower; `mailgw queue show` is the readable view).
-    return json.dumps(envelope, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
-
-
-def decode_envelope(data: bytes, queue_id: str) -> dict:
-    try:
-        envelope = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise EnvelopeError(f"not UTF-8 JSON: {e}") from None
-    check_envelope(envelope)
-    if envelope["id"] != queue_id:
-        raise EnvelopeError(f"id {envelope['id']!r} does not match the file name")
-    return envelope
 
 
 class _EntryWrites:
@@ -194,9 +99,9 @@ class Spool:
         self._writer = writer
         self._reactor = reactor
         self._listeners = []
-        # Per queue id: the writes of an entry with one in flight (issue 23:
-        # a control command's update raced the runner's and both wrote the
-        # same file; the later one to land must be the later one asked for).
+        # Per queue id: the writes of an entry with one in flight (a control
+        # command's update may race the runner's; both write the same file,
+        # and the later one to land must be the later one asked for).
         self._writes: dict[str, _EntryWrites] = {}
         # Start-up, before the reactor runs.
         self._make_layout()
@@ -204,19 +109,19 @@ class Spool:
     def new_id(self) -> str:
         return new_queue_id(self._reactor.seconds())
 
-    def enqueue(self, queue_id: str, envelope: dict, message: bytes) -> Deferred:
+    def enqueue(self, queue_id: str, envelope: Envelope, message: bytes) -> Deferred:
         """Durably store message + envelope; fires with queue_id after the
         commit, fails with ValueError for an invalid id or envelope (nothing
         written) or StorageFull/StorageFailed."""
         try:
             if not is_queue_id(queue_id):
                 raise ValueError(f"not a queue id: {queue_id!r}")
-            check_envelope(envelope)
-            if envelope["id"] != queue_id:
+            data = _checked(envelope)
+            encoded = encode_json(data)
+            if envelope.id != queue_id:
                 raise EnvelopeError("envelope id differs from queue_id")
-            if envelope["size"] != len(message):
+            if envelope.size != len(message):
                 raise EnvelopeError("envelope size differs from the message length")
-            encoded = encode_envelope(envelope)
         except (ValueError, TypeError):
             return fail()
         # Order matters: .msg durable and in active/ before .env appears there.
@@ -226,31 +131,33 @@ class Spool:
                 (self.active, self.incoming, queue_id + ENV_SUFFIX, encoded),
             ]
         )
-        return d.addCallback(self._committed, envelope)
+        return d.addCallback(self._committed, queue_id, data)
 
     def add_listener(self, listener) -> None:
-        """`listener(envelope)` is called on the reactor thread after each
-        enqueue has committed (the queue runner schedules it)."""
+        """`listener(data)` is called on the reactor thread after each
+        enqueue has committed (the queue runner schedules it), with the
+        envelope's JSON form as written (`Envelope.to_json()`): an SMTP worker
+        process forwards it to the main process as it is (mailgw/worker.py),
+        and QueueRunner.add takes it."""
         self._listeners.append(listener)
 
-    def _committed(self, _, envelope: dict) -> str:
+    def _committed(self, _, queue_id: str, data: dict) -> str:
         for listener in self._listeners:
             try:
-                listener(envelope)
+                listener(data)
             except Exception:
-                self.log.failure("spool listener failed for {queue_id}", queue_id=envelope["id"])
-        return envelope["id"]
+                self.log.failure("spool listener failed for {queue_id}", queue_id=queue_id)
+        return queue_id
 
-    def update(self, envelope: dict) -> Deferred:
+    def update(self, envelope: Envelope) -> Deferred:
         """Durably replace the envelope of a committed entry (new recipient
         states, attempts, hold flag...). Fires with the queue id. Updates and
         discards of one entry are applied one at a time, in the order asked."""
         try:
-            check_envelope(envelope)
-            encoded = encode_envelope(envelope)
+            encoded = encode_json(_checked(envelope))
         except (ValueError, TypeError):
             return fail()
-        return self._serialised(envelope["id"], _UPDATE, encoded)
+        return self._serialised(envelope.id, _UPDATE, encoded)
 
     def _serialised(self, queue_id: str, kind: str, data: bytes | None) -> Deferred:
         d = Deferred()
@@ -308,7 +215,7 @@ class Spool:
 
     # -- blocking: start-up, the CLI, or a pool thread -------------------------
 
-    def recover(self) -> list[dict]:
+    def recover(self) -> list[Envelope]:
         """Bring the spool back to committed entries only, after any crash.
         Returns the valid envelopes sorted by id (= by arrival)."""
         self._make_layout()
@@ -339,7 +246,7 @@ class Spool:
             fsync_directory(directory)
         return valid
 
-    def load(self, queue_id: str) -> tuple[dict, Path]:
+    def load(self, queue_id: str) -> tuple[Envelope, Path]:
         """(envelope, path of the .msg) of a committed entry. KeyError if there
         is none, EnvelopeError if it is unreadable."""
         if not is_queue_id(queue_id):
@@ -364,11 +271,11 @@ class Spool:
 
     # -- helpers ----------------------------------------------------------------
 
-    def _read_entry(self, queue_id: str, env_path: Path, msg_path: Path) -> dict:
-        envelope = decode_envelope(env_path.read_bytes(), queue_id)
+    def _read_entry(self, queue_id: str, env_path: Path, msg_path: Path) -> Envelope:
+        envelope = Envelope.decode(env_path.read_bytes(), queue_id)
         size = msg_path.stat().st_size  # FileNotFoundError: .env without .msg
-        if size != envelope["size"]:
-            raise EnvelopeError(f"message is {size} octets, envelope says {envelope['size']}")
+        if size != envelope.size:
+            raise EnvelopeError(f"message is {size} octets, envelope says {envelope.size}")
         return envelope
 
     def _make_layout(self) -> None:
@@ -402,17 +309,10 @@ class Spool:
         )
 
 
-def read_file(path) -> bytes:
-    """The whole file in as few system calls as possible (open, read, close):
-    in a pool thread each one is a GIL hand-off."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        parts = []
-        while chunk := os.read(fd, 1 << 20):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _checked(envelope: Envelope) -> dict:
+    if not isinstance(envelope, Envelope):
+        raise TypeError(f"not an Envelope: {type(envelope).__name__}")
+    return envelope.checked_json()
 
 
 def message_reader(reactor, threadpool):

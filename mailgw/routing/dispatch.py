@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from mailgw.config_types import Config
 from mailgw.errors import MailError, PermanentError
 from mailgw.interfaces import IUserDB
+from mailgw.queue.envelope import Envelope, EnvelopeClient, EnvelopeRecipient
 from mailgw.queue.spool import new_queue_id
 from mailgw.routing.resolver import LocalTarget, Resolver
 from mailgw.smtp import codes
@@ -142,8 +143,10 @@ class Dispatcher:
                 transaction.forwards.append((rcpt, target.address))
 
     def commit(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool = False,
-               client: dict, user: str | None = None, origin=None):
+               client: EnvelopeClient | dict, user: str | None = None, origin=None):
         """Make the message durable for every recipient; fires with queue_id.
+        `client`: the session, as the spool envelope records it (a dict is
+        its JSON form, docs/spool-format.md).
 
         All or nothing: if any part fails, what was already written for this
         message is removed again and the client is told to retry (4xx), so a
@@ -161,8 +164,8 @@ class Dispatcher:
         return d.addCallback(lambda outcome: self._write(transaction, outcome.message, queue_id, lf=lf,
                                                          client=client, quarantine=outcome.quarantine_folder))
 
-    def _write(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool, client: dict,
-               quarantine: str | None = None):
+    def _write(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool,
+               client: EnvelopeClient | dict, quarantine: str | None = None):
         work = []
         filed: dict = {}            # (mailbox, folder) -> the folder a quarantined copy went to
         started = self.clock.seconds()
@@ -187,8 +190,7 @@ class Dispatcher:
             wire = message.replace(b"\n", b"\r\n") if lf else message
         if transaction.remote:
             recipients = [_spool_recipient(rcpt, str(rcpt.recipient)) for rcpt in transaction.remote]
-            work.append(self.spool.enqueue(queue_id, self._envelope(transaction, queue_id, len(wire), recipients,
-                                                                    sender_text, client), wire))
+            work.append(self._enqueue(transaction, queue_id, wire, recipients, sender_text, client))
         if transaction.forwards:
             # A forward leaves with an SRS sender of ours (so its bounce comes
             # back to us and on to the original sender, never to the alias's
@@ -196,9 +198,8 @@ class Dispatcher:
             # the original sender.
             forward_id = new_queue_id(self.clock.seconds()) if transaction.remote else queue_id
             recipients = [_spool_recipient(rcpt, address) for rcpt, address in transaction.forwards]
-            envelope = self._envelope(transaction, forward_id, len(wire), recipients,
-                                      self.router.forward_sender(sender_text), client)
-            work.append(self.spool.enqueue(forward_id, envelope, wire))
+            work.append(self._enqueue(transaction, forward_id, wire, recipients,
+                                      self.router.forward_sender(sender_text), client))
         done = defer.DeferredList(work, consumeErrors=True)
 
         def settle(results):
@@ -247,26 +248,35 @@ class Dispatcher:
                           "status=sent (delivered to {where})",
                           queue_id=queue_id, to=mailbox, orig=orig, delay=delay, where=where)
 
-    def _envelope(self, transaction: Transaction, queue_id: str, size: int, recipients: list[dict],
-                  sender: str, client: dict) -> dict:
+    def _enqueue(self, transaction: Transaction, queue_id: str, wire: bytes, recipients: list[EnvelopeRecipient],
+                 sender: str, client: EnvelopeClient | dict):
+        """spool.enqueue of a new envelope; a client that is not valid fails
+        the Deferred as an invalid envelope does (ValueError)."""
+        try:
+            envelope = self._envelope(transaction, queue_id, len(wire), recipients, sender, client)
+        except ValueError:
+            return defer.fail()
+        return self.spool.enqueue(queue_id, envelope, wire)
+
+    def _envelope(self, transaction: Transaction, queue_id: str, size: int, recipients: list[EnvelopeRecipient],
+                  sender: str, client: EnvelopeClient | dict) -> Envelope:
         mail_from = transaction.mail_from
         now = self.clock.seconds()
-        return {
-            "version": 1,
-            "id": queue_id,
-            "arrival": now,
-            "sender": sender,
-            "sender_utf8": mail_from.smtputf8,
-            "body": mail_from.body,
-            "size": size,
-            "envid": mail_from.envid,
-            "ret": mail_from.ret,
-            "client": client,
-            "recipients": recipients,
-            "attempts": 0,
-            "next_attempt": now,
-            "history": [],
-        }
+        return Envelope(
+            id=queue_id,
+            arrival=now,
+            sender=sender,
+            sender_utf8=mail_from.smtputf8,
+            body=mail_from.body,
+            size=size,
+            envid=mail_from.envid,
+            ret=mail_from.ret,
+            client=client if isinstance(client, EnvelopeClient) else EnvelopeClient.from_json(client),
+            recipients=recipients,
+            attempts=0,
+            next_attempt=now,
+            history=[],
+        )
 
 
 def _target_order(target: tuple[str, str | None]):
@@ -274,15 +284,13 @@ def _target_order(target: tuple[str, str | None]):
     return mailbox, folder or ""
 
 
-def _spool_recipient(rcpt: RcptTo, address: str) -> dict:
-    entry = {"address": address, "orcpt": rcpt.orcpt,
-             "notify": list(rcpt.notify) if rcpt.notify else None,
-             "state": "pending", "attempts": 0, "last_reply": None}
+def _spool_recipient(rcpt: RcptTo, address: str) -> EnvelopeRecipient:
+    entry = EnvelopeRecipient(address, orcpt=rcpt.orcpt, notify=tuple(rcpt.notify) if rcpt.notify else None)
     original = str(rcpt.recipient)
     if original.lower() != address.lower():
         # What the client asked for, for the log's orig_to= and, when the
         # client gave no ORCPT, the DSN's Original-Recipient (RFC 3461 §4.2).
-        entry["orig_to"] = original
+        entry.orig_to = original
         if rcpt.orcpt is None:
-            entry["orcpt"] = f"rfc822;{original}"
+            entry.orcpt = f"rfc822;{original}"
     return entry

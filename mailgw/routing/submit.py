@@ -16,11 +16,12 @@ from twisted.logger import Logger
 
 from mailgw.errors import MailError, PermanentError
 from mailgw.mailauth.stages import SUBMISSION, Origin
+from mailgw.queue.envelope import EnvelopeClient
 from mailgw.queue.spool import new_queue_id
 from mailgw.routing.dispatch import Dispatcher, Transaction, refusal
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, MailFrom, parse_mail_from, parse_rcpt_to
-from mailgw.smtp.delivery import trace_date
+from mailgw.smtp.inbound import trace_date
 
 # RFC 3463 §3.6 5.5.1 (invalid command): a submission needs at least one recipient.
 # RFC 3463 §3.5 5.3.4: message too big for the system.
@@ -54,7 +55,7 @@ class LocalSubmission:
         who = f"uid {uid}" if uid is not None else "unknown uid"
         received = (f"Received: by {self.hostname} (mailgw sendmail, from {who}, login {_safe(login)})\r\n"
                     f"\tid {queue_id}; {trace_date(int(self.clock.seconds()))}\r\n").encode("ascii")
-        client = {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "sendmail"}
+        client = EnvelopeClient(ip="127.0.0.1", helo=None, tls=False, auth=None, listener="sendmail")
         origin = Origin(SUBMISSION, "127.0.0.1", None, sender)
         d = self.dispatcher.commit(transaction, received + message, queue_id, client=client, origin=origin)
 

@@ -18,7 +18,7 @@ from mailgw import config as config_module
 from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
 from mailgw.interfaces import ILocalStore, ISpool, IUserDB
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from mailgw.smtp.server import SMTPFactory
 
 HOSTNAME = "mail.example.test"
@@ -89,14 +89,18 @@ class FakeStore:
 @implementer(ISpool)
 class FakeSpool:
     def __init__(self):
-        self.queued = []           # (queue_id, envelope, message)
+        self.queued = []           # (queue_id, the envelope's JSON form as stored, message)
         self.discarded = []
         self.fail_with = None
 
     def enqueue(self, queue_id, envelope, message):
         if self.fail_with is not None:
             return defer.fail(self.fail_with)
-        self.queued.append((queue_id, envelope, bytes(message)))
+        try:
+            stored = envelope.checked_json()     # refused as the real spool refuses it
+        except ValueError:
+            return defer.fail()
+        self.queued.append((queue_id, stored, bytes(message)))
         return defer.succeed(queue_id)
 
     def discard(self, queue_id):

@@ -40,6 +40,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 from mailgw.durable import DurableWriter
+from mailgw.queue.envelope import Envelope
 from mailgw.queue.spool import Spool, new_queue_id
 from mailgw.store.maildir import MaildirStore
 
@@ -72,7 +73,7 @@ def enqueue(n):
                         "state": "pending", "attempts": 0, "last_reply": None}],
         "attempts": 0, "next_attempt": reactor.seconds(), "history": [],
     }
-    return spool.enqueue(queue_id, envelope, message).addCallback(lambda q: "COMMITTED " + q)
+    return spool.enqueue(queue_id, Envelope.from_json(envelope), message).addCallback(lambda q: "COMMITTED " + q)
 
 def deliver(n):
     d = store.deliver(["alice@example.org", "bob@example.org"], make_message(n))
@@ -179,12 +180,12 @@ def recovering_spool(tmp_path):
 def check_spool_after_crash(tmp_path, committed: list[str]):
     spool = recovering_spool(tmp_path)
     recovered = spool.recover()
-    recovered_ids = [envelope["id"] for envelope in recovered]
+    recovered_ids = [envelope.id for envelope in recovered]
     assert set(committed) <= set(recovered_ids), "a committed message was lost"
     for envelope in recovered:  # nothing half-written comes back
-        _, msg_path = spool.load(envelope["id"])
+        _, msg_path = spool.load(envelope.id)
         message = msg_path.read_bytes()
-        assert len(message) == envelope["size"] and is_complete(message), envelope["id"]
+        assert len(message) == envelope.size and is_complete(message), envelope.id
     assert list(spool.incoming.iterdir()) == []
     names = os.listdir(spool.active)
     assert sorted(names) == sorted(f"{i}.{s}" for i in recovered_ids for s in ("msg", "env"))

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgw.queue import model
-from mailgw.queue.dsn import RETURN_LIMIT, build_dsn, dsn_envelope_fields, should_send
+from mailgw.queue.dsn import RETURN_LIMIT, NoticeRecipient, build_dsn, notice_envelope, should_send
+from mailgw.queue.envelope import Envelope
 from mailgw.queue.model import RecipientResult
 from mailgw.queue.policy import KIND_DELAY, KIND_FAILURE, KIND_SUCCESS
 from fuzzing import fuzz_settings
@@ -19,6 +20,7 @@ NOW = 1_700_003_600.0           # Tue, 14 Nov 2023 23:13:20 +0000
 ARRIVAL = 1_700_000_000.0       # Tue, 14 Nov 2023 22:13:20 +0000
 RETRY_UNTIL = ARRIVAL + 5 * 86400
 HOST = "mx.example.org"
+NOTICE_ID = "0123456789ABCDEG"
 ORIGINAL = (b"Received: from client.example.net ([192.0.2.7]) by mx.example.org\r\n"
             b"From: Alice <alice@example.org>\r\n"
             b"To: bob@example.com\r\n"
@@ -30,22 +32,22 @@ ORIGINAL = (b"Received: from client.example.net ([192.0.2.7]) by mx.example.org\
 ORIGINAL_HEADERS = ORIGINAL.split(b"\r\n\r\n")[0] + b"\r\n"
 
 
-def recipient(address="bob@example.com", **changes) -> dict:
-    entry = {"address": address, "orcpt": None, "notify": None, "state": model.PENDING,
-             "attempts": 1, "last_reply": None}
-    entry.update(changes)
-    return entry
+def recipient(address="bob@example.com", notify=None, **changes) -> NoticeRecipient:
+    return NoticeRecipient(address, notify=None if notify is None else tuple(notify), **changes)
 
 
-def envelope(*recipients, **changes) -> dict:
+def envelope(*recipients, **changes) -> Envelope:
     env = {"version": 1, "id": "0123456789ABCDEF", "arrival": ARRIVAL, "sender": "alice@example.org",
            "sender_utf8": False, "body": "7BIT", "size": len(ORIGINAL), "envid": None, "ret": None,
            "client": {"ip": "192.0.2.7", "helo": "client.example.net", "tls": True, "auth": "alice",
                       "listener": "submission"},
-           "recipients": list(recipients) or [recipient()], "attempts": 1, "next_attempt": NOW,
-           "history": []}
+           "recipients": [{"address": r.address, "orcpt": r.orcpt,
+                           "notify": None if r.notify is None else list(r.notify),
+                           "state": model.PENDING, "attempts": 1, "last_reply": None}
+                          for r in recipients or [recipient()]],
+           "attempts": 1, "next_attempt": NOW, "history": []}
     env.update(changes)
-    return env
+    return Envelope.from_json(env)
 
 
 BOUNCE = RecipientResult("bob@example.com", model.STATUS_BOUNCED, 550, "5.1.1",
@@ -58,7 +60,7 @@ SENT = RecipientResult("bob@example.com", model.STATUS_SENT, 250, "2.0.0", "Ok: 
 def make(kind=KIND_FAILURE, env=None, pairs=None, original=ORIGINAL, **kwargs) -> bytes:
     env = env or envelope()
     if pairs is None:
-        pairs = [(env["recipients"][0], BOUNCE)]
+        pairs = [(NoticeRecipient.of(env.recipients[0]), BOUNCE)]
     kwargs.setdefault("will_retry_until", RETRY_UNTIL if kind == KIND_DELAY else None)
     data = build_dsn(kind, env, pairs, reporting_mta=HOST, now=NOW, original=original, **kwargs)
     assert_wire_form(data)
@@ -346,7 +348,7 @@ def test_8bit_original_does_not_crash_and_is_returned_unchanged():
     assert parts[2].get_content_type() == "message/rfc822"
     assert parts[2]["Content-Transfer-Encoding"] == "8bit"
     assert parts[2].get_payload(0)["Subject"] == "café"
-    assert dsn_envelope_fields(envelope(), data)["body"] == "8BITMIME"
+    assert notice_envelope(envelope(), data, queue_id=NOTICE_ID, now=NOW).body == "8BITMIME"
 
 
 def test_utf8_headers_are_returned_as_message_global():
@@ -370,7 +372,7 @@ def test_non_ascii_recipient_uses_the_utf8_address_type():
 def test_non_ascii_sender_gets_a_utf8_header():
     data = make(env=envelope(sender="jörg@exämple.org", sender_utf8=True))
     assert "To: <jörg@exämple.org>".encode() in data
-    assert dsn_envelope_fields(envelope(sender="jörg@exämple.org"), data)["sender_utf8"] is True
+    assert notice_envelope(envelope(sender="jörg@exämple.org"), data, queue_id=NOTICE_ID, now=NOW).sender_utf8 is True
 
 
 @pytest.mark.parametrize("original", [
@@ -454,9 +456,10 @@ def test_no_success_dsn_when_the_next_hop_took_notify():
     assert not should_send(KIND_SUCCESS, envelope(rcpt), rcpt)
 
 
-def test_dsn_envelope_fields():
+def test_notice_envelope():
     data = make()
-    fields = dsn_envelope_fields(envelope(), data)
+    notice = notice_envelope(envelope(), data, queue_id=NOTICE_ID, now=NOW)
+    fields = notice.checked_json()
     assert fields["sender"] == ""                              # RFC 3461 §6.1
     assert fields["ret"] is None and fields["envid"] is None
     assert fields["size"] == len(data)
@@ -466,6 +469,11 @@ def test_dsn_envelope_fields():
     assert rcpt["address"] == "alice@example.org"
     assert rcpt["notify"] == ["NEVER"]
     assert rcpt["state"] == model.PENDING
+    assert fields["client"] == {"ip": "127.0.0.1", "helo": None, "tls": False, "auth": None, "listener": "dsn"}
+    assert (fields["id"], fields["arrival"], fields["next_attempt"]) == (NOTICE_ID, NOW, NOW)
+    assert (fields["attempts"], fields["history"]) == (0, [])
+    to = notice_envelope(envelope(), data, queue_id=NOTICE_ID, now=NOW, to=["a@x.test", "b@y.test"])
+    assert [r.address for r in to.recipients] == ["a@x.test", "b@y.test"]
 
 
 # -- fuzz: whatever comes back from the network or the spool, the DSN is well formed --------------

@@ -23,7 +23,8 @@ from mailgw import cli
 from mailgw.durable import DurableWriter
 from mailgw.queue import admin, control
 from mailgw.queue.admin import queue_main
-from mailgw.queue.spool import Spool, check_envelope, decode_envelope, new_queue_id
+from mailgw.queue.envelope import Envelope
+from mailgw.queue.spool import Spool, new_queue_id
 from threadless import ImmediatePool, ThreadlessClock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,14 +70,15 @@ class Rig:
             "attempts": 0, "next_attempt": arrival, "history": [], **fields,
         }
         results = []
-        self.spool.enqueue(queue_id, envelope, message).addBoth(results.append)
+        self.spool.enqueue(queue_id, Envelope.from_json(envelope), message).addBoth(results.append)
         assert results == [queue_id]
         return queue_id
 
     def envelope(self, queue_id):
-        envelope = decode_envelope((self.active / f"{queue_id}.env").read_bytes(), queue_id)
-        check_envelope(envelope)
-        return envelope
+        """The JSON on disk, checked to be what the server reads."""
+        data = (self.active / f"{queue_id}.env").read_bytes()
+        Envelope.decode(data, queue_id)
+        return json.loads(data)
 
     def typical(self):
         """Two messages: one deferred with history, one held bounce notice."""
@@ -222,7 +224,7 @@ def assert_spool_clean(rig):
     # What the server will find at its next start: every entry valid, nothing corrupt.
     recovered = Spool(rig.queue_dir, writer=None, reactor=rig.clock).recover()
     assert list((rig.queue_dir / "corrupt").iterdir()) == []
-    return {e["id"]: e for e in recovered}
+    return {e.id: e.to_json() for e in recovered}
 
 
 def test_hold_and_release_rewrite_the_envelope(rig, capsys):
@@ -350,6 +352,7 @@ import json, sys
 from pathlib import Path
 from twisted.internet import defer, reactor
 from mailgw.queue.control import acquire_server_lock, control_service
+from mailgw.queue.envelope import Envelope
 
 queue_dir, socket_path = Path(sys.argv[1]), sys.argv[2]
 lock = acquire_server_lock(queue_dir, wait=0)
@@ -363,7 +366,7 @@ class Runner:
         self.slow = set(i for i, e in self.envelopes.items() if e.get("envid") == "slow")
 
     def snapshot(self):
-        return [dict(self.envelopes[i], in_flight=i in self.slow) for i in sorted(self.envelopes)]
+        return [(Envelope.from_json(self.envelopes[i]), i in self.slow) for i in sorted(self.envelopes)]
 
     def stats(self):
         return {"messages": len(self.envelopes), "held": 1, "in_flight": 0, "deliveries_active": 2,

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from mailgw.errors import StorageFull
 from mailgw.queue import control
 from mailgw.queue.control import MAX_REQUEST, ControlFactory, acquire_server_lock, control_service, try_lock
+from mailgw.queue.envelope import Envelope
 
 ID1 = "0000000000000001"
 ID2 = "0000000000000002"
@@ -46,7 +47,7 @@ class FakeRunner:
 
     def snapshot(self):
         self.calls.append(("snapshot",))
-        return [dict(self.envelopes[i], in_flight=False) for i in sorted(self.envelopes)]
+        return [(Envelope.from_json(self.envelopes[i]), False) for i in sorted(self.envelopes)]
 
     def flush(self, ids=None):
         self.calls.append(("flush", ids))

@@ -10,8 +10,9 @@ pool thread would interleave its write between this one's fsync and rename.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-from twisted.internet import defer
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -84,7 +85,7 @@ def test_hold_then_release_at_once_both_land_in_order(tmp_path, errors):
     pool.drain()
     rig.run()
     pool.drain()
-    assert on_disk(rig, queue_id)["attempts"] == 1
+    assert on_disk(rig, queue_id).attempts == 1
 
     results = []
     for command in ("hold", "release", "hold", "release"):
@@ -93,8 +94,8 @@ def test_hold_then_release_at_once_both_land_in_order(tmp_path, errors):
 
     assert results == [("ok", queue_id)] * 4
     assert errors == []
-    assert on_disk(rig, queue_id)["hold"] is False      # the last one asked for
-    assert rig.runner.envelopes[queue_id]["hold"] is False
+    assert on_disk(rig, queue_id).hold is False      # the last one asked for
+    assert rig.runner.envelopes[queue_id].hold is False
     assert list(rig.spool.incoming.iterdir()) == []
 
 
@@ -158,10 +159,10 @@ def test_spool_updates_of_one_entry_are_merged_and_ordered(tmp_path):
     envelope = on_disk(rig, queue_id)
     results = []
     for attempts in (1, 2, 3):
-        fired(rig.spool.update(dict(envelope, attempts=attempts)), results)
+        fired(rig.spool.update(dataclasses.replace(envelope, attempts=attempts)), results)
     fired(rig.spool.discard(queue_id), results)
     late = []
-    fired(rig.spool.update(dict(envelope, attempts=4)), late)
+    fired(rig.spool.update(dataclasses.replace(envelope, attempts=4)), late)
     pool.drain()
     assert results == [("ok", queue_id)] * 3 + [("ok", None)]
     (outcome,) = late

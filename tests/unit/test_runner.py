@@ -13,9 +13,10 @@ from twisted.internet import defer
 
 from mailgw.durable import DurableWriter
 from mailgw.queue.model import STATUS_BOUNCED, STATUS_DEFERRED, STATUS_SENT, AttemptResult, RecipientResult
+from mailgw.queue.envelope import Envelope
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, new_queue_id
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from mailgw.store.maildir import MaildirStore
 from smtp_harness import FakeUserDB, make_config
 from threadless import ImmediatePool, ThreadlessClock
@@ -93,7 +94,7 @@ class Rig:
                             "last_reply": None} for r in recipients],
             "attempts": 0, "next_attempt": now, "history": [],
         }
-        self.spool.enqueue(queue_id, envelope, body)
+        self.spool.enqueue(queue_id, Envelope.from_json(envelope), body)
         return queue_id
 
     def queued_ids(self):
@@ -136,8 +137,8 @@ def test_4xx_is_retried_on_schedule_then_delivered(tmp_path):
     queue_id = rig.enqueue()
     rig.run()
     envelope, _ = rig.spool.load(queue_id)
-    assert envelope["attempts"] == 1 and envelope["recipients"][0]["state"] == "pending"
-    assert envelope["recipients"][0]["last_reply"] == "smtp; 451 4.3.0 try again later"
+    assert envelope.attempts == 1 and envelope.recipients[0].state == "pending"
+    assert envelope.recipients[0].last_reply == "smtp; 451 4.3.0 try again later"
     rig.run(299)
     assert len(rig.transport.requests) == 1
     rig.run(1)
@@ -256,7 +257,7 @@ def test_mixed_outcomes_are_kept_per_recipient(tmp_path):
     rig.run()
     assert sorted(r.domain for r in rig.transport.requests) == ["one.test", "two.test"]
     envelope, _ = rig.spool.load(queue_id)
-    assert [r["state"] for r in envelope["recipients"]] == ["sent", "pending", "bounced"]
+    assert [r.state for r in envelope.recipients] == ["sent", "pending", "bounced"]
     assert len(rig.inbox()) == 1                       # the bounce for c
     rig.run(300)
     retry = rig.transport.requests[-1]
@@ -308,7 +309,7 @@ def test_admin_hold_release_delete_bounce(tmp_path):
     rig.runner.flush()
     rig.run()
     assert held not in [r.queue_id for r in rig.transport.requests[3:]]
-    assert rig.spool.load(held)[0]["hold"] is True
+    assert rig.spool.load(held)[0].hold is True
     rig.runner.release(held)
     rig.run()
     assert rig.transport.requests[-1].queue_id == held

@@ -7,7 +7,7 @@ from mailgw.queue.model import STATUS_BOUNCED
 from mailgw.routing import aliases as table_module
 from mailgw.routing.resolver import Resolver, StaticAliases
 from mailgw.routing.srs import SRS
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from smtp_harness import FakeUserDB
 from test_runner import Rig, dsn_fields
 

@@ -8,6 +8,8 @@ fakes, time is a task.Clock, logs go to a Logger with a list as observer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import base64
 import io
 import ipaddress
@@ -27,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from mailgw import workers
+from mailgw.queue.envelope import Envelope
 from mailgw.errors import LoginsRefused, TemporaryError
 from mailgw.worker import parse_socket
 from mailgw.workers import (MAX_LINE, RESTART_FACTOR, RESTART_FIRST, RESTART_MAX, RESTART_STABLE, STOP_GRACE,
@@ -101,13 +104,14 @@ class FakeProcessTransport:
 
 class FakeRunner:
     def __init__(self, envelopes=None, finished=()):
-        self.envelopes: dict[str, dict] = dict(envelopes or {})
+        self.envelopes: dict[str, Envelope] = dict(envelopes or {})
         self.finished = dict.fromkeys(finished)     # as QueueRunner.finished: ids done with
-        self.added: list[dict] = []
+        self.added: list[Envelope] = []
 
-    def add(self, envelope: dict) -> None:
+    def add(self, envelope) -> None:
+        """As QueueRunner.add: an Envelope, or its JSON form (off a worker's pipe)."""
         self.added.append(envelope)
-        self.envelopes[envelope["id"]] = envelope
+        self.envelopes[envelope.id if isinstance(envelope, Envelope) else envelope["id"]] = envelope
 
 
 class FakeMailStore:
@@ -449,7 +453,7 @@ class FakeReactor:
 
 class FakeSpool:
     def __init__(self, entries=None, broken=None):
-        self.entries: dict[str, dict] = dict(entries or {})
+        self.entries: dict[str, Envelope] = dict(entries or {})
         self.broken: dict[str, Exception] = dict(broken or {})
         self.ids_error: Exception | None = None
         self.loads: list[str] = []
@@ -463,11 +467,18 @@ class FakeSpool:
         self.loads.append(queue_id)
         if queue_id in self.broken:
             raise self.broken[queue_id]
-        return dict(self.entries[queue_id]), Path("/spool/env") / queue_id
+        return self.entries[queue_id], Path("/spool/env") / queue_id
 
 
-def envelope(queue_id: str) -> dict:
-    return {"id": queue_id, "sender": "a@example.test", "recipients": ["b@remote.test"]}
+def envelope(queue_id: str) -> Envelope:
+    """What Spool.load returns: a typed envelope (the short ids of these tests put in place after validation)."""
+    return dataclasses.replace(Envelope.from_json({
+        "version": 1, "id": "0123456789ABCDEF", "arrival": 1700000000.0, "sender": "a@example.test",
+        "sender_utf8": False, "body": "7BIT", "size": 100, "envid": None, "ret": None,
+        "client": {"ip": "192.0.2.1", "helo": "client.test", "tls": False, "auth": None, "listener": "relay"},
+        "recipients": [{"address": "b@remote.test", "orcpt": None, "notify": None, "state": "pending",
+                        "attempts": 0, "last_reply": None}],
+        "attempts": 0, "next_attempt": 1700000000.0, "history": []}), id=queue_id)
 
 
 PYTHON = "/opt/test/bin/python3"
@@ -1056,7 +1067,7 @@ def test_shared_listening_socket_is_registered_with_epollexclusive():
     from twisted.internet import epollreactor
     from twisted.internet.protocol import ServerFactory
 
-    from mailgw.worker import accept_exclusively
+    from mailgw.twisted_wall import accept_exclusively
 
     reactor = epollreactor.EPollReactor()
     listening = socket_module.socket()
@@ -1082,7 +1093,7 @@ def test_shared_listening_socket_is_registered_with_epollexclusive():
 def test_accept_exclusively_leaves_other_reactors_alone():
     from twisted.internet.testing import MemoryReactor
 
-    from mailgw.worker import accept_exclusively
+    from mailgw.twisted_wall import accept_exclusively
 
     class Port:
         def fileno(self):
