@@ -12,7 +12,7 @@ from zope.interface import implementer
 
 from mailgw.imap.mailbox import IMAPAccount
 from mailgw.pop3.maildrop import Maildrop, MaildropLocks
-from mailgw.smtp.delivery import Router, SMTPDelivery
+from mailgw.smtp.inbound import Router, SMTPDelivery
 
 
 @implementer(IRealm)

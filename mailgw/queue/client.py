@@ -1,6 +1,6 @@
 """The outbound SMTP client: one connection, one transaction, per-recipient replies.
 
-Our own, not Twisted's SMTPClient/ESMTPSender (twisted-traps.md §0.1, §2.1):
+Our own, not Twisted's SMTPClient/ESMTPSender (docs/twisted.md §0.1, §2.1):
 theirs dot-stuffs per 16 KiB chunk (a "." line at a chunk boundary or at
 offset 0 is not stuffed: SMTP smuggling), believes plaintext replies injected
 after the STARTTLS 220, QUITs on a TLS failure without a plaintext retry
@@ -54,9 +54,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailgw.config_types import TLS_IMPLICIT, TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED
-from mailgw.limits import send_now
+from mailgw.twisted_wall import send_now
 from mailgw.queue.model import DeliveryRequest
+from mailgw.smtp import extensions as ext
 from mailgw.smtp.codes import Reply
+from mailgw.smtp.data import canonical_line_ends, dot_stuff
+from mailgw.smtp.xtext import encode_orcpt, encode_xtext
 
 log = Logger()
 
@@ -72,7 +75,7 @@ QUIT_TIMEOUT = 10.0            # seconds we wait for 221 (also bounded by reply_
 CLOSE_GRACE = 5.0              # seconds for a polite close before we abort the connection
 
 # Why a session failed before any recipient-specific reply (SessionFailure.kind).
-FAIL_CONNECT = "connect"              # could not connect (set by the caller, mailgw.queue.delivery)
+FAIL_CONNECT = "connect"              # could not connect (set by the caller, mailgw.queue.outbound)
 FAIL_GREETING = "greeting"            # greeting was not 220
 FAIL_HELO = "helo"                    # EHLO and HELO refused
 FAIL_TLS = "tls"                      # STARTTLS/implicit TLS handshake or certificate failed
@@ -137,7 +140,7 @@ class UnverifiedClientTLS:
 
     Without a policy (MTA-STS, DANE) an MX certificate cannot be checked
     meaningfully (RFC 7435 opportunistic security), and verifying would
-    fail hard on self-signed MX hosts (twisted-traps.md §2.1)."""
+    fail hard on self-signed MX hosts (docs/twisted.md §2.1)."""
 
     def __init__(self, hostname: str):
         self._options = ssl.CertificateOptions(verify=False)
@@ -181,77 +184,7 @@ def client_tls_options(policy: str, hostname: str, ca_file: Path | None = None):
     return ssl.optionsForClientTLS(hostname.rstrip("."), trustRoot=trust)
 
 
-# --- message preparation -------------------------------------------------------
-
-_BARE_CR_OR_LF = re.compile(rb"\r\n|\r|\n")
-
-
-def canonical_line_ends(message: bytes) -> bytes:
-    """CRLF everywhere. The spool holds canonical messages already; a bare CR
-    or LF passed on could end DATA early at a lenient next hop
-    (CVE-2023-51764/-51765/-51766 smuggling), so we never pass one on."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\r") == crlf and message.count(b"\n") == crlf:
-        return message
-    return _BARE_CR_OR_LF.sub(b"\r\n", message)
-
-
-def dot_stuff(message: bytes) -> bytes:
-    """The DATA payload for `message` (CRLF line ends): every line that starts
-    with "." gets another "." (RFC 5321 §4.5.2), the first line included, then
-    the terminating ".\\r\\n". One pass over the whole message, no chunks, so
-    there is no boundary at which a "." line could escape (twisted-traps.md §0.1)."""
-    if message and not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
-
-
-def xtext(value: str) -> str:
-    """RFC 3461 §4: "!".."~" except "+" and "=" as is, every other octet as +HH."""
-    out = []
-    for octet in value.encode("utf-8"):
-        if 0x21 <= octet <= 0x7E and octet not in (0x2B, 0x3D):
-            out.append(chr(octet))
-        else:
-            out.append(f"+{octet:02X}")
-    return "".join(out)
-
-
-def _utf8_addr_xtext(value: str) -> str:
-    """RFC 6533 §3: utf-8-addr-xtext, non-ASCII and specials as \\x{HEX}."""
-    out = []
-    for char in value:
-        if 0x21 <= ord(char) <= 0x7E and char not in "+=\\":
-            out.append(char)
-        else:
-            out.append(f"\\x{{{ord(char):02X}}}")        # HEXPOINT: 2 to 6 digits
-    return "".join(out)
-
-
-def encode_orcpt(orcpt: str) -> str:
-    """Recipient.orcpt ("type;decoded address") -> the ORCPT= value."""
-    addr_type, _, address = orcpt.partition(";")
-    if not address.isascii() or addr_type.lower() == "utf-8":
-        return f"utf-8;{_utf8_addr_xtext(address)}"
-    return f"{addr_type};{xtext(address)}"
-
-
-def parse_extensions(lines: list[str]) -> dict[str, tuple[str, ...]]:
-    """EHLO reply lines after the first -> {KEYWORD: (PARAM, ...)}.
-    `AUTH=PLAIN LOGIN` (pre-RFC 4954 servers) counts as AUTH."""
-    extensions: dict[str, tuple[str, ...]] = {}
-    for line in lines:
-        words = line.split()
-        if not words:
-            continue
-        keyword, params = words[0].upper(), words[1:]
-        if keyword.startswith("AUTH="):
-            keyword, params = "AUTH", [keyword[5:], *params]
-        if keyword == "AUTH":
-            params = sorted(set(extensions.get("AUTH", ())) | {p.upper() for p in params if p})
-        extensions[keyword] = tuple(params)
-    return extensions
-
+# --- replies and commands (xtext, EHLO keywords, dot-stuffing: mailgw.smtp) ------
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*))?", re.S)
 _ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:\s+|$)")
@@ -261,11 +194,6 @@ _BAD_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")
 
 def _clean(raw: bytes) -> str:
     return _CONTROL.sub("?", raw.decode("utf-8", "replace")).strip()
-
-
-def _temporary(reply: Reply) -> Reply:
-    """The same reply as a deferral (session failures never bounce)."""
-    return reply if reply.enhanced.startswith("4") else reply._replace(enhanced="4" + reply.enhanced[1:])
 
 
 def _tls_version(transport) -> str:
@@ -519,7 +447,7 @@ class OutboundSMTP(Protocol):
 
     def _on_ehlo(self, code, lines):
         if code == 250:
-            self.extensions = parse_extensions(lines[1:])
+            self.extensions = ext.parse_ehlo_lines(lines[1:])
             return self._after_hello()
         if 500 <= code <= 599:
             # RFC 5321 §4.1.4 / §3.2: an old server; HELO gives no extensions.
@@ -538,7 +466,7 @@ class OutboundSMTP(Protocol):
             self._in_handshake = False
             self._tls_version = _tls_version(self.transport)
         if not self._tls and self._policy in (TLS_OPPORTUNISTIC, TLS_REQUIRED) and not self._starttls_tried:
-            if "STARTTLS" in self.extensions:
+            if ext.STARTTLS in self.extensions:
                 self._starttls_tried = True
                 return self._send("STARTTLS", self._on_starttls, "starttls")
             if self._policy == TLS_REQUIRED:
@@ -575,7 +503,7 @@ class OutboundSMTP(Protocol):
     def _authenticate(self):
         if not self._tls or self._policy not in (TLS_REQUIRED, TLS_IMPLICIT):
             return self._fail_politely(FAIL_AUTH, NO_CLEARTEXT_AUTH)
-        mechanisms = self.extensions.get("AUTH", ())
+        mechanisms = self.extensions.get(ext.AUTH, ())
         username, password = self._credentials
         if "PLAIN" in mechanisms:
             # RFC 4616: empty authzid (Twisted sends authzid=user, §2.1).
@@ -610,18 +538,18 @@ class OutboundSMTP(Protocol):
         if refusal is not None:
             self._local = [refusal] * len(request.recipients)
             return self._finish()
-        dsn = "DSN" in self.extensions
+        dsn = ext.DSN in self.extensions
         mail = f"MAIL FROM:<{request.sender}>"
-        if "SIZE" in self.extensions:
+        if ext.SIZE in self.extensions:
             mail += f" SIZE={len(self._message)}"              # RFC 1870 §6
-        if "8BITMIME" in self.extensions and (request.body == "8BITMIME" or self._eight_bit()):
+        if ext.EIGHTBITMIME in self.extensions and (request.body == "8BITMIME" or self._eight_bit()):
             mail += " BODY=8BITMIME"                             # RFC 6152 §2
         if self._needs_smtputf8():
             mail += " SMTPUTF8"                                  # RFC 6531 §3.4
         if dsn and request.ret:
             mail += f" RET={request.ret}"                        # RFC 3461 §4.3
         if dsn and request.envid:
-            mail += f" ENVID={xtext(request.envid)}"             # RFC 3461 §4.4
+            mail += f" ENVID={encode_xtext(request.envid)}"             # RFC 3461 §4.4
         commands = [(mail, self._on_mail)]
         for index, recipient in enumerate(request.recipients):
             if _BAD_ADDRESS.search(recipient.address) or not recipient.address:
@@ -636,7 +564,7 @@ class OutboundSMTP(Protocol):
         if len(commands) == 1:
             return self._finish()
         self._rcpt_commands = commands[1:]
-        self._pipelined = "PIPELINING" in self.extensions
+        self._pipelined = ext.PIPELINING in self.extensions
         if self._pipelined:
             # RFC 2920 §3.1: MAIL and RCPT anywhere in a group, DATA as its last
             # command: one round trip to the 354 instead of two (as Postfix does).
@@ -648,16 +576,16 @@ class OutboundSMTP(Protocol):
         request = self.request
         if _BAD_ADDRESS.search(request.sender):
             return BAD_SENDER
-        limit = self.extensions.get("SIZE", ())
-        if limit and limit[0].isdigit() and int(limit[0]) > 0 and len(self._message) > int(limit[0]):
+        limit = ext.size_limit(self.extensions)
+        if limit is not None and len(self._message) > limit:
             return Reply(0, "5.3.4", f"Message size {len(self._message)} exceeds the next hop's limit "
-                                     f"of {int(limit[0])} octets")
-        if self._eight_bit() and "8BITMIME" not in self.extensions:
+                                     f"of {limit} octets")
+        if self._eight_bit() and ext.EIGHTBITMIME not in self.extensions:
             # RFC 6152 §3 allows converting to 7 bit instead; doing that right
             # (MIME structure, broken DKIM signatures) is out of scope, so the
             # simplest honest behaviour: a permanent failure.
             return NO_8BITMIME
-        if self._needs_smtputf8() and "SMTPUTF8" not in self.extensions:
+        if self._needs_smtputf8() and ext.SMTPUTF8 not in self.extensions:
             return NO_SMTPUTF8                                   # RFC 6531 §3.2: no downgrade here
         return None
 
@@ -753,15 +681,15 @@ class OutboundSMTP(Protocol):
     def _session_result(self, unresolved: Reply | None = None) -> SessionResult:
         return SessionResult(replies=self._recipient_replies(unresolved),
                              tls=self._tls_version if self._tls else None,
-                             dsn="DSN" in self.extensions, greeting_name=self.greeting_name)
+                             dsn=ext.DSN in self.extensions, greeting_name=self.greeting_name)
 
     def _failure(self, kind: str, reply: Reply):
         """What a failure means now: before MAIL was answered nothing is
         recipient-specific (SessionFailure); afterwards every recipient
         without an answer is deferred with `reply`."""
         if self._mail_answered or any(r is not None for r in self._local):
-            return self._session_result(_temporary(reply))
-        return SessionFailure(kind, _temporary(reply), greeting_name=self.greeting_name,
+            return self._session_result(reply.as_temporary())
+        return SessionFailure(kind, reply.as_temporary(), greeting_name=self.greeting_name,
                               answered=self._greeted)
 
     def _tls_phase(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mailgw.smtp import codes
+from mailgw.smtp import codes, xtext
 from mailgw.smtp.codes import Reply
 
 # RFC 5322 §3.2.3 atext; RFC 6531 §3.3 adds any UTF-8 beyond ASCII.
@@ -40,7 +40,6 @@ _MAILBOX_UTF8 = _mailbox_re(_ATOM_UTF8, _QUOTED_UTF8, _LABEL_UTF8)
 _FROM = re.compile(r"FROM:[ ]*", re.IGNORECASE)
 _TO = re.compile(r"TO:[ ]*", re.IGNORECASE)
 _PARAM = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?")
-_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 
 # RFC 5321 §4.5.3.1.1/.2: local part 64, domain 255 octets.
 MAX_LOCAL_PART = 64
@@ -128,33 +127,20 @@ def parse_params(text: str) -> dict[str, str | None]:
 
 
 def decode_xtext(value: str) -> str:
-    """RFC 3461 §4: xtext, "+" followed by two upper-case hex digits. The
-    encoded octets must form UTF-8 (the client's xtext() encodes it so)."""
-    if not _XTEXT.fullmatch(value):
-        raise AddressError(codes.BAD_ARGUMENTS.with_text("Invalid xtext"))
-    octets = re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode("utf-8"))
+    """RFC 3461 §4 xtext (mailgw.smtp.xtext), refused with 501 5.5.4."""
     try:
-        return octets.decode("utf-8")
-    except UnicodeDecodeError:
+        return xtext.decode_xtext(value)
+    except xtext.XtextError:
         raise AddressError(codes.BAD_ARGUMENTS.with_text("Invalid xtext")) from None
 
 
-# RFC 6533 §3: utf-8-addr-xtext / utf-8-addr-unitext: QCHAR (no "+", "=", "\\")
-# or UTF-8 (unitext), and \x{HEXPOINT} for any code point.
-_UTF8_ADDR = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\x\{[0-9A-F]{2,6}\})+")
-
-
 def decode_utf8_addr(value: str) -> str:
-    """The address of an ORCPT of type utf-8, its \\x{HEX} escapes undone."""
-    if not _UTF8_ADDR.fullmatch(value):
-        raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter"))
-
-    def char(match):
-        point = int(match.group(1), 16)
-        if point > 0x10FFFF or 0xD800 <= point <= 0xDFFF:
-            raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter"))
-        return chr(point)
-    return re.sub(r"\\x\{([0-9A-F]{2,6})\}", char, value)
+    """The address of an ORCPT of type utf-8 (RFC 6533 §3, mailgw.smtp.xtext),
+    its \\x{HEX} escapes undone; refused with 501 5.5.4."""
+    try:
+        return xtext.decode_utf8_addr(value)
+    except xtext.XtextError:
+        raise AddressError(codes.BAD_ARGUMENTS.with_text("Bad ORCPT parameter")) from None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,14 @@ class Reply(NamedTuple):
     def with_text(self, text: str) -> "Reply":
         return Reply(self.code, self.enhanced, text)
 
+    def as_temporary(self) -> "Reply":
+        """The same reply as a deferral: enhanced class 4 (5.1.1 -> 4.1.1),
+        code and text kept. The outbound client and relay transport use it
+        for failures that must not bounce (a session failure, a failed attempt)."""
+        if not self.enhanced or self.enhanced.startswith("4"):
+            return self
+        return self._replace(enhanced="4" + self.enhanced[1:])
+
 
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

@@ -24,7 +24,7 @@ from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
 from mailgw.imap.server import IMAPFactory
 from mailgw.interfaces import IFolder, IMailStore, IUserMailbox
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from mailgw.store.events import DEFAULT_FOLDERS, Added, Expunged, FlagsChanged, MessageInfo, SyncResult
 from smtp_harness import HOSTNAME, FakeChecker, FakeSpool, FakeStore, FakeUserDB, TLSStringTransport
 

@@ -23,7 +23,7 @@ from mailgw.realm import MailRealm
 from mailgw.config_types import ListenerConfig
 from mailgw.interfaces import IFolder, IMailStore, IUserMailbox
 from mailgw.pop3.server import POP3Factory
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from mailgw.store.events import Added, Expunged, FlagsChanged, MessageInfo, SyncResult
 from smtp_harness import FakeChecker, FakeSpool, FakeStore, FakeUserDB
 

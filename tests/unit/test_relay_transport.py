@@ -25,7 +25,7 @@ from fake_smtp_server import FakeSMTPServer
 from mailgw import config as config_module
 from mailgw.config_types import TLSConfig
 from mailgw.interfaces import IRelayTransport
-from mailgw.queue.delivery import RelayTransport, default_connect
+from mailgw.queue.outbound import RelayTransport, default_connect
 from mailgw.queue.model import STATUS_BOUNCED, STATUS_DEFERRED, STATUS_SENT, DeliveryRequest, Recipient
 from mailgw.tls import ensure_certificate, server_options
 

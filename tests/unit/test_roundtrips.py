@@ -28,7 +28,8 @@ from mailgw.imap import wire
 from mailgw.imap.mailbox import SequenceError, SessionView
 from mailgw.imap.parser import MAX_NUMBER, STAR, ParseError, Reader
 from mailgw.pop3.server import stuff
-from mailgw.queue.client import canonical_line_ends, dot_stuff, encode_orcpt, xtext
+from mailgw.smtp.data import canonical_line_ends, dot_stuff
+from mailgw.smtp.xtext import encode_orcpt, encode_xtext as xtext
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, Mailbox, parse_mail_from, parse_mailbox, parse_rcpt_to
 from mailgw.store.folder import to_crlf

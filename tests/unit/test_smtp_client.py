@@ -21,10 +21,10 @@ from zope.interface import implementer
 from mailgw.config_types import TLS_IMPLICIT, TLS_NONE, TLS_OPPORTUNISTIC, TLS_REQUIRED
 from mailgw.queue import client
 from mailgw.queue.client import (FAIL_AUTH, FAIL_GREETING, FAIL_HELO, FAIL_LOST, FAIL_PROTOCOL, FAIL_TIMEOUT,
-                                 FAIL_TLS, FAIL_TLS_REQUIRED, OutboundSMTP, SessionFailure, SessionResult,
-                                 dot_stuff, parse_extensions, xtext)
+                                 FAIL_TLS, FAIL_TLS_REQUIRED, OutboundSMTP, SessionFailure, SessionResult)
 from mailgw.queue.model import DeliveryRequest, Recipient
 from mailgw.smtp.codes import Reply
+from mailgw.smtp.data import dot_stuff
 
 HOSTNAME = "mail.example.test"
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
@@ -283,14 +283,6 @@ def test_greeting_not_220_is_a_session_failure(greeting):
     assert failure.reply.code == int(greeting[:3]) and failure.reply.enhanced.startswith("4")
 
 
-def test_extensions_are_parsed():
-    extensions = parse_extensions(["SIZE 1000", "8BITMIME", "smtputf8", "DSN", "PIPELINING", "STARTTLS",
-                                   "AUTH PLAIN login CRAM-MD5", "AUTH=PLAIN XOAUTH2"])
-    assert extensions["SIZE"] == ("1000",)
-    assert {"8BITMIME", "SMTPUTF8", "DSN", "PIPELINING", "STARTTLS"} <= set(extensions)
-    assert set(extensions["AUTH"]) == {"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2"}
-
-
 # --- smuggling: dot-stuffing --------------------------------------------------
 
 def test_smuggling_dot_stuffing_covers_the_first_line_and_every_boundary():
@@ -399,11 +391,6 @@ def test_dsn_parameters_only_when_advertised():
     c = Conversation(request)
     c.greet_and_ehlo("PIPELINING")
     assert c.sent() == ["MAIL FROM:<alice@example.org>", "RCPT TO:<bob@example.net>", "DATA"]
-
-
-def test_xtext_and_utf8_orcpt():
-    assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
-    assert client.encode_orcpt("rfc822;j\u00f6@example.net") == "utf-8;j\\x{F6}@example.net"
 
 
 def test_null_sender_and_address_with_line_break_never_reaches_the_wire():
@@ -667,7 +654,7 @@ REUSE_TIME = 300.0
 
 
 def cached_conversation(limit=10, reuse_time=REUSE_TIME):
-    from mailgw.queue.delivery import ConnectionCache
+    from mailgw.queue.outbound import ConnectionCache
     cache = ConnectionCache(idle_time=IDLE_TIME, reuse_time=reuse_time, limit=limit)
     c = Conversation(cache=cache)
     c.greet_and_ehlo("PIPELINING", "ENHANCEDSTATUSCODES")

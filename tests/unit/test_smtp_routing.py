@@ -12,7 +12,7 @@ from mailgw.routing import aliases as table_module
 from mailgw.routing.resolver import Resolver, StaticAliases
 from mailgw.routing.srs import SRS
 from mailgw.store.quota import IQuota
-from mailgw.smtp.delivery import Router
+from mailgw.smtp.inbound import Router
 from smtp_harness import FakeUserDB, Session, make_config
 
 SECRET = b"k" * 32

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from fuzzing import fuzz_settings
-from mailgw.smtp.server import has_long_line
+from mailgw.smtp.data import has_long_line
 from smtp_harness import Session
 
 RELAY_CLIENT = "10.1.1.1"

@@ -88,10 +88,6 @@ def _status(reply: Reply) -> str:
     return STATUS_DEFERRED
 
 
-def _deferred(reply: Reply) -> Reply:
-    return reply if reply.enhanced.startswith("4") else reply._replace(enhanced="4" + reply.enhanced[1:])
-
-
 def _all(request: DeliveryRequest, reply: Reply, status: str | None = None, *, relay=None) -> AttemptResult:
     return AttemptResult(relay=relay, tls=None, dsn_relayed=False, results=tuple(
         RecipientResult(r.address, status or _status(reply), reply.code, reply.enhanced, reply.text)
@@ -271,7 +267,7 @@ class RelayTransport:
         if sessions == 0 and implicit_mx and not dns_trouble:
             # RFC 5321 §5.1: no MX and the implicit MX has no address: no route at all.
             return _all(request, NO_ROUTE, STATUS_BOUNCED)
-        return _all(request, _deferred(last), STATUS_DEFERRED, relay=last_relay)
+        return _all(request, last.as_temporary(), STATUS_DEFERRED, relay=last_relay)
 
     def _session(self, request: DeliveryRequest, message: bytes, target: _Target, ip: str, policy: str):
         """Deferred[SessionResult | SessionFailure]: a transaction on an idle
