@@ -40,7 +40,7 @@ class ThreadPoolService(service.Service):
 class HangupIgnored(service.Service):
     """SIGHUP is logged and ignored while mailgw runs. Its default action ends
     the process at once, with no log line, leaving the pid file and control
-    socket behind (issue 24); a closing terminal or an admin's reload habit
+    socket behind; a closing terminal or an admin's reload habit
     (`kill -HUP`, Postfix's and Dovecot's reload) must not stop mail. Nothing is
     reloaded yet: a restart applies a changed config."""
 
@@ -168,8 +168,3 @@ def listener_factory(config: Config, listener, *, portal, clock, tls_options, im
         factory = TLSMemoryBIOFactory(tls_options, False, factory)
         factory.noisy = False
     return factory
-
-
-def socket_family(port) -> int:
-    """The address family of a listening port, for adoptStreamPort in a worker."""
-    return port.socket.family

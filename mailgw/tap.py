@@ -26,7 +26,7 @@ from mailgw.imap.message import MessageCache
 from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
 from mailgw.queue import control
-from mailgw.queue.delivery import RelayTransport
+from mailgw.queue.outbound import RelayTransport
 from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
 from mailgw.mailauth.dns import MailDNS
@@ -38,7 +38,8 @@ from mailgw.store.quota import Quota
 from mailgw import pidfile, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
-from mailgw.services import HangupIgnored, ListenerService, ThreadPoolService, listener_factory, socket_family
+from mailgw.services import HangupIgnored, ListenerService, ThreadPoolService, listener_factory
+from mailgw.twisted_wall import listening_family, stop_accepting
 from mailgw.workers import SMTPWorkers
 
 log = Logger()
@@ -206,8 +207,8 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
             each.setServiceParent(top)
             if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
                 # Bound here (as root if need be), accepted on only by the workers.
-                each.port.stopReading()
-                worker_sockets.append((listener.name, each.port.fileno(), socket_family(each.port)))
+                stop_accepting(each.port)
+                worker_sockets.append((listener.name, each.port.fileno(), listening_family(each.port)))
     if worker_sockets:
         SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
                     sockets=worker_sockets, checker=checker, runner=runner, spool=spool,

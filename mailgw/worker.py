@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import sys
 
 from twisted.application import service
@@ -33,32 +32,10 @@ from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
 from mailgw.iopool import IOThreadPool
 from mailgw.services import ThreadPoolService, end_sessions, listener_factory
+from mailgw.twisted_wall import accept_exclusively
 from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_terminal_signals
 
 log = Logger()
-
-
-def accept_exclusively(reactor, port) -> bool:
-    """Let epoll wake only one of the processes waiting on a shared listening
-    socket (EPOLLEXCLUSIVE, Linux 4.5) instead of every worker for every new
-    connection, of which all but one find nothing to accept.
-
-    Twisted registers a reader with plain EPOLLIN; a listening port is only
-    ever a reader, so it is registered again here with the flag, and
-    Twisted's own unregister on stopReading still applies. Returns False
-    (and changes nothing) on other reactors or kernels."""
-    poller = getattr(reactor, "_poller", None)
-    flag = getattr(select, "EPOLLEXCLUSIVE", None)
-    fd = port.fileno()
-    if not isinstance(poller, select.epoll) or flag is None or fd not in getattr(reactor, "_reads", ()):
-        return False
-    poller.unregister(fd)
-    try:
-        poller.register(fd, select.EPOLLIN | flag)
-    except OSError:
-        poller.register(fd, select.EPOLLIN)
-        return False
-    return True
 
 
 class AdoptedPorts(service.Service):

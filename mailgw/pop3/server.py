@@ -1,63 +1,46 @@
-"""The POP3 server: Twisted's POP3 behind a subclass that owns the framing.
+"""The POP3 server (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595) and SASL PLAIN (RFC 5034).
 
-Twisted's `pop3.POP3` gives us the skeleton (TimeoutMixin, the `mbox` avatar
-of interface `pop3.IMailbox` obtained through the portal). Everything between
-the socket and the avatar is where its defects live
-(../shared/twisted-traps.md §3, §8.7): no STLS, a SASL exchange that cannot
-do PLAIN, malformed arguments that drop the connection, `DELE 0` deleting the
-last message, deleted messages still in STAT/LIST/UIDL, per-16-KiB-chunk
-dot-stuffing (response injection), QUIT answering +OK whatever the store
-said, USER/PASS after login, no maildrop lock. So, like our SMTP server, this
-subclass replaces `dataReceived` and every command handler; of Twisted it
-keeps the class (and TimeoutMixin), not the line loop:
+Our own protocol on the connection core (mailgw.session.core.LineSession),
+not a subclass of Twisted's `pop3.POP3`, whose defects are everywhere
+between the socket and the avatar (docs/twisted.md §3, §8.7): no STLS, a
+SASL exchange that cannot do PLAIN, malformed arguments that drop the
+connection, `DELE 0` deleting the last message, deleted messages still in
+STAT/LIST/UIDL, per-16-KiB-chunk dot-stuffing (response injection), QUIT
+answering +OK whatever the store said, USER/PASS after login, no maildrop
+lock. The core owns the connection (framing, order, flow control, timers,
+STLS's discard, max_errors, closing); this module adds:
 
-- commands are taken one at a time; while a command's Deferred is
-  outstanding, or while the transport's send buffer is full (we are its
-  streaming producer), later (pipelined) input waits, so replies leave in
-  order (RFC 2449 §6.6) and a client that does not read cannot make us
-  buffer its whole maildrop;
-- a command line is bounded (RFC 2449 §4: 255 octets with CRLF; AUTH lines
-  and SASL responses up to 12288); an over-long line gets one -ERR and is
-  dropped whole, never split into several commands;
-- STLS discards whatever the client pipelined in the clear (CVE-2011-0411)
-  and forgets the USER name (RFC 2595 §4);
-- RETR/TOP stuff the whole message at once and write it in one call, with
-  TCP_NODELAY (stock Twisted writes per line and waits on Nagle);
-- every reply is produced by `reply()`, every unexpected error by
-  `_reply_error()`, which never shows internals.
+- the command table (`COMMANDS`), per state (RFC 1939 §3);
+- the command line bound (RFC 2449 §4: 255 octets with CRLF; AUTH lines and
+  SASL responses up to 12288);
+- STLS forgetting the USER name (RFC 2595 §4);
+- RETR/TOP stuffing the whole message at once and writing it in one call;
+- every reply produced by `reply()`.
 
-The avatar is a `Maildrop`: the RFC 1939 view of the user's INBOX (message
-numbers fixed at login, DELE marks, UPDATE at QUIT), built by the realm from
-IMailStore.mailbox(address) and adapted to IFolder.
+The avatar is a `Maildrop` (mailgw.pop3.maildrop): the RFC 1939 view of
+the user's INBOX, built by the realm from IMailStore.mailbox(address).
 """
 from __future__ import annotations
 
-import ipaddress
 from typing import NamedTuple
 
-from twisted.cred import credentials
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer, ITLSTransport
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import pop3
-from zope.interface import implementer
 
 from mailgw.auth import sasl
-from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection, send_now
 from mailgw.config_types import Config, ListenerConfig
-from mailgw.errors import LoginsRefused, log_failure
-from mailgw.interfaces import ISessionInfo
+from mailgw.errors import log_failure
+from mailgw.session.core import CommandTable, LineSession, LoginFailed, LoginUnavailable
+from mailgw.session.listener import ListenerFactory
+from mailgw.smtp.data import END, stuff
 from mailgw.pop3.maildrop import Maildrop, MaildropInUse, MessageGone
 
-AUTHORIZATION, SASL, TRANSACTION, CLOSING = "authorization", "sasl", "transaction", "closing"
+AUTHORIZATION, SASL, TRANSACTION = "authorization", "sasl", "transaction"
 
 # RFC 5034 §4: the 255-octet limit of RFC 2449 does not bind SASL responses;
 # we allow AUTH lines (with an initial response) and responses this long.
 SASL_LINE_LIMIT = 12288
-# Pipelined input held while a command is outstanding; above this we stop
-# reading from the socket until we catch up.
-_MAX_PENDING_INPUT = 256 * 1024
 # RFC 1939 §3: message numbers are decimal; more digits than this is no message of ours.
 _MAX_NUMBER_DIGITS = 10
 
@@ -128,24 +111,17 @@ AUTH_ABORTED = err("Authentication aborted")
 BAD_BASE64 = err("Invalid base64 data")
 BAD_PLAIN = err("Malformed PLAIN response")
 
-COMMANDS_AUTHORIZATION = frozenset({"CAPA", "USER", "PASS", "AUTH", "STLS", "QUIT"})
-COMMANDS_TRANSACTION = frozenset({"CAPA", "STAT", "LIST", "RETR", "TOP", "DELE", "RSET", "NOOP", "UIDL", "QUIT"})
-# Known, but refused: APOP needs the plaintext secret (we keep argon2id hashes).
-COMMANDS_NEVER = frozenset({"APOP", "RPOP", "LAST", "XTND"})
+# Not in the command table, so "-ERR Unknown command": APOP needs the
+# plaintext secret (we keep argon2id hashes); RPOP, LAST and XTND are gone
+# from RFC 1939.
+
+
+def _line(reply: Reply) -> bytes:
+    return reply.line().encode("utf-8") + b"\r\n"
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def stuff(data: bytes) -> bytes:
-    """The message as a multi-line response body (RFC 1939 §3): every line
-    that starts with "." gets another one, at every position; CRLF at the
-    end, so that ".\\r\\n" always starts a line of its own."""
-    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed
 
 
 def top(data: bytes, lines: int) -> bytes:
@@ -167,18 +143,6 @@ def top(data: bytes, lines: int) -> bytes:
 
 
 # -- the session ---------------------------------------------------------------------
-@implementer(ISessionInfo)
-class SessionInfo:
-    """What the realm may know of the session (the cred `mind`)."""
-
-    def __init__(self, listener: ListenerConfig, client_ip, tls: bool):
-        self.listener = listener
-        self.client_ip = client_ip
-        self.client_text = str(client_ip)
-        self.tls = tls
-        self.helo = None
-
-
 class POP3Factory(ListenerFactory):
     """One per POP3 listener (pop3 with STLS, pop3s)."""
 
@@ -193,79 +157,41 @@ class POP3Factory(ListenerFactory):
         return MailgwPOP3(self)
 
 
-@implementer(IPushProducer)
-class MailgwPOP3(SerialCommands, pop3.POP3):
+class MailgwPOP3(LineSession):
     log = Logger()
+    protocol_name = "POP3"
+    login_failure_log = "pop3 login failed"
+    bare_lf_ends_line = True
 
     def __init__(self, factory: POP3Factory):
-        self.factory = factory
-        self.limits = factory.limits
-        self.portal = factory.portal
-        self.ctx = factory.tls_context
-        self.clock = factory.clock
-        self.callLater = factory.clock.callLater      # TimeoutMixin uses this
-        self.canStartTLS = False
+        super().__init__(factory)
         self._state = AUTHORIZATION
-        self._buffer = bytearray()      # deleting from its front is O(1): linear in pipelined lines
-        self._busy = False              # a command's Deferred is outstanding
-        self._looping = False           # inside _process (re-entrancy guard)
-        self._input_paused = False      # we paused the transport (too much pipelined input)
-        self._output_paused = False     # the transport's send buffer is full
-        self._producing = False         # registered as the transport's producer
-        self._skipping_long_line = False
-        self._admitted = False
-        self._errors = 0
-        self._auth_failures = 0
-        self._session_timer = None
-        self._abort_timer = None      # close_connection's: abort if the close takes too long
         self._user: bytes | None = None           # from USER, until PASS
         self._updating: defer.Deferred | None = None
-        self.session: SessionInfo | None = None
         self.mbox: Maildrop | None = None
-        self.user: str | None = None
         self._logout = None
 
     # -- connection lifecycle -----------------------------------------------------
-    def connectionMade(self):
-        peer = self.transport.getPeer()
-        try:
-            client_ip = ipaddress.ip_address(peer.host)
-        except (AttributeError, ValueError):
-            client_ip = ipaddress.ip_address("0.0.0.0")
-        self.session = SessionInfo(self.factory.listener, client_ip, self.factory.implicit_tls)
-        if not self.factory.admit(client_ip):
-            self.log.warn("connection limit: refusing {client} on {listener}",
-                          client=client_ip, listener=self.factory.listener.name)
-            self._close_with(TOO_MANY_CONNECTIONS)
-            return
-        self._admitted = True
-        self.factory.session_started(self)
-        self.canStartTLS = (ITLSTransport.providedBy(self.transport)
-                            and self.ctx is not None and not self.factory.implicit_tls)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            # A reply per command and a message per RETR: never let Nagle hold
-            # the tail for the peer's delayed ACK (stock Twisted: 23 msg/s).
-            self.transport.setTcpNoDelay(True)
-        # Told when the send buffer is full and when it has drained (RETR flow control).
-        self.transport.registerProducer(self, True)
-        self._producing = True
+    def session_started(self):
         # RFC 1939 §4: no APOP, so no timestamp in the greeting.
         self.reply(ok(f"{self.factory.config.hostname} POP3 server ready"))
-        self.setTimeout(self.limits.command_timeout)
-        self._session_timer = self.clock.callLater(self.limits.session_timeout, self._session_expired)
 
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.setTimeout(None)
-        if self._session_timer is not None and self._session_timer.active():
-            self._session_timer.cancel()
-        self._session_timer = None
-        cancel_timer(self._abort_timer)
-        self._abort_timer = None
-        if self._admitted:
-            self.factory.release(self.session.client_ip)
-            self._admitted = False
-        self._state = CLOSING
-        self._buffer.clear()
+    def refusal(self) -> bytes:
+        return _line(TOO_MANY_CONNECTIONS)
+
+    def idle_timeout(self) -> float:
+        return self.limits.command_timeout
+
+    def idle_expired(self) -> bytes:
+        return _line(TIMEOUT)
+
+    def session_expired(self) -> bytes:
+        return _line(SESSION_EXPIRED)
+
+    def too_many_errors(self) -> bytes:
+        return _line(TOO_MANY_ERRORS)
+
+    def connection_ended(self):
         if self._updating is not None:
             # QUIT's UPDATE is still running: keep the lock until it is done.
             self._updating.addBoth(lambda _: self._do_logout())
@@ -275,10 +201,6 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
                 self.log.info("pop3 disconnect user={user} client=[{client}] without QUIT: nothing removed",
                               user=self.user, client=self.session.client_ip)
             self._do_logout()
-        self.factory.session_ended(self)
-
-    def timeoutConnection(self):
-        self._close_with(TIMEOUT)
 
     def shut_down(self):
         if self._updating is not None:
@@ -287,131 +209,45 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         # notice goes out as a reply and we close; no QUIT, so no UPDATE.
         self._close_with(SHUTTING_DOWN)
 
-    def _session_expired(self):
-        self._session_timer = None
-        self._close_with(SESSION_EXPIRED)
-
     def _close_with(self, reply: Reply | None):
-        if self._state == CLOSING:
-            return
-        self._state = CLOSING           # first: the closing reply is not counted as an error
-        self._buffer.clear()
-        if reply is not None:
-            self.reply(reply)
-        if self._producing:
-            # A registered producer holds TLS shutdown back: let go first.
-            self._producing = False
-            self.transport.unregisterProducer()
-        self._abort_timer = close_connection(self.transport, self.clock)
-
-    # -- IPushProducer: the transport's send buffer --------------------------------
-    def pauseProducing(self):
-        self._output_paused = True
-
-    def resumeProducing(self):
-        self._output_paused = False
-        # The client is reading what we send: that is activity too.
-        self.resetTimeout()
-        if self._state != CLOSING:
-            self._process()
-
-    def stopProducing(self):
-        self._output_paused = True
+        self.close(None if reply is None else _line(reply))
 
     # -- replies --------------------------------------------------------------------
     def _send_line(self, text: str) -> None:
-        send_now(self.transport, text.encode("utf-8") + b"\r\n")
+        self.send(text.encode("utf-8") + b"\r\n")
 
     def reply(self, reply: Reply, **fields) -> None:
         if fields:
             reply = reply.with_text(reply.text.format(**fields))
         self._send_line(reply.line())
-        if not reply.ok and self._state != CLOSING and reply.code not in ("SYS/TEMP", "IN-USE"):
-            self._errors += 1
-            if self._errors >= self.limits.max_errors:
-                self._close_with(TOO_MANY_ERRORS)
+        if not reply.ok and reply.code not in ("SYS/TEMP", "IN-USE"):
+            self.count_error()
 
     def _reply_multiline(self, first: Reply, lines: list[str]) -> None:
         """RFC 1939 §3: a status line, lines (none starting with "." here), then "."."""
         text = "\r\n".join([first.line(), *lines, "."]) + "\r\n"
-        send_now(self.transport, text.encode("utf-8"))
+        self.send(text.encode("utf-8"))
 
-    def _reply_error(self, failure_or_error) -> None:
-        """The one place where unexpected exceptions become replies."""
-        if isinstance(failure_or_error, Exception):
-            self.log.failure("unexpected error in POP3 session from {client}",
-                             client=self.session.client_ip)
-        else:
-            self.log.failure("unexpected error in POP3 session from {client}",
-                             failure=failure_or_error, client=self.session.client_ip)
-        if self._state != CLOSING:
-            self.reply(SYS_TEMP)
+    def internal_error(self, context):
+        return SYS_TEMP
+
+    def send_reply(self, reply, context):
+        self.reply(reply)
 
     # -- input framing ------------------------------------------------------------
-    def dataReceived(self, data: bytes):
-        if self._state == CLOSING:
-            return
-        self.resetTimeout()
-        self._buffer += data
-        self._process()
+    def line_received(self, line: bytes) -> None:
+        if self._state == SASL:
+            self.run(self._sasl_response, line)
+        else:
+            self.run(self._command, line)
 
-    def _process(self) -> None:
-        if self._looping:
-            return
-        self._looping = True
-        try:
-            while not self._busy and not self._output_paused and self._state != CLOSING:
-                line = self._next_line()
-                if line is None:
-                    break
-                if self._state == SASL:
-                    self._run(self._sasl_response, line)
-                else:
-                    self._run(self._command, line)
-        finally:
-            self._looping = False
-        self._flow_control()
+    def line_limit(self) -> int:
+        return SASL_LINE_LIMIT
 
-    def _flow_control(self) -> None:
-        if self._state == CLOSING:
-            return
-        waiting = self._busy or self._output_paused
-        pending = len(self._buffer)
-        if not self._input_paused and waiting and pending > _MAX_PENDING_INPUT:
-            self._input_paused = True
-            self.transport.pauseProducing()
-        elif self._input_paused and (not waiting or pending <= _MAX_PENDING_INPUT):
-            self._input_paused = False
-            self.transport.resumeProducing()
-
-    def _next_line(self) -> bytes | None:
-        """The next line without its end. CRLF ends a line; a bare LF is taken
-        too (POP3 has no message data from the client that could be smuggled)."""
-        while True:
-            end = self._buffer.find(b"\n")
-            if end < 0:
-                if len(self._buffer) > SASL_LINE_LIMIT:
-                    # No line end in sight: answer once, then drop input up to
-                    # the next line end so the tail is never parsed as a command.
-                    if not self._skipping_long_line:
-                        self._skipping_long_line = True
-                        if self._state == SASL:
-                            self._state = AUTHORIZATION
-                        self.reply(LINE_TOO_LONG)
-                    self._buffer.clear()
-                return None
-            line = bytes(self._buffer[:end])
-            del self._buffer[:end + 1]
-            if self._skipping_long_line:
-                self._skipping_long_line = False
-                continue
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            return line
-
-    def _after_command(self) -> None:
-        if self._state != CLOSING:
-            self._process()
+    def line_too_long(self) -> None:
+        if self._state == SASL:
+            self._state = AUTHORIZATION
+        self.reply(LINE_TOO_LONG)
 
     # -- commands -----------------------------------------------------------------
     def _command(self, line: bytes):
@@ -423,16 +259,14 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         if not verb.isalpha() or len(verb) > 8:        # bytes.isalpha: ASCII letters only
             return self.reply(UNKNOWN_COMMAND)
         verb = verb.upper().decode("ascii")
-        if self._state == TRANSACTION:
-            if verb not in COMMANDS_TRANSACTION:
-                if verb in COMMANDS_AUTHORIZATION:
-                    return self.reply(ALREADY_LOGGED_IN if verb != "STLS" else NOT_IN_TRANSACTION)
-                return self.reply(UNKNOWN_COMMAND)
-        elif verb not in COMMANDS_AUTHORIZATION:
-            if verb in COMMANDS_TRANSACTION:
-                return self.reply(NOT_LOGGED_IN)
+        command = COMMANDS.find(verb)
+        if command is None:
             return self.reply(UNKNOWN_COMMAND)
-        return getattr(self, f"do_{verb}")(rest)
+        if self._state not in command.states:
+            if self._state != TRANSACTION:
+                return self.reply(NOT_LOGGED_IN)
+            return self.reply(ALREADY_LOGGED_IN if verb != "STLS" else NOT_IN_TRANSACTION)
+        return command.handler(self, rest)
 
     def _arguments(self, rest: bytes, minimum: int, maximum: int) -> list[bytes] | None:
         """RFC 1939 §3: arguments separated by spaces; None (after -ERR) for the wrong number."""
@@ -451,7 +285,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         if self._state == AUTHORIZATION:
             if self._auth_allowed():
                 caps += ["USER", "SASL PLAIN"]
-            if self.canStartTLS and not self.session.tls:
+            if self.can_starttls and not self.session.tls:
                 caps.append("STLS")                    # RFC 2595 §4
         caps.append(f"IMPLEMENTATION {IMPLEMENTATION}")
         self._reply_multiline(ok("Capability list follows"), caps)
@@ -483,15 +317,13 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
             return self.reply(BAD_ARGUMENTS)
         if self.session.tls:
             return self.reply(TLS_ACTIVE)
-        if not self.canStartTLS:
+        if not self.can_starttls:
             return self.reply(TLS_UNAVAILABLE)
         self.reply(ok("Begin TLS negotiation"))
-        # CVE-2011-0411: nothing the client pipelined in the clear runs inside TLS.
-        self._buffer.clear()
-        self._skipping_long_line = False
-        self.transport.startTLS(self.ctx)
+        self.start_tls()
+
+    def tls_started(self) -> None:
         # RFC 2595 §4: forget what was said before TLS.
-        self.session.tls = True
         self._user = None
 
     # -- USER/PASS (RFC 1939 §7) ---------------------------------------------------
@@ -556,13 +388,9 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         return self._login(authcid, password)
 
     def _login(self, username: bytes, password: bytes):
-        creds = credentials.UsernamePassword(username, password)
-        creds.client_ip = str(self.session.client_ip)
-        login = self.portal.login(creds, self.session, pop3.IMailbox)
-
         def logged_in(result):
-            _, avatar, logout = result
-            if self._state == CLOSING:          # the client left meanwhile
+            avatar, logout = result
+            if self.closing:          # the client left meanwhile
                 logout()
                 return None
             opened = defer.maybeDeferred(avatar.open)
@@ -570,19 +398,15 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
                                        callbackArgs=(avatar, logout), errbackArgs=(avatar, logout))
 
         def failed(failure):
-            if failure.check(UnauthorizedLogin):
-                return self._auth_failed(username, "bad credentials")
-            if failure.check(LoginsRefused):       # the checker logged it
-                return self._auth_failed(username, "address locked out",
-                                         err(failure.value.text, "SYS/TEMP"))
-            self.log.failure("POP3 login error for client {client}", failure=failure,
-                             client=self.session.client_ip)
-            if self._state != CLOSING:
+            if failure.check(LoginFailed):
+                return self._refused(failure.value)
+            failure.trap(LoginUnavailable)
+            if not self.closing:
                 self.reply(AUTH_TEMPORARY)
-        return login.addCallbacks(logged_in, failed)
+        return self.log_in(username, password, pop3.IMailbox).addCallbacks(logged_in, failed)
 
     def _opened(self, _, avatar: Maildrop, logout):
-        if self._state == CLOSING:
+        if self.closing:
             logout()
             return
         self._do_logout()
@@ -598,7 +422,7 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
 
     def _open_failed(self, failure, avatar, logout):
         logout()                                 # RFC 1939 §7: release before -ERR
-        if self._state == CLOSING:
+        if self.closing:
             return
         if failure.check(MaildropInUse):
             self.log.info("pop3 maildrop of {user} in use, refusing client [{client}]",
@@ -607,14 +431,14 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         log_failure(self.log, failure, "cannot open the maildrop of {user}", user=avatar.address)
         self.reply(SYS_TEMP)
 
-    def _auth_failed(self, username: bytes, why: str, reply: Reply = AUTH_FAILED):
-        if self._state == CLOSING:
+    def _auth_failed(self, username: bytes, why: str):
+        self._refused(self.login_failed(username, why))
+
+    def _refused(self, refused: LoginFailed):
+        if self.closing:
             return
-        self._auth_failures += 1
-        self.log.warn("pop3 login failed user={user!r} client=[{client}]: {why}",
-                      user=username.decode("utf-8", "replace")[:100], client=self.session.client_ip, why=why)
-        self.reply(reply)
-        if self._auth_failures >= self.limits.max_auth_failures:
+        self.reply(AUTH_FAILED if refused.lockout is None else err(refused.lockout.text, "SYS/TEMP"))
+        if refused.last:
             self._close_with(TOO_MANY_AUTH_FAILURES)
 
     def _do_logout(self):
@@ -692,15 +516,15 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
             lambda data: self._send_message(top(data, lines)), self._read_failed, errbackArgs=(index,))
 
     def _send_message(self, data: bytes):
-        if self._state == CLOSING:
+        if self.closing:
             return
         # One send for status, whole stuffed message and terminator (no
         # per-line Python work, one segment train for the client).
-        send_now(self.transport, b"".join([
-            f"+OK {_count(len(data), 'octet')}\r\n".encode("ascii"), stuff(data), b".\r\n"]))
+        self.send(b"".join([
+            f"+OK {_count(len(data), 'octet')}\r\n".encode("ascii"), stuff(data), END]))
 
     def _read_failed(self, failure, index: int):
-        if self._state == CLOSING:
+        if self.closing:
             return
         if failure.check(MessageGone):
             return self.reply(MESSAGE_GONE, n=index + 1)
@@ -728,3 +552,24 @@ class MailgwPOP3(SerialCommands, pop3.POP3):
         if self._arguments(rest, 0, 0) is None:
             return
         self.reply(ok())
+
+
+_AUTHORIZATION, _TRANSACTION, _BOTH = (AUTHORIZATION,), (TRANSACTION,), (AUTHORIZATION, TRANSACTION)
+# RFC 1939 §3: which command is valid in which state; every other word is
+# "-ERR Unknown command", in order, and counts towards max_errors.
+COMMANDS = CommandTable({
+    "CAPA": (MailgwPOP3.do_CAPA, _BOTH),            # RFC 2449 §5
+    "QUIT": (MailgwPOP3.do_QUIT, _BOTH),
+    "USER": (MailgwPOP3.do_USER, _AUTHORIZATION),
+    "PASS": (MailgwPOP3.do_PASS, _AUTHORIZATION),
+    "AUTH": (MailgwPOP3.do_AUTH, _AUTHORIZATION),   # RFC 5034
+    "STLS": (MailgwPOP3.do_STLS, _AUTHORIZATION),   # RFC 2595 §4
+    "STAT": (MailgwPOP3.do_STAT, _TRANSACTION),
+    "LIST": (MailgwPOP3.do_LIST, _TRANSACTION),
+    "RETR": (MailgwPOP3.do_RETR, _TRANSACTION),
+    "TOP": (MailgwPOP3.do_TOP, _TRANSACTION),
+    "DELE": (MailgwPOP3.do_DELE, _TRANSACTION),
+    "RSET": (MailgwPOP3.do_RSET, _TRANSACTION),
+    "NOOP": (MailgwPOP3.do_NOOP, _TRANSACTION),
+    "UIDL": (MailgwPOP3.do_UIDL, _TRANSACTION),
+})

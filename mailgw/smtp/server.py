@@ -1,53 +1,49 @@
-"""The SMTP server: Twisted's ESMTP behind a subclass that owns the framing.
+"""The SMTP server (RFC 5321, with the ESMTP extensions of mailgw.smtp.extensions).
 
-Twisted's ESMTP gives us the protocol skeleton (cred plumbing, TimeoutMixin,
-do_<VERB> naming). Its line handling is where its defects live
-(../shared/twisted-traps.md §1, §8.3): replies out of order under
-pipelining, a DATA line over 16 KiB turning the rest of the body into
-commands, an unbounded buffer without line ends, STARTTLS command injection,
-a Python call per DATA line. So this subclass replaces `dataReceived` with
-its own loop:
+Our own protocol on the connection core (mailgw.session.core.LineSession),
+not a subclass of Twisted's ESMTP, whose line handling is where its defects
+live (docs/twisted.md §1, §8.3): replies out of order under pipelining, a
+DATA line over 16 KiB turning the rest of the body into commands, an
+unbounded buffer without line ends, STARTTLS command injection, a Python
+call per DATA line, and `do_<VERB>` dispatch by name. The core owns the
+connection (framing, order, flow control, timers, STARTTLS, max_errors,
+closing); this module adds:
 
-- commands are taken one at a time; while a command's Deferred is
-  outstanding, later (pipelined) input waits, so replies leave in order
-  (RFC 2920 §3);
-- a command line is bounded (RFC 5321 §4.5.3.1.4 plus the extensions'
-  allowances); an over-long line gets one reply and is dropped whole, never
-  split into several commands;
-- DATA is scanned in bulk for the one terminator CRLF "." CRLF; a bare CR
+- the command table (`COMMANDS`): the only verbs a client can reach;
+- the command line bound (RFC 5321 §4.5.3.1.4 plus the extensions'
+  allowances), AUTH and SASL lines of 12288 octets (RFC 4954 §4);
+- DATA, scanned in bulk for the one terminator CRLF "." CRLF; a bare CR
   anywhere in it refuses the whole message (SMTP smuggling), a bare LF too
   unless [smtp] bare_newline lets this client's LF count as CRLF; the
   message size bounds what is kept in memory;
-- every reply is produced by `reply()` (which also logs every refused
-  MAIL, RCPT and DATA), every error by `_reply_error()`.
+- every reply produced by `reply()` (which also logs every refused MAIL,
+  RCPT and DATA), every error by `error_reply()`.
 
-Policy (who may send what to whom) is in mailgw.smtp.delivery, reached
+Policy (who may send what to whom) is in mailgw.smtp.inbound, reached
 through the avatar the portal returns.
 """
 from __future__ import annotations
 
 import base64
-import ipaddress
 
 from twisted.cred import credentials
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer, ITLSTransport
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
-from zope.interface import implementer
 
 from mailgw.auth import sasl
 from mailgw.config_types import Config, ListenerConfig
-from mailgw.errors import LoginsRefused, MailError
-from mailgw.interfaces import ISessionInfo
-from mailgw.limits import ListenerFactory, SerialCommands, cancel_timer, close_connection, send_now
+from mailgw.errors import MailError
+from mailgw.session.core import CommandTable, LineSession, LoginFailed, LoginUnavailable
+from mailgw.session.listener import ListenerFactory
 from mailgw.mailauth.dns import forward_confirmed_name
 from mailgw.smtp import codes
 from mailgw.smtp.address import AddressError, parse_mail_from, parse_rcpt_to
 from mailgw.smtp.codes import Reply
+from mailgw.smtp.data import has_long_line, to_lf, unstuff_lf
+from mailgw.smtp.extensions import server_extensions
 
-COMMAND, DATA, SASL, CLOSING = "command", "data", "sasl", "closing"
+COMMAND, DATA, SASL = "command", "data", "sasl"
 # The commands whose refusals are logged, as Postfix names them ("NOQUEUE:
 # reject: RCPT from ..."); END-OF-MESSAGE is the reply to the message data.
 _LOGGED_STAGES = {b"MAIL": "MAIL", b"RCPT": "RCPT", b"DATA": "DATA"}
@@ -63,12 +59,6 @@ _LOG_ARGUMENT_LIMIT = 256
 _EXTENSION_ALLOWANCE = {"MAIL": 26 + 100 + 500 + 14 + 9 + 9, "RCPT": 500}
 # RFC 4954 §4: an AUTH command (and each SASL response) may be up to 12288 octets.
 _SASL_LINE_LIMIT = 12288
-# Pipelined input held while a command's Deferred is outstanding; above this we
-# stop reading from the socket until we catch up.
-_MAX_PENDING_INPUT = 256 * 1024
-# Replies held while one batch of input is processed; beyond this they go out
-# at once (only a client pipelining thousands of commands gets that far).
-_MAX_HELD_REPLIES = 64 * 1024
 
 _SASL_USERNAME = base64.b64encode(b"Username:").decode()
 _SASL_PASSWORD = base64.b64encode(b"Password:").decode()
@@ -94,69 +84,6 @@ def _path_argument(argument: str) -> str | None:
     return path.split(" ", 1)[0] or None
 
 
-def has_long_line(data, limit: int) -> bool:
-    """True if a line of `data` (LF-separated) has more than `limit` octets.
-
-    One backward search per window of limit+1 octets (about len/limit C calls
-    in all) instead of splitting a big message into thousands of objects."""
-    pos, end = 0, len(data)
-    while end - pos > limit:
-        newline = data.rfind(b"\n", pos, pos + limit + 1)
-        if newline < 0:
-            return True
-        pos = newline + 1
-    return False
-
-
-@implementer(IPushProducer)
-class _ReplyBackpressure:
-    """Registered with the transport: paused when our replies are not read."""
-
-    def __init__(self, server: "MailgwSMTP"):
-        self.server = server
-
-    def pauseProducing(self):
-        self.server._output_blocked(True)
-
-    def resumeProducing(self):
-        self.server._output_blocked(False)
-
-    def stopProducing(self):
-        pass
-
-
-@implementer(ISessionInfo)
-class SessionInfo:
-    """What the avatar may know of the session (the cred `mind`)."""
-
-    def __init__(self, listener: ListenerConfig, client_ip, transport):
-        self.listener = listener
-        self.client_ip = client_ip
-        self.client_text = str(client_ip)   # for Received:, the EHLO reply and logs
-        self.helo: str | None = None
-        self.esmtp = False
-        self.tls = False
-        self.queue_id: str | None = None
-        # The forward-confirmed reverse DNS name, "unknown" when there is none
-        # (Postfix's client name); None until looked up, or when not looked up.
-        self.client_name: str | None = None
-        self._transport = transport
-
-    @property
-    def tls_details(self) -> str | None:
-        """RFC 5321 §4.4 allows comments in Received: say how the client was protected."""
-        if not self.tls:
-            return None
-        try:
-            connection = self._transport.getHandle()
-            version = connection.get_protocol_version_name()
-            cipher = connection.get_cipher_name()
-            bits = connection.get_cipher_bits()
-        except Exception:   # not an OpenSSL connection (tests) or handshake not done
-            return "using TLS"
-        return f"using {version} with cipher {cipher} ({bits} bits)"
-
-
 class SMTPFactory(ListenerFactory):
     """One per SMTP listener (relay, submission, submissions)."""
 
@@ -174,73 +101,47 @@ class SMTPFactory(ListenerFactory):
         return MailgwSMTP(self)
 
 
-class MailgwSMTP(SerialCommands, smtp.ESMTP):
+class MailgwSMTP(LineSession):
     log = Logger()
+    protocol_name = "SMTP"
+    login_failure_log = "AUTH failed"
 
     def __init__(self, factory: SMTPFactory):
-        super().__init__(chal={}, contextFactory=factory.tls_context)
-        self.factory = factory
-        self.limits = factory.limits
-        self.portal = factory.portal
+        super().__init__(factory)
         self.host = factory.config.hostname.encode("ascii")
-        self.clock = factory.clock
-        self.callLater = factory.clock.callLater      # TimeoutMixin uses this
         self._mode = COMMAND
-        self._buffer = b""
-        self._busy = False          # a command's Deferred is outstanding
-        self._looping = False       # inside _process (re-entrancy guard)
-        self._held: list[bytes] = []  # replies to the input being processed (_process)
-        self._held_size = 0
-        self._paused = False        # reading from the socket is paused (see _flow_control)
-        self._output_full = False   # the transport's write buffer is full: the client is not reading
-        self._skipping_long_line = False
-        self._admitted = False
-        self._errors = 0
-        self._auth_failures = 0
         self._commands_without_mail = 0
-        self._session_timer = None
-        self._abort_timer = None      # close_connection's: abort if the close takes too long
         self._shutting_down = False   # 421 due once the outstanding command is answered
         self._stage: str | None = None          # MAIL, RCPT, DATA, END-OF-MESSAGE or None (not logged)
         self._stage_argument = ""               # that command's argument, as the client wrote it
         self._data_envelope = None              # (MailFrom, [RcptTo]) of the message being answered
         self._name_lookup = None                # the client's reverse DNS lookup while it runs
-        self._producing = False       # _ReplyBackpressure is registered with the transport
-        self.session: SessionInfo | None = None
-        self.user: str | None = None
+        self._body: bytearray | None = None
+        self.delivery = None
         self._logout = None
         self._reset_transaction_state()
 
     # -- connection lifecycle ---------------------------------------------
-    def connectionMade(self):
-        peer = self.transport.getPeer()
-        try:
-            client_ip = ipaddress.ip_address(peer.host)
-        except (AttributeError, ValueError):
-            client_ip = ipaddress.ip_address("0.0.0.0")
-        self.session = SessionInfo(self.factory.listener, client_ip, self.transport)
-        self.session.tls = self.factory.implicit_tls
-        if not self.factory.admit(client_ip):
-            self.log.warn("connection limit: refusing {client} on {listener}",
-                          client=client_ip, listener=self.factory.listener.name)
-            self._close_with(codes.TOO_MANY_CONNECTIONS)
-            return
-        self._admitted = True
-        self.factory.session_started(self)
-        self.canStartTLS = (ITLSTransport.providedBy(self.transport)
-                            and self.ctx is not None and not self.factory.implicit_tls)
-        if hasattr(self.transport, "setTcpNoDelay"):
-            # One reply per request: never let Nagle hold it for the peer's delayed ACK.
-            self.transport.setTcpNoDelay(True)
-        # The transport tells this producer when its write buffer fills up.
-        self.transport.registerProducer(_ReplyBackpressure(self), True)
-        self._producing = True
+    def session_started(self):
         self._login_anonymous()
         if self.factory.mail_dns is not None:
             self._look_up_client_name()
         self._send_line(f"220 {self.factory.config.hostname} ESMTP mailgw")
-        self.setTimeout(self.limits.command_timeout)
-        self._session_timer = self.clock.callLater(self.limits.session_timeout, self._session_expired)
+
+    def refusal(self) -> bytes:
+        return self._format(codes.TOO_MANY_CONNECTIONS)
+
+    def idle_timeout(self) -> float:
+        return self.limits.command_timeout
+
+    def idle_expired(self) -> bytes:
+        return self._format(codes.TIMEOUT)
+
+    def session_expired(self) -> bytes:
+        return self._format(codes.TIMEOUT.with_text("Session time limit exceeded"))
+
+    def too_many_errors(self) -> bytes:
+        return self._format(codes.TOO_MANY_ERRORS)
 
     def _look_up_client_name(self) -> None:
         """FCrDNS of the client, for Received:, logs and policy. It runs while
@@ -264,17 +165,8 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._name_lookup = forward_confirmed_name(self.factory.mail_dns, session.client_text)
         self._name_lookup.addCallbacks(found, failed)
 
-    def connectionLost(self, reason=protocol.connectionDone):
-        self.setTimeout(None)
-        if self._session_timer is not None and self._session_timer.active():
-            self._session_timer.cancel()
-        cancel_timer(self._abort_timer)
-        self._abort_timer = None
-        if self._admitted:
-            self.factory.release(self.session.client_ip)
-            self.factory.session_ended(self)
-            self._admitted = False
-        self._mode = CLOSING
+    def connection_ended(self):
+        self._body = None
         self._do_logout()
 
     def shut_down(self) -> None:
@@ -288,67 +180,30 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         self._reset_transaction()
         self._close_with(codes.SHUTTING_DOWN)
 
-    def timeoutConnection(self):
-        self._close_with(codes.TIMEOUT)
-
-    def _session_expired(self):
-        self._session_timer = None
-        self._close_with(codes.TIMEOUT.with_text("Session time limit exceeded"))
-
     def _close_with(self, reply: Reply):
-        if self._mode == CLOSING:
-            return
-        self.reply(reply)
-        self._mode = CLOSING
-        self._buffer = b""
-        self._release_replies()
-        if self._producing:
-            # A registered producer holds TLS shutdown back (every close of a
-            # TLS session would wait for the client): let go first.
-            self._producing = False
-            self.transport.unregisterProducer()
-        self._abort_timer = close_connection(self.transport, self.clock)
+        self.close(self._format(reply))
 
     # -- replies ----------------------------------------------------------
     def _send_line(self, text: str) -> None:
         # RFC 5321 §2.4: replies are ASCII; anything else would be a bug, sent as "?".
-        self._send(text.encode("ascii", "replace") + b"\r\n")
+        self.send(text.encode("ascii", "replace") + b"\r\n")
 
-    def _send(self, data: bytes) -> None:
-        """Replies made while a batch of input is processed wait for its end
-        (RFC 2920: the replies to a pipelined group may go out as one unit),
-        then leave in one send; any other reply leaves at once. Either way
-        straight to the socket when nothing is queued (limits.send_now)."""
-        if not self._looping:
-            return send_now(self.transport, data)
-        self._held.append(data)
-        self._held_size += len(data)
-        if self._held_size > _MAX_HELD_REPLIES:
-            self._release_replies()
-
-    def _release_replies(self) -> None:
-        """Send the held replies: at the end of _process, and before anything
-        that must come after them on the wire (a close, the TLS handshake)."""
-        if self._held:
-            data = b"".join(self._held)
-            self._held.clear()
-            self._held_size = 0
-            send_now(self.transport, data)
-
-    def reply(self, reply: Reply, **fields) -> None:
-        if self._mode == CLOSING:
-            return      # after our last word (421, 221): a late answer must not follow it
+    @staticmethod
+    def _format(reply: Reply, **fields) -> bytes:
         text = reply.text.format(**fields) if fields else reply.text
         # RFC 2034 §3: the enhanced code prefaces the text of every reply
         # except the greeting and HELO/EHLO (which do not come through here).
         enhanced = f"{reply.enhanced} " if reply.enhanced else ""
-        self._send_line(f"{reply.code} {enhanced}{text}")
-        if reply.code >= 400 and reply.code != 421 and self._stage is not None:
-            self._log_reject(reply, text)
-        if reply.code >= 400 and reply.code != 421 and self._mode != CLOSING:
-            self._errors += 1
-            if self._errors >= self.limits.max_errors:
-                self._close_with(codes.TOO_MANY_ERRORS)
+        return f"{reply.code} {enhanced}{text}\r\n".encode("ascii", "replace")
+
+    def reply(self, reply: Reply, **fields) -> None:
+        if self.closing:
+            return      # after our last word (421, 221): a late answer must not follow it
+        self.send(self._format(reply, **fields))
+        if reply.code >= 400 and reply.code != 421:
+            if self._stage is not None:
+                self._log_reject(reply, reply.text.format(**fields) if fields else reply.text)
+            self.count_error()
 
     def _log_reject(self, reply: Reply, text: str) -> None:
         """One Postfix-shaped line per refused MAIL, RCPT, DATA or message, for
@@ -386,110 +241,56 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
                       client=session.client_text, code=reply.code,
                       enhanced=enhanced, about=about, text=text, details=" ".join(details))
 
-    def _reply_error(self, failure_or_error) -> None:
-        """The one place where exceptions become replies."""
-        error = getattr(failure_or_error, "value", failure_or_error)
+    def error_reply(self, error, context):
         if isinstance(error, MailError):
-            self.reply(Reply(error.code, error.enhanced, error.text))
-        elif isinstance(error, AddressError):
-            self.reply(error.reply)
-        else:
-            # Never show internals to the client; the log has the traceback.
-            if isinstance(failure_or_error, Exception):
-                self.log.failure("unexpected error in SMTP session from {client}",
-                                 client=self.session.client_ip)
-            else:
-                self.log.failure("unexpected error in SMTP session from {client}",
-                                 failure=failure_or_error, client=self.session.client_ip)
-            self.reply(codes.LOCAL_ERROR)
+            return Reply(error.code, error.enhanced, error.text)
+        if isinstance(error, AddressError):
+            return error.reply
+        return None
+
+    def internal_error(self, context):
+        return codes.LOCAL_ERROR
+
+    def send_reply(self, reply, context):
+        self.reply(reply)
 
     # -- input framing ------------------------------------------------------
-    def dataReceived(self, data: bytes):
-        if self._mode == CLOSING:
-            return
-        self.resetTimeout()
+    def input_received(self, data: bytes) -> None:
         if self._mode == DATA and not self._busy:
             self._body += data
         else:
             self._buffer += data
-        self._process()
 
-    def _process(self) -> None:
-        if self._looping:
-            return
-        self._looping = True
-        try:
-            while not self._busy and not self._output_full and self._mode != CLOSING:
-                if self._mode == DATA:
-                    if not self._consume_data():
-                        break
-                    continue
-                line = self._next_line()
-                if line is None:
-                    break
-                if self._mode == SASL:
-                    self._run(self._sasl_response, line)
-                else:
-                    self._run(self._command, line)
-        finally:
-            self._looping = False
-            self._release_replies()
-        self._flow_control()
+    def step(self) -> bool:
+        if self._mode == DATA:
+            return self._consume_data()
+        return super().step()
 
-    def _flow_control(self) -> None:
-        """Stop reading while pipelined input piles up behind a slow command,
-        or while the client does not read our replies (its window is full):
-        either way our buffers stay bounded."""
-        # Only a real backlog stops reading: TLS pauses its producer during the
-        # handshake, and not reading then would deadlock the handshake.
-        waiting = self._busy or self._output_full
-        pause = waiting and len(self._buffer) > _MAX_PENDING_INPUT
-        if pause and not self._paused and self._mode != CLOSING:
-            self._paused = True
-            self.transport.pauseProducing()
-        elif not pause and self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
+    def line_received(self, line: bytes) -> None:
+        if self._mode == SASL:
+            self.run(self._sasl_response, line)
+        else:
+            self.run(self._command, line)
 
-    def _output_blocked(self, blocked: bool) -> None:
-        self._output_full = blocked
-        self._flow_control()
-        if not blocked and not self._busy:
-            self._process()
-
-    def _line_limit(self) -> int:
+    def line_limit(self) -> int:
         if self._mode == SASL:
             return _SASL_LINE_LIMIT
         return max(_SASL_LINE_LIMIT, self.limits.max_command_line + max(_EXTENSION_ALLOWANCE.values()))
 
-    def _next_line(self) -> bytes | None:
-        while True:
-            end = self._buffer.find(b"\r\n")
-            if end < 0:
-                if len(self._buffer) > self._line_limit():
-                    # No line end in sight: answer once, then drop input up to
-                    # the next CRLF so the tail is never parsed as a command.
-                    if not self._skipping_long_line:
-                        self._skipping_long_line = True
-                        self.reply(codes.LINE_TOO_LONG)
-                    self._buffer = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
-                return None
-            line, self._buffer = self._buffer[:end], self._buffer[end + 2:]
-            if self._skipping_long_line:
-                self._skipping_long_line = False
-                continue
-            return line
+    def line_too_long(self) -> None:
+        # An over-long SASL response ends the exchange (RFC 4954 §4: 12288 octets).
+        self._mode = COMMAND
+        self.reply(codes.LINE_TOO_LONG)
 
-    def _after_command(self) -> None:
+    def after_command(self) -> None:
         if self._shutting_down:
             self._shutting_down = False
-            return self.shut_down()
+            self.shut_down()
+            return
         if self._mode == DATA and self._buffer:
             # Body bytes that arrived while the 354 was pending.
             self._body += self._buffer
-            self._buffer = b""
-        if self._mode != CLOSING:
-            self._process()
+            self.discard_input()
 
     # -- commands -----------------------------------------------------------
     def _command(self, line: bytes):
@@ -517,10 +318,10 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             self._commands_without_mail += 1
             if self._commands_without_mail > self.limits.max_commands_before_mail:
                 return self._close_with(codes.TOO_MANY_COMMANDS)
-        handler = getattr(self, f"do_{verb}", None)
-        if handler is None:
+        command = COMMANDS.find(verb)
+        if command is None:
             return self.reply(codes.SYNTAX_ERROR)
-        return handler(rest.strip(" \t"))
+        return command.handler(self, rest.strip(" \t"))
 
     def do_HELO(self, rest: str):
         return self._greet(rest, esmtp=False)
@@ -542,26 +343,10 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         first = f"{self.factory.config.hostname} Hello {rest} [{self.session.client_text}]"
         if not esmtp:
             return self._send_line(f"250 {first}")
-        lines = [first, *self._extensions()]
+        lines = [first, *server_extensions(self.limits.max_message_size, can_starttls=self.can_starttls,
+                                            tls_active=self.session.tls, auth_offered=self.portal is not None)]
         out = [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
-        self._send(("\r\n".join(out) + "\r\n").encode("ascii"))
-
-    def _extensions(self) -> list[str]:
-        extensions = [
-            f"SIZE {self.limits.max_message_size}",     # RFC 1870
-            "8BITMIME",                                  # RFC 6152
-            "PIPELINING",                                # RFC 2920
-            "ENHANCEDSTATUSCODES",                       # RFC 2034
-            "SMTPUTF8",                                  # RFC 6531
-            "DSN",                                       # RFC 3461
-        ]
-        if self.canStartTLS and not self.session.tls:
-            extensions.append("STARTTLS")                # RFC 3207
-        if self.session.tls and self.portal is not None:
-            # RFC 4954 §4 / RFC 8314: AUTH only where the password is protected.
-            extensions.append("AUTH PLAIN LOGIN")
-        extensions.append("HELP")
-        return extensions
+        self.send(("\r\n".join(out) + "\r\n").encode("ascii"))
 
     def do_NOOP(self, rest: str):
         self.reply(codes.OK)
@@ -630,10 +415,10 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         # the data and a first line of ".." is unstuffed like any other.
         self._body = bytearray(b"\r\n")
         self._body += self._buffer
-        self._buffer = b""
+        self.discard_input()
         self._scan_from = 0
         self._data_overflow = False
-        self.setTimeout(self.limits.data_timeout)
+        self.set_idle_timeout(self.limits.data_timeout)
         self.reply(codes.START_DATA)
 
     def _consume_data(self) -> bool:
@@ -648,21 +433,21 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
                 del body[:-4]
             self._scan_from = max(0, len(body) - 4)
             return False
-        self._buffer = bytes(body[end + 5:]) + self._buffer
+        self._buffer[:0] = body[end + 5:]
         del body[end + 2:]
         self._body = None
         self._mode = COMMAND
         self._stage = END_OF_MESSAGE
         self._data_envelope = (self.transaction, list(self.recipients))
-        self.setTimeout(self.limits.command_timeout)
-        self._run(self._message_received, body)
+        self.set_idle_timeout(self.limits.command_timeout)
+        self.run(self._message_received, body)
         return True
 
     def _message_received(self, content: bytearray):
         """`content` is the data as received, after a virtual leading CRLF.
 
         Each check is one C-speed pass, and there are as few as possible: a
-        1 MiB message must not cost a Python call per line (twisted-traps §1)."""
+        1 MiB message must not cost a Python call per line (docs/twisted.md §1)."""
         lookup = self._name_lookup
         if lookup is not None and not lookup.called:
             # The Received: line names the client: wait for its reverse DNS
@@ -679,21 +464,23 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         # safe because the data still ended only at CRLF "." CRLF (an LF "." LF
         # inside is one more line, its "." removed below like any leading dot),
         # and what is stored or relayed has no bare LF: the spool gets CRLF.
-        lf = content.replace(b"\r\n", b"\n")
+        lf = to_lf(content)
         line_ends = lf.count(b"\n")
         if b"\r" in lf or (line_ends != len(content) - len(lf) and not self.delivery.may_normalize_bare_lf()):
             self._reset_transaction()
             return self.reply(codes.BARE_LINE_ENDING)
+        # RFC 5321 §4.5.2: a leading "." on any line is removed (transparency).
+        # The virtual leading newline covers the first line and then ends the
+        # Received: header put in front.
+        lf = unstuff_lf(lf)
+        # RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF, "not counting the
+        # leading dot duplicated for transparency": so measured unstuffed.
         limit = self.limits.max_text_line
         if has_long_line(lf, limit - 2):
             self._reset_transaction()
             return self.reply(codes.TEXT_LINE_TOO_LONG, limit=limit)
-        # RFC 5321 §4.5.2: a leading "." on any line is removed (transparency).
-        # The virtual leading newline covers the first line and then ends the
-        # Received: header put in front.
-        lf = lf.replace(b"\n.", b"\n")
         header = self.delivery.receivedHeader(self.session.helo, self.transaction, self.recipients)
-        header_lf = header.replace(b"\r\n", b"\n")
+        header_lf = to_lf(header)
         message = header_lf + lf
         wire_size = len(message) + line_ends + header_lf.count(b"\n")
         transaction, recipients, queue_id = self.transaction, list(self.recipients), self.session.queue_id
@@ -732,16 +519,13 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
             return self.reply(codes.BAD_ARGUMENTS)
         if self.session.tls:
             return self.reply(codes.TLS_ALREADY_ACTIVE)
-        if not self.canStartTLS:
+        if not self.can_starttls:
             return self.reply(codes.TLS_UNAVAILABLE)
         self.reply(codes.READY_TLS)
-        # CVE-2011-0411: anything the client sent after STARTTLS in the clear
-        # must not be executed inside the TLS session.
-        self._buffer = b""
-        self._release_replies()         # the 220 goes out in the clear, before the handshake
-        self.transport.startTLS(self.ctx)
+        self.start_tls()
+
+    def tls_started(self) -> None:
         # RFC 3207 §4.2: forget everything learned before TLS; the client must EHLO again.
-        self.session.tls = True
         self.session.helo = None
         self.session.esmtp = False
         self._reset_transaction()
@@ -777,6 +561,8 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
     def _sasl_response(self, line: bytes):
         self._stage = None
         self._mode = COMMAND
+        if len(line) + 2 > _SASL_LINE_LIMIT:
+            return self.reply(codes.LINE_TOO_LONG)        # RFC 4954 §4
         if line == b"*":
             return self.reply(codes.AUTH_ABORTED)
         return self._sasl_step(line)
@@ -802,34 +588,27 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         return self._login(authcid, password)
 
     def _login(self, username: bytes, password: bytes):
-        creds = credentials.UsernamePassword(username, password)
-        creds.client_ip = self.session.client_text
-        login = self.portal.login(creds, self.session, smtp.IMessageDelivery)
-
         def succeeded(result):
-            _, avatar, logout = result
+            avatar, logout = result
             self._do_logout()
             self.delivery, self._logout = avatar, logout
             self.user = avatar.user
             self.reply(codes.AUTH_OK)
 
         def failed(failure):
-            if failure.check(UnauthorizedLogin):
-                return self._auth_failed(username, "bad credentials")
-            if failure.check(LoginsRefused):       # the checker logged it
-                error = failure.value
-                return self._auth_failed(username, "address locked out",
-                                         Reply(error.code, error.enhanced, error.text))
-            self.log.failure("AUTH error for client {client}", failure=failure, client=self.session.client_ip)
+            if failure.check(LoginFailed):
+                return self._refused(failure.value)
+            failure.trap(LoginUnavailable)
             self.reply(codes.AUTH_TEMPORARY)
-        return login.addCallbacks(succeeded, failed)
+        return self.log_in(username, password, smtp.IMessageDelivery).addCallbacks(succeeded, failed)
 
-    def _auth_failed(self, username: bytes, why: str, reply: Reply = codes.AUTH_FAILED):
-        self._auth_failures += 1
-        self.log.warn("AUTH failed user={user!r} client=[{client}]: {why}",
-                      user=username.decode("utf-8", "replace")[:100], client=self.session.client_ip, why=why)
-        self.reply(reply)
-        if self._auth_failures >= self.limits.max_auth_failures:
+    def _auth_failed(self, username: bytes, why: str):
+        self._refused(self.login_failed(username, why))
+
+    def _refused(self, refused: LoginFailed):
+        lockout = refused.lockout
+        self.reply(codes.AUTH_FAILED if lockout is None else Reply(lockout.code, lockout.enhanced, lockout.text))
+        if refused.last:
             self._close_with(codes.TOO_MANY_AUTH_FAILURES)
 
     # -- avatar and transaction state -----------------------------------------
@@ -837,7 +616,7 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
         def got(result):
             _, self.delivery, self._logout = result
         self.portal.login(credentials.Anonymous(), self.session, smtp.IMessageDelivery) \
-            .addCallbacks(got, self._reply_error)
+            .addCallbacks(got, self.command_failed)
 
     def _do_logout(self):
         logout, self._logout = self._logout, None
@@ -858,3 +637,23 @@ class MailgwSMTP(SerialCommands, smtp.ESMTP):
     @staticmethod
     def _maybe_deferred(function, *args):
         return defer.maybeDeferred(function, *args)
+
+
+_ANY = ("command",)
+# The only verbs a client reaches (RFC 5321 §4.1, RFC 3207, RFC 4954); every
+# other word is "500 5.5.2", in order, and counts towards max_errors.
+COMMANDS = CommandTable({
+    "HELO": (MailgwSMTP.do_HELO, _ANY),
+    "EHLO": (MailgwSMTP.do_EHLO, _ANY),
+    "MAIL": (MailgwSMTP.do_MAIL, _ANY),
+    "RCPT": (MailgwSMTP.do_RCPT, _ANY),
+    "DATA": (MailgwSMTP.do_DATA, _ANY),
+    "RSET": (MailgwSMTP.do_RSET, _ANY),
+    "NOOP": (MailgwSMTP.do_NOOP, _ANY),
+    "QUIT": (MailgwSMTP.do_QUIT, _ANY),
+    "VRFY": (MailgwSMTP.do_VRFY, _ANY),
+    "EXPN": (MailgwSMTP.do_EXPN, _ANY),
+    "HELP": (MailgwSMTP.do_HELP, _ANY),
+    "STARTTLS": (MailgwSMTP.do_STARTTLS, _ANY),
+    "AUTH": (MailgwSMTP.do_AUTH, _ANY),
+})

@@ -1,4 +1,4 @@
-"""Security regressions, each named after the threat (../shared/twisted-traps.md §0, §4, §8.6)."""
+"""Security regressions, each named after the threat (docs/twisted.md §0, §4, §8.6)."""
 from __future__ import annotations
 
 import time
@@ -370,7 +370,7 @@ def _big_store(count, size=100):
 
 
 def test_fetch_of_many_messages_streams_in_chunks_and_respects_backpressure():
-    from mailgw.imap.server import CHUNK_MESSAGES
+    from mailgw.imap.selected import CHUNK_MESSAGES
     session = IMAPSession(store=_big_store(3 * CHUNK_MESSAGES + 10))
     session.login()
     session.select()
@@ -378,24 +378,24 @@ def test_fetch_of_many_messages_streams_in_chunks_and_respects_backpressure():
     original = session.transport.write
     session.transport.write = lambda data: (writes.append(len(data)), original(data))
     session.server.dataReceived(b"a3 FETCH 1:* BODY.PEEK[]\r\n")
-    assert session.transport.producer is session.server       # registered while streaming
+    # The session is the transport's producer for its whole life (mailgw.session.core).
+    assert session.transport.producer is not None and session.transport.streaming
     first = len(writes)
     assert first == 1                                         # one chunk, then a reactor turn
-    session.server.pauseProducing()                           # the transport's buffer is full
+    session.transport.producer.pauseProducing()                           # the transport's buffer is full
     for _ in range(5):
         session.clock.advance(0)
     assert len(writes) == 2                                   # the second chunk was due; then it waits
-    session.server.resumeProducing()
+    session.transport.producer.resumeProducing()
     session.pump()
     data = session.transport.value().decode()
     assert data.count(" FETCH (BODY[] {") == 3 * CHUNK_MESSAGES + 10
     assert data.endswith("a3 OK FETCH completed\r\n")
     assert len(writes) == 4 + 1                               # 4 chunks + the tagged reply
-    assert session.transport.producer is None
 
 
 def test_connection_lost_during_a_streaming_fetch_stops_it():
-    from mailgw.imap.server import CHUNK_MESSAGES
+    from mailgw.imap.selected import CHUNK_MESSAGES
     session = IMAPSession(store=_big_store(3 * CHUNK_MESSAGES))
     session.login()
     session.select()
@@ -435,7 +435,7 @@ def test_simple_fixture_is_what_the_tests_assume():
 
 
 def test_fetch_reads_messages_in_batches_when_the_folder_offers_open_many():
-    from mailgw.imap.server import CHUNK_MESSAGES
+    from mailgw.imap.selected import CHUNK_MESSAGES
     session = IMAPSession(store=_big_store(CHUNK_MESSAGES + 5))
     session.login()
     session.select()

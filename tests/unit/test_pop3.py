@@ -26,8 +26,9 @@ from mailgw.config import ConfigError, load
 from mailgw.config_types import ListenerConfig, POP3Limits
 from mailgw.interfaces import IFolder, IMailStore, ISessionInfo, IUserMailbox
 from mailgw.pop3.maildrop import LOCK_FILE_NAME, Maildrop, MaildropInUse, MaildropLocks
-from mailgw.pop3.server import MailgwPOP3, POP3Factory, stuff, top
-from mailgw.smtp.delivery import Router
+from mailgw.pop3.server import POP3Factory, stuff, top
+from mailgw.session.core import LineSession
+from mailgw.smtp.inbound import Router
 from mailgw.store.events import SEEN
 from fuzzing import fuzz_settings, no_logged_failures
 from pop3_harness import ALICE, FakeFolder, FakeMailStore, FakeUserMailbox, Session, World
@@ -86,12 +87,13 @@ def test_maildrop_is_a_twisted_pop3_mailbox():
     verifyObject(pop3.IMailbox, maildrop)
 
 
-def test_server_is_a_twisted_pop3_subclass_and_a_push_producer():
+def test_server_is_a_line_session_with_output_backpressure():
+    # Nothing of Twisted's pop3.POP3 is inherited any more (docs/twisted.md §3).
     s = Session()
-    assert isinstance(s.server, pop3.POP3) and isinstance(s.server, MailgwPOP3)
-    verifyObject(IPushProducer, s.server)
+    assert isinstance(s.server, LineSession) and not isinstance(s.server, pop3.POP3)
+    verifyObject(IPushProducer, s.transport.producer)
+    assert s.transport.streaming
     verifyObject(ISessionInfo, s.server.session)
-    assert s.transport.producer is s.server
 
 
 # -- the realm gives POP3 its avatar ---------------------------------------------------
@@ -524,10 +526,10 @@ def test_max_auth_failures_closes():
 def test_output_flow_control_holds_pipelined_commands():
     # A client that pipelines RETRs and does not read must not make us buffer the maildrop.
     s = logged_in(b"a" * 100 + b"\r\n", b"b\r\n")
-    s.server.pauseProducing()                  # what the transport does when its buffer is full
+    s.transport.producer.pauseProducing()                  # what the transport does when its buffer is full
     assert s.send(b"RETR 1\r\nRETR 2\r\nSTAT\r\n") == []
     s.clock.advance(500)
-    s.server.resumeProducing()                 # drained: the client reads, the timer restarts
+    s.transport.producer.resumeProducing()                 # drained: the client reads, the timer restarts
     replies = s.read()
     assert replies[0] == "+OK 102 octets" and replies[-1] == "+OK 2 105"
     s.clock.advance(500)
@@ -536,10 +538,10 @@ def test_output_flow_control_holds_pipelined_commands():
 
 def test_input_is_paused_when_too_much_is_pipelined():
     s = logged_in(b"a\r\n")
-    s.server.pauseProducing()
+    s.transport.producer.pauseProducing()
     s.send(b"NOOP\r\n" * 50000)
     assert s.transport.producerState == "paused"
-    s.server.resumeProducing()
+    s.transport.producer.resumeProducing()
     assert s.transport.producerState == "producing"
     assert s.read().count("+OK") == 50000
 

@@ -1,4 +1,4 @@
-"""limits.send_now: a reply goes to the socket at once when nothing is queued
+"""twisted_wall.send_now: a reply goes to the socket at once when nothing is queued
 before it, and is queued (in order) otherwise. A real tcp.Server over a
 socketpair, with a MemoryReactor that never runs: anything that arrives at
 the peer was sent without a reactor turn."""
@@ -12,7 +12,7 @@ from twisted.internet import tcp
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 
-from mailgw.limits import send_now
+from mailgw.twisted_wall import send_now
 
 
 @pytest.fixture

@@ -1,88 +1,11 @@
-"""What every listener shares (SMTP, POP3, IMAP): connection limits, the
-factory base, closing with a deadline, and running commands one at a time."""
+"""What every listener's factory shares (SMTP, POP3, IMAP): its config and
+role, the portal, the clock, TLS, the connection limits and the sessions
+that a shutdown must end."""
 from __future__ import annotations
 
 from collections import Counter
 
-from twisted.internet import defer, protocol, tcp
-
-# Seconds a connection we close may take to go: its last reply to drain and, on
-# TLS, the client's answer to our close_notify. Twisted's TLS waits for that
-# answer without limit (RFC 8446 §6.1 does not require waiting at all), so a
-# client that never answers, or never reads, would keep its connection, its
-# slot in the limits below and a file descriptor after every timeout. After
-# the grace the connection is aborted (the queue's client does the same).
-CLOSE_GRACE = 2.0
-
-
-def close_connection(transport, clock):
-    """loseConnection now; abortConnection CLOSE_GRACE seconds later if the
-    connection is still there. Returns the timer: cancel it in connectionLost."""
-    transport.loseConnection()
-    return clock.callLater(CLOSE_GRACE, transport.abortConnection)
-
-
-def cancel_timer(timer) -> None:
-    if timer is not None and timer.active():
-        timer.cancel()
-
-
-_PLAIN_TCP = (tcp.Server, tcp.Client)
-
-
-def send_now(transport, data: bytes) -> None:
-    """transport.write(data), but on a plain TCP connection (accepted or
-    made by us) with nothing queued the bytes go to the socket at once.
-
-    Twisted's write only queues: the send happens on the reactor's next turn,
-    after two epoll_ctl calls (start and stop watching for writability). For
-    a peer that sends one command and waits for its reply (POP3 RETR one by
-    one, every SMTP round trip), that turn is most of our share of the round
-    trip. What the kernel does not take now is queued as usual, behind
-    nothing, so order is kept; with TLS, or anything already queued, it is a
-    plain write. Relies on FileDescriptor's buffer attributes (Twisted is
-    pinned in pyproject)."""
-    if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._tempDataBuffer
-            and len(transport.dataBuffer) == transport.offset):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:     # EAGAIN, or an error the queued write will report
-            sent = 0
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
-
-
-class SerialCommands:
-    """Mixin for line protocols (SMTP, POP3): one command at a time. A handler
-    that returns a Deferred holds the input after it until the Deferred fires.
-    Errors go to the protocol's `_reply_error` (its one place for turning
-    errors into replies); then `_after_command` lets the protocol read on."""
-
-    _busy = False                  # a command's Deferred is outstanding
-
-    def _run(self, handler, *args) -> None:
-        try:
-            result = handler(*args)
-        except Exception as error:
-            self._reply_error(error)
-            return
-        if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._reply_error)
-            result.addBoth(self._command_done)
-
-    def _command_done(self, _) -> None:
-        self._busy = False
-        self._after_command()
-
-    def _reply_error(self, error) -> None:
-        raise NotImplementedError
-
-    def _after_command(self) -> None:
-        raise NotImplementedError
+from twisted.internet import defer, protocol
 
 
 class ConnectionLimits:
