@@ -15,9 +15,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 ROLE_RELAY = "relay"              # port 25: inbound for local domains, relay for trusted/authenticated
 ROLE_SUBMISSION = "submission"    # port 587: STARTTLS, then AUTH required (RFC 6409)
 ROLE_SUBMISSIONS = "submissions"  # port 465: implicit TLS, AUTH required (RFC 8314 §3.3)
-ROLE_POP3 = "pop3"                # issue 4
+ROLE_POP3 = "pop3"                # port 110: STLS, then USER/PASS or AUTH
 ROLE_POP3S = "pop3s"
-ROLE_IMAP = "imap"                # issue 5
+ROLE_IMAP = "imap"                # port 143: STARTTLS, then LOGIN/AUTHENTICATE
 ROLE_IMAPS = "imaps"
 SMTP_ROLES = (ROLE_RELAY, ROLE_SUBMISSION, ROLE_SUBMISSIONS)
 ALL_ROLES = SMTP_ROLES + (ROLE_POP3, ROLE_POP3S, ROLE_IMAP, ROLE_IMAPS)
@@ -94,7 +94,7 @@ class IMAPLimits:
     allow_plaintext_auth: bool     # LOGIN/AUTHENTICATE without TLS (false: only after STARTTLS or on 993)
 
 
-# Outbound TLS policies (issue 3).
+# Outbound TLS policies of the relay queue's client: per relay host, and towards MX hosts.
 TLS_NONE = "none"                    # never STARTTLS
 TLS_OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, certificate not checked; plaintext retry if it fails
 TLS_REQUIRED = "required"            # STARTTLS must succeed and the certificate must verify for the host

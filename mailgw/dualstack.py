@@ -1,7 +1,7 @@
 """The IPv6 half of a wildcard listener.
 
 Twisted's `tcp:25` binds 0.0.0.0 only, so `::1` and every IPv6 client were
-refused though `trusted_networks` lists `::1/128` (issue 24). A `tcp6:` wildcard
+refused though `trusted_networks` lists `::1/128`. A `tcp6:` wildcard
 socket would take IPv4 too on Linux, with clients seen as `::ffff:a.b.c.d`,
 which every address check would have to unmap; instead, as Postfix and Dovecot
 do, each wildcard listener gets a second socket, `[::]:PORT` with IPV6_V6ONLY,

@@ -1,6 +1,6 @@
 """FETCH attributes (RFC 3501 §6.4.5): parsing them and rendering one message.
 
-Fixed against Twisted's FETCH engine (../shared/twisted-traps.md §4.1, #5613):
+Fixed against Twisted's FETCH engine (docs/twisted.md §4.1, #5613):
 a partial `BODY[...]<o.n>` returns exactly that slice, labelled `<o>`;
 `BODY[n]` of a single-part message is its body and a part that does not exist
 is NIL instead of an exception that drops the connection.

@@ -1,7 +1,7 @@
 """LIST and LSUB (RFC 3501 §6.3.8-9, RFC 3348 CHILDREN, RFC 6154 SPECIAL-USE).
 
 Mailbox attributes are computed here from the folder names; Twisted printed a
-mailbox's *message* flags as its attributes (../shared/twisted-traps.md §4.1).
+mailbox's *message* flags as its attributes (docs/twisted.md §4.1).
 
 Wildcards are matched with bit sets over the name's positions, so a pattern
 like "*a*a*a*...b" costs O(len(pattern) * len(name) / word size), never the

@@ -8,7 +8,7 @@ malformed input: whatever it cannot make sense of becomes an opaque leaf.
 
 Twisted's equivalents (`imap4.getEnvelope`, `getBodyStructure`) work on its
 IMessagePart objects, re-read the body for every line count and describe a
-message without Content-Type as (NIL NIL ...) (../shared/twisted-traps.md
+message without Content-Type as (NIL NIL ...) (docs/twisted.md
 §4.1); these follow RFC 3501 §7.4.2 and RFC 2045 §5.2 instead.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Twisted's evaluator re-copies the query for every message and the remaining
 message list every five messages (quadratic), compares str headers with bytes
 keys, never matches KEYWORD/UNKEYWORD and ignores CHARSET
-(../shared/twisted-traps.md §4.1, §4.5). This one:
+(docs/twisted.md §4.1, §4.5). This one:
 
 - parses without recursion: an explicit stack, parentheses and NOT counted
   against the session's max depth, OR chains flattened (so evaluation depth

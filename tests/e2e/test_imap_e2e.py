@@ -70,7 +70,7 @@ def test_imaps_append_copy_move_and_folders(make_server):
     for folder, use in ((b"Drafts", b"\\Drafts"), (b"Sent", b"\\Sent"), (b"Junk", b"\\Junk"), (b"Trash", b"\\Trash")):
         assert folder in names and use in names
     message = b"Subject: appended\r\n\r\nbody\r\n"
-    typ, data = client.append("Sent", None, None, message)      # no flags, no date (twisted-traps §4)
+    typ, data = client.append("Sent", None, None, message)      # no flags, no date (docs/twisted.md §4.1)
     assert typ == "OK" and b"APPENDUID" in data[0]
     typ, data = client.append("NoSuchFolder", None, None, message)
     assert typ == "NO" and b"TRYCREATE" in data[0]

@@ -1,6 +1,6 @@
 """Several sessions on one shared folder: each has its own sequence numbers;
 changes from the others arrive as untagged EXPUNGE / EXISTS / FETCH FLAGS at
-the moments RFC 3501 §7.4.1 and RFC 2180 allow (../shared/twisted-traps.md §4.4:
+the moments RFC 3501 §7.4.1 and RFC 2180 allow (docs/twisted.md §4.4:
 Twisted sent no EXPUNGE to other sessions, so their numbers silently shifted)."""
 from __future__ import annotations
 
