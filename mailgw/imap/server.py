@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import imap4
 
@@ -530,7 +531,7 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
         reader.end()
         if not self._auth_allowed():
             raise NO("Log in after STARTTLS", b"PRIVACYREQUIRED")     # RFC 3501 §6.2.3, RFC 5530
-        return self._login(username, password)
+        return self._logged_in(self.log_in(username, password, imap4.IAccount))
 
     def do_AUTHENTICATE(self, tag, reader, uid):
         reader.sp()
@@ -566,16 +567,14 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
 
     def _sasl_plain(self, encoded: bytes):
         try:
-            authcid, password = sasl.parse_plain(sasl.decode_response(encoded))
+            login = self.log_in_plain(sasl.decode_response(encoded), imap4.IAccount)
         except sasl.BadEncoding:
             raise BAD("Invalid base64") from None
         except sasl.MalformedPlain:
             raise BAD("Malformed PLAIN response") from None
-        except sasl.ForeignIdentity as refused:
-            return self._auth_failed(refused.authcid, str(refused))
-        return self._login(authcid, password)
+        return self._logged_in(login)
 
-    def _login(self, username: bytes, password: bytes):
+    def _logged_in(self, login: defer.Deferred):
         def succeeded(result):
             avatar, logout = result
             if self.closing:
@@ -595,10 +594,7 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
                 return self._refused(failure.value)
             failure.trap(LoginUnavailable)
             return ("NO", b"UNAVAILABLE", "Authentication temporarily unavailable")
-        return self.log_in(username, password, imap4.IAccount).addCallbacks(succeeded, failed)
-
-    def _auth_failed(self, username: bytes, why: str):
-        return self._refused(self.login_failed(username, why))
+        return login.addCallbacks(succeeded, failed)
 
     def _refused(self, refused: LoginFailed):
         if refused.last:

@@ -347,7 +347,7 @@ class MailgwPOP3(LineSession):
         # RFC 1939 §7: the argument is the rest of the line; spaces may be part of it.
         if not rest:
             return self.reply(BAD_ARGUMENTS)
-        return self._login(user, rest)
+        return self._logged_in(self.log_in(user, rest, pop3.IMailbox))
 
     # -- AUTH (RFC 5034, SASL PLAIN RFC 4616) ---------------------------------------
     def do_AUTH(self, rest: bytes):
@@ -378,16 +378,14 @@ class MailgwPOP3(LineSession):
 
     def _sasl_plain(self, encoded: bytes):
         try:
-            authcid, password = sasl.parse_plain(sasl.decode_response(encoded))
+            login = self.log_in_plain(sasl.decode_response(encoded), pop3.IMailbox)
         except sasl.BadEncoding:
             return self.reply(BAD_BASE64)
         except sasl.MalformedPlain:
             return self.reply(BAD_PLAIN)
-        except sasl.ForeignIdentity as refused:
-            return self._auth_failed(refused.authcid, str(refused))
-        return self._login(authcid, password)
+        return self._logged_in(login)
 
-    def _login(self, username: bytes, password: bytes):
+    def _logged_in(self, login: defer.Deferred):
         def logged_in(result):
             avatar, logout = result
             if self.closing:          # the client left meanwhile
@@ -403,7 +401,7 @@ class MailgwPOP3(LineSession):
             failure.trap(LoginUnavailable)
             if not self.closing:
                 self.reply(AUTH_TEMPORARY)
-        return self.log_in(username, password, pop3.IMailbox).addCallbacks(logged_in, failed)
+        return login.addCallbacks(logged_in, failed)
 
     def _opened(self, _, avatar: Maildrop, logout):
         if self.closing:
@@ -430,9 +428,6 @@ class MailgwPOP3(LineSession):
             return self.reply(IN_USE)
         log_failure(self.log, failure, "cannot open the maildrop of {user}", user=avatar.address)
         self.reply(SYS_TEMP)
-
-    def _auth_failed(self, username: bytes, why: str):
-        self._refused(self.login_failed(username, why))
 
     def _refused(self, refused: LoginFailed):
         if self.closing:

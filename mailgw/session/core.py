@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw.auth import sasl
 from mailgw.errors import LoginsRefused
 from mailgw.session.info import SessionInfo
 from mailgw.twisted_wall import send_now
@@ -399,6 +400,16 @@ class LineSession(protocol.Protocol):
             raise LoginUnavailable()
         return self.portal.login(creds, self.session, interface).addCallbacks(
             lambda result: (result[1], result[2]), failed)
+
+    def log_in_plain(self, response: bytes, interface) -> defer.Deferred:
+        """log_in with a decoded SASL PLAIN response (RFC 4616). Raises
+        sasl.MalformedPlain for the protocol to answer; an authorization
+        identity other than the user's own is a refused login."""
+        try:
+            authcid, password = sasl.parse_plain(response)
+        except sasl.ForeignIdentity as refused:
+            return defer.fail(self.login_failed(refused.authcid, str(refused)))
+        return self.log_in(authcid, password, interface)
 
     def login_failed(self, username: bytes, why: str, lockout: LoginsRefused | None = None) -> LoginFailed:
         """Count and log one refused login (also for a SASL exchange refused

@@ -578,16 +578,14 @@ class MailgwSMTP(LineSession):
                 self._mode = SASL
                 self._send_line(f"334 {_SASL_PASSWORD}")
                 return None
-            return self._login(self._sasl_username, decoded)
+            return self._logged_in(self.log_in(self._sasl_username, decoded, smtp.IMessageDelivery))
         try:
-            authcid, password = sasl.parse_plain(decoded)
+            login = self.log_in_plain(decoded, smtp.IMessageDelivery)
         except sasl.MalformedPlain:
             return self.reply(codes.AUTH_BAD_BASE64.with_text("Malformed PLAIN response"))
-        except sasl.ForeignIdentity as refused:
-            return self._auth_failed(refused.authcid, str(refused))
-        return self._login(authcid, password)
+        return self._logged_in(login)
 
-    def _login(self, username: bytes, password: bytes):
+    def _logged_in(self, login: defer.Deferred):
         def succeeded(result):
             avatar, logout = result
             self._do_logout()
@@ -600,10 +598,7 @@ class MailgwSMTP(LineSession):
                 return self._refused(failure.value)
             failure.trap(LoginUnavailable)
             self.reply(codes.AUTH_TEMPORARY)
-        return self.log_in(username, password, smtp.IMessageDelivery).addCallbacks(succeeded, failed)
-
-    def _auth_failed(self, username: bytes, why: str):
-        self._refused(self.login_failed(username, why))
+        return login.addCallbacks(succeeded, failed)
 
     def _refused(self, refused: LoginFailed):
         lockout = refused.lockout

@@ -506,3 +506,28 @@ def test_every_verb_not_in_the_table_gets_the_unknown_reply_in_order(p, table):
         assert lines(p, s, p.command(s, 1), line, p.command(s, 3)) == [p.ok(1), reply, p.ok(3)], verb
     assert s.server._errors == len(TWISTED_VERBS - reachable)
 
+
+
+# -- logins: one way through the portal, refusals counted alike ----------------------
+FOREIGN = base64.b64encode(b"bob@example.test\0alice@example.test\0secret").decode()
+REFUSALS = {
+    "smtp": (f"AUTH PLAIN {FOREIGN}", "535 5.7.8 Authentication credentials invalid",
+             "421 4.7.0 Too many failed authentications"),
+    "pop3": (f"AUTH PLAIN {FOREIGN}", "-ERR [AUTH] Authentication failed",
+             "-ERR [AUTH] Too many authentication failures, closing connection"),
+    "imap": (f"x AUTHENTICATE PLAIN {FOREIGN}", "x NO [AUTHENTICATIONFAILED] Authentication failed",
+             "* BYE Too many failed logins"),
+}
+
+
+@pytest.mark.parametrize("p", [SMTP(), POP3(), IMAP()], ids=["smtp", "pop3", "imap"])
+def test_a_foreign_authorization_identity_is_a_refused_login_counted_like_a_bad_password(p):
+    # RFC 4616 §2: we act only as the authenticated user; the portal is not even asked.
+    limits = {"max_auth_failures": 2}
+    s = p.session(**limits)
+    s.server.session.tls = True
+    asked = p.hold_login(s)
+    line, refused, last = REFUSALS[p.name]
+    assert lines(p, s, line) == [refused] and not s.closed
+    assert lines(p, s, line) == [refused, last] and s.closed
+    assert asked == []
