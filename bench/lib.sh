@@ -38,3 +38,34 @@ stop_servers() {
   for pid in "${SERVERS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${SERVERS[@]}"; do wait "$pid" 2>/dev/null; done
 }
+
+# The PIDs of the process tree under $1 (itself first), from ps: mailgw's main and its
+# SMTP workers (and any process they started).
+tree_pids() {
+  ps -e -o pid=,ppid= | awk -v root="$1" '
+    { kids[$2] = kids[$2] " " $1 }
+    END { q[1] = root; n = 1
+          for (i = 1; i <= n; i++) { print q[i]; m = split(kids[q[i]], a, " ")
+                                     for (j = 1; j <= m; j++) q[++n] = a[j] } }'
+}
+
+# Pin every thread of every process in the tree under $2 to CPU(s) $1 (taskset -a -p -c);
+# processes and threads started later inherit it from their parent.
+pin_tree() {
+  local pid
+  for pid in $(tree_pids "$2"); do taskset -a -p -c "$1" "$pid" > /dev/null; done
+}
+
+# "P processes, T threads, Cpus_allowed_list L" for the tree under $1 (L: the distinct
+# lists of all its threads, comma-separated when they differ).
+tree_affinity() {
+  local pids procs=0 threads=0 lists="" pid
+  pids=$(tree_pids "$1")
+  for pid in $pids; do
+    [ -d "/proc/$pid/task" ] || continue
+    procs=$((procs + 1))
+    threads=$((threads + $(ls "/proc/$pid/task" | wc -l)))
+    lists="$lists $(cat /proc/"$pid"/task/*/status 2>/dev/null | awk '/^Cpus_allowed_list/{print $2}')"
+  done
+  echo "$procs processes, $threads threads, Cpus_allowed_list $(echo "$lists" | tr ' ' '\n' | sed '/^$/d' | sort -u | paste -sd, -)"
+}
