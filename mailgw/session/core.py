@@ -158,6 +158,7 @@ class LineSession(protocol.Protocol):
         self._auth_failures = 0
         self._timers: dict = {}
         self._idle_seconds: float | None = None
+        self._idle_timer = None         # active, or None (a DelayedCall reset per read)
 
     # -- hooks a protocol provides ------------------------------------------------
     def session_started(self) -> None:
@@ -259,6 +260,8 @@ class LineSession(protocol.Protocol):
         for timer in self._timers.values():
             cancel_timer(timer)
         self._timers.clear()
+        cancel_timer(self._idle_timer)
+        self._idle_timer = None
         self._wake_writers()
         self.connection_ended()
         if self._admitted:
@@ -284,7 +287,8 @@ class LineSession(protocol.Protocol):
             # TLS session would wait for the client): let go first.
             self._producing = False
             self.transport.unregisterProducer()
-        self.cancel_timer("idle")
+        cancel_timer(self._idle_timer)
+        self._idle_timer = None
         self.transport.loseConnection()
         self.start_timer("abort", CLOSE_GRACE, self.transport.abortConnection)
 
@@ -308,17 +312,17 @@ class LineSession(protocol.Protocol):
     def set_idle_timeout(self, seconds: float | None) -> None:
         """How long the client may stay silent from now on; None: no limit."""
         self._idle_seconds = seconds
-        if seconds is None or self.closing:
-            self.cancel_timer("idle")
-        else:
-            self.start_timer("idle", seconds, self._idle_expired)
+        cancel_timer(self._idle_timer)
+        self._idle_timer = None
+        if seconds is not None and not self.closing:
+            self._idle_timer = self.clock.callLater(seconds, self._idle_expired)
 
     def _reset_idle(self) -> None:
-        timer = self._timers.get("idle")
-        if timer is not None and timer.active():
-            timer.reset(self._idle_seconds)
+        if self._idle_timer is not None:
+            self._idle_timer.reset(self._idle_seconds)
 
     def _idle_expired(self) -> None:
+        self._idle_timer = None
         self.close(self.idle_expired())
 
     # -- output ---------------------------------------------------------------------
@@ -423,7 +427,8 @@ class LineSession(protocol.Protocol):
     def dataReceived(self, data: bytes):
         if self.closing:
             return
-        self._reset_idle()
+        if self._idle_timer is not None:
+            self._idle_timer.reset(self._idle_seconds)
         self.input_received(data)
         self._process()
 
@@ -440,8 +445,10 @@ class LineSession(protocol.Protocol):
                     break
         finally:
             self._looping = False
-            self.release_output()
-        self._flow_control()
+            if self._held:
+                self.release_output()
+        if self._input_paused or self._busy or self._output_full:
+            self._flow_control()
 
     def step(self) -> bool:
         """Consume one piece of input; False when more input is needed."""
@@ -451,9 +458,6 @@ class LineSession(protocol.Protocol):
         self.line_received(line)
         return True
 
-    def pending_input(self) -> int:
-        return len(self._buffer)
-
     def _flow_control(self) -> None:
         """Stop reading while pipelined input piles up behind a slow command,
         or while the client does not read our replies."""
@@ -462,7 +466,7 @@ class LineSession(protocol.Protocol):
         # Only a real backlog stops reading: TLS pauses its producer during the
         # handshake, and not reading then would deadlock the handshake.
         waiting = self._busy or self._output_full
-        pause = waiting and self.pending_input() > self.max_pending_input
+        pause = waiting and len(self._buffer) > self.max_pending_input
         if pause and not self._input_paused:
             self._input_paused = True
             self.transport.pauseProducing()
@@ -477,7 +481,7 @@ class LineSession(protocol.Protocol):
         while True:
             end = buffer.find(ending, self._scan)
             if end < 0:
-                if len(buffer) > self.line_limit():
+                if buffer and len(buffer) > self.line_limit():
                     # No line end in sight: answer once, then drop input up to
                     # the next line end so the tail is never parsed as a command.
                     if not self._skipping_long_line:
@@ -515,12 +519,23 @@ class LineSession(protocol.Protocol):
             return
         if isinstance(result, defer.Deferred):
             self._busy = True
-            result.addCallbacks(self.command_finished, self.command_failed,
-                                callbackArgs=(context,), errbackArgs=(context,))
-            result.addErrback(self._unexpected)
-            result.addBoth(self._command_done)
+            result.addBoth(self._command_settled, context)
         else:
             self.command_finished(result, context)
+
+    def _command_settled(self, result, context) -> None:
+        """A command's Deferred fired: its result or error, then read on."""
+        try:
+            if isinstance(result, Failure):
+                self.command_failed(result, context)
+            else:
+                self.command_finished(result, context)
+        except Exception:
+            self._unexpected(Failure())
+        self._busy = False
+        self.after_command()
+        if not self.closing:
+            self._process()
 
     def command_failed(self, failure: Failure, context) -> None:
         """The one place where exceptions become replies."""
@@ -538,11 +553,6 @@ class LineSession(protocol.Protocol):
         self.log.failure("unexpected error finishing a {protocol} command", failure=failure,
                          protocol=self.protocol_name)
 
-    def _command_done(self, _) -> None:
-        self._busy = False
-        self.after_command()
-        if not self.closing:
-            self._process()
 
     # -- STARTTLS ---------------------------------------------------------------------
     def start_tls(self) -> None:
