@@ -86,7 +86,7 @@ class IMAPLimits:
     max_connections: int           # per listener, all clients
     max_connections_per_ip: int    # per listener, per client address
     max_command_line: int          # octets of one command line outside literals, incl. CRLF; over it: BAD, line dropped
-    max_literal: int               # octets of one literal outside APPEND (and of all literals of one command)
+    max_literal: int               # octets of one literal outside APPEND; a whole command: + max_command_line
     max_append: int                # octets of an APPEND message (RFC 7889 APPENDLIMIT); over it: NO [TOOBIG]
     max_paren_depth: int           # nesting of parentheses (and NOT) in one command
     max_errors: int                # BAD replies in a session before "* BYE" and close
