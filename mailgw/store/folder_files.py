@@ -336,7 +336,7 @@ class FolderFiles:
 
     def _move_new(self, ctx: _Ctx) -> None:
         ctx.scanned_new = True
-        for name in sorted(self._list(self._new)):
+        for name in sorted(self._list(self._new), key=mn.arrival_order):
             key, _uid, wire, letters = mn.parse_name(name)  # a U= in new/ means nothing
             if key in ctx.st.by_key:
                 key = self._rekey(key)  # a second copy of a message we have

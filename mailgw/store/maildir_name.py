@@ -65,6 +65,23 @@ def unique_base(now: float, pid: int, serial: int, host: str) -> str:
     return f"{seconds}.M{int((now - seconds) * 1_000_000)}P{pid}Q{serial}.{host}"
 
 
+_ARRIVAL = re.compile(r"(\d+)\.(?:M(\d+))?(?:P\d+)?(?:Q(\d+))?")
+
+
+def arrival_order(name: str) -> tuple:
+    """A sort key putting names of new/ in the order they arrived: by the
+    seconds, microseconds and serial of `unique_base` compared as numbers
+    ("M99999" is earlier than "M100000", which plain string order gets
+    wrong), then by the name. RFC 3501 §2.3.1.1: UIDs ascend in the order
+    messages were added. Names of other writers sort by their leading
+    seconds where they have them, then by name."""
+    match = _ARRIVAL.match(name)
+    if match is None:
+        return (float("inf"), 0, 0, name)
+    seconds, micros, serial = match.groups()
+    return (int(seconds), int(micros or 0), int(serial or 0), name)
+
+
 # -- building names ----------------------------------------------------------------
 
 def delivery_name(base: str, size: int, wire: int) -> str:

@@ -252,6 +252,18 @@ def test_size_of_a_message_without_w_is_counted_once(store, inbox, mail_dir):
 
 
 # -- UIDs that last -----------------------------------------------------------------------------
+def test_mail_found_in_new_gets_uids_in_the_order_it_arrived(inbox):
+    # RFC 3501 §2.3.1.1: UIDs ascend in the order messages were added. In plain
+    # string order "M100000" comes before "M99999" (and "Q10" before "Q9").
+    arrived = ["1700000000.M99999P7Q9.mx,S=28,W=31", "1700000000.M99999P7Q10.mx,S=28,W=31",
+               "1700000000.M100000P7Q11.mx,S=28,W=31", "1700000001.M5P7Q12.mx,S=28,W=31"]
+    for n, name in enumerate(reversed(arrived)):
+        drop(inbox.path / "new", name, b"Subject: %d\n\nbody\n" % (len(arrived) - 1 - n))
+    result(inbox.sync())
+    subjects = [result(inbox.open(uid)).split(b"\r\n", 1)[0] for uid in uids(inbox)]
+    assert subjects == [b"Subject: %d" % n for n in range(len(arrived))]
+
+
 
 def fill(store, folder):
     """Three appends, one delivery found in new/, one flag change, one keyword."""

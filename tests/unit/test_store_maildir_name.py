@@ -196,3 +196,12 @@ def test_change_letters(letters, change, mode, after):
 def test_change_letters_refuses_an_unknown_mode():
     with pytest.raises(ValueError):
         mn.change_letters("S", frozenset("S"), "toggle")
+
+
+def test_arrival_order_compares_the_unique_part_as_numbers():
+    names = ["1700000000.M100000P1Q3.h", "1700000000.M99999P1Q10.h", "1700000000.M99999P1Q9.h",
+             "1699999999.M999999P1Q1.h", "foreign-name", "1700000000.other.h"]
+    assert sorted(names, key=mn.arrival_order) == [
+        "1699999999.M999999P1Q1.h", "1700000000.other.h", "1700000000.M99999P1Q9.h",
+        "1700000000.M99999P1Q10.h", "1700000000.M100000P1Q3.h", "foreign-name"]
+
