@@ -35,3 +35,15 @@ def clear_maildir(d: Path) -> None:
                     os.unlink(p / name)
                 except OSError:
                     pass
+
+
+def report_checks(checks, say, txt: list, out) -> int:
+    """The closing "## checks" block, the .txt report beside the .jsonl, and
+    the exit status: 0 when every check holds."""
+    say("\n## checks")
+    for what, ok, detail in checks:
+        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
+    Path(str(out) + ".txt").write_text("\n".join(txt) + "\n")
+    print(f"\nresults: {out}.txt, {out}.jsonl")
+    return 0 if all(ok for _, ok, _ in checks) else 1
+

@@ -82,7 +82,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import clear_maildir, env, on_signal, port_open
+from benchlib import clear_maildir, env, on_signal, port_open, report_checks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -883,12 +883,7 @@ def main() -> int:
             f"{pf['drop_pct']:+.1f} % ({pf['drop']:+.1f}) -> {'met' if v['drop_pct_ok'] else 'NOT met'} in %, "
             f"{'met' if v['drop_abs_ok'] else 'NOT met'} in msgs/s (per-rep medians {median(mg['pair_drop_pct']):+.1f} "
             f"vs {median(pf['pair_drop_pct']):+.1f} %: {'met' if v['pair_drop_ok'] else 'NOT met'})")
-    say("\n## checks")
-    for what, ok, detail in checks:
-        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
-    Path(str(out) + ".txt").write_text("\n".join(txt) + "\n")
-    print(f"\nresults: {out}.txt, {out}.jsonl")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report_checks(checks, say, txt, out)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import clear_maildir, env, on_signal, port_open
+from benchlib import clear_maildir, env, on_signal, port_open, report_checks
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -555,12 +555,7 @@ def main() -> int:
             say(f"  {m:6}: A {median(a):,.1f}, B-alias {median(b):,.1f} msgs/s -> B/A {r:.3f} "
                 f"({'NOT within 5 %' if r < 0.95 else 'within 5 %' if r <= 1.05 else 'not slower; B faster by more than 5 %: noise'}); A's own spread ±{half_range_pct(a):.0f}%, "
                 f"B's ±{half_range_pct(b):.0f}%")
-    say("\n## checks")
-    for what, ok, detail in checks:
-        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
-    Path(str(out) + ".txt").write_text("\n".join(txt) + "\n")
-    print(f"\nresults: {out}.txt, {out}.jsonl")
-    return 0 if all(ok for _, ok, _ in checks) else 1
+    return report_checks(checks, say, txt, out)
 
 
 if __name__ == "__main__":
