@@ -71,6 +71,31 @@ class MailDNS:
         self.queries = 0                 # for tests and metrics
 
     def query(self, name: str, rtype: str, *, timeout: float | None = None) -> defer.Deferred:
+        return self._lookup(name, rtype, timeout).addCallback(lambda found: found[0])
+
+    def query_ttl(self, name: str, rtype: str, *, timeout: float | None = None,
+                  negative_ttl: float = 300.0) -> defer.Deferred:
+        """`query` with how long its answer may be kept: Deferred[(values, ttl)].
+
+        ttl is the smallest TTL of the answer's records. For NXDOMAIN or no
+        records it is the negative TTL of the SOA the server put in the
+        authority section, when there is one: twisted.names.client raises
+        DNSNameError with the whole `dns.Message` as its argument, and a
+        NOERROR answer carries its authority section. Other resolvers (a
+        zone file's AuthoritativeDomainError, a hosts file) give only the
+        name: then `negative_ttl`. Errors are mapped as by `query`."""
+        def with_ttl(found):
+            values, answers, authority = found
+            if values:
+                return values, min(rr.ttl for rr in answers)
+            # RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM).
+            limits = [min(rr.ttl, rr.payload.minimum) for rr in authority if rr.type == dns.SOA]
+            return values, min(limits) if limits else negative_ttl
+        return self._lookup(name, rtype, timeout).addCallback(with_ttl)
+
+    def _lookup(self, name: str, rtype: str, timeout: float | None) -> defer.Deferred:
+        """One query for `query` and `query_ttl`: Deferred[(values, answer RRs,
+        authority RRs)], NXDOMAIN as no values, any other failure TempDNSError."""
         method_name, type_code = _LOOKUPS[rtype]
         budget = self.timeout if timeout is None else timeout
         name = name.rstrip(".")
@@ -82,11 +107,15 @@ class MailDNS:
         d.addTimeout(budget, self.clock)
 
         def answered(result):
-            return [_value(rtype, rr.payload) for rr in result[0] if rr.type == type_code]
+            answers, authority = list(result[0]), list(result[1])
+            values = [_value(rtype, rr.payload) for rr in answers if rr.type == type_code]
+            # A CNAME on the way bounds the answer's lifetime too: every answer RR counts.
+            return values, answers, authority
 
         def failed(failure):
             if failure.check(error.DNSNameError, error.AuthoritativeDomainError):
-                return []
+                message = failure.value.args[0] if failure.value.args else None
+                return [], [], list(message.authority) if isinstance(message, dns.Message) else []
             raise TempDNSError(f"{rtype} {name}: {failure.getErrorMessage() or failure.type.__name__}")
         return d.addCallbacks(answered, failed)
 

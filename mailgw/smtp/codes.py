@@ -94,6 +94,18 @@ DMARC_REJECT = Reply(550, "5.7.1", "Message rejected: it fails the DMARC policy 
 SPF_TEMPERROR = Reply(451, "4.7.24", "Temporary SPF validation error, try again later")
 # RFC 3463 4.7.0: a DKIM or DMARC check could not finish now.
 AUTH_CHECK_TEMPERROR = Reply(451, "4.7.0", "Temporary DKIM/DMARC validation error, try again later")
+# rspamd's verdicts (mailgw/spam/rspamd.py); RFC 3463 5.7.1: delivery not authorized.
+SPAM_REJECT = Reply(554, "5.7.1", "Spam message rejected")
+SPAM_SOFT_REJECT = Reply(451, "4.7.1", "Try again later")
+# Greylisting: a well-behaved client retries later and is accepted then.
+GREYLISTED = Reply(451, "4.7.1", "Greylisted, please try again later")
+SPAM_FILTER_UNAVAILABLE = Reply(451, "4.7.1", "Spam filter unavailable, try again later")
+# RFC 5321 §3.1: "554" instead of the greeting: no service for this client.
+DNSBL_BLOCKED = Reply(554, "5.7.1", "Service unavailable; client [{client}] blocked using {lists}")
+# Postscreen's pregreet verdict: the client talked before our greeting.
+PREGREET = Reply(554, "5.5.1", "Protocol error: talked before the greeting")
+# RFC 5321 §3.1: after a 554 greeting, every command but QUIT gets 503.
+REFUSED_SESSION = Reply(503, "5.5.1", "Bad sequence of commands: no service here, send QUIT")
 # RFC 1870 §6.2 / RFC 3463 5.3.4: message too big for the system.
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")

@@ -1,0 +1,1 @@
+"""Spam defences: DNS blocklists, the pre-greeting test, rspamd, Junk learning."""
