@@ -37,6 +37,7 @@ from mailgw.config_sections import (
     SMTP_SECONDS_LIMITS,
     TLS_VERSIONS,
     _checks,
+    _spam,
     _dkim,
     _dns,
     _imap,
@@ -175,6 +176,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     dns_table = _Table(root.take("dns", {}), "dns", errors)
     dkim_table = _Table(root.take("dkim", {}), "dkim", errors)
     checks_table = _Table(root.take("checks", {}), "checks", errors)
+    spam_table = _Table(root.take("spam", {}), "spam", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -242,6 +244,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     dns_config = _dns(dns_table)
     dkim = _dkim(dkim_table, data_dir)
     checks = _checks(checks_table, hostname)
+    spam = _spam(spam_table)
     root.finish("unknown top-level table or key", list_known=True)
 
     if errors:
@@ -272,6 +275,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         dns=dns_config,
         dkim=dkim,
         checks=checks,
+        spam=spam,
     )
 
 
@@ -347,6 +351,16 @@ def check_main(argv: list[str]) -> int:
     for listener in config.listeners:
         role = "" if listener.name == listener.role else f"  ({listener.role})"
         print(f"{listener.name:<{width}}  {listener.endpoint}{role}")
+    spam = config.spam
+    if spam.rspamd_url or spam.screens:
+        parts = [f"rspamd {spam.rspamd_url}" if spam.rspamd_url else "no rspamd"]
+        if spam.controller_url and spam.learn:
+            parts.append(f"learning via {spam.controller_url}")
+        if spam.dnsbl_sites:
+            parts.append(f"{len(spam.dnsbl_sites)} DNSBL site(s), threshold {spam.dnsbl_threshold}")
+        if spam.pregreet_wait:
+            parts.append(f"pregreet {spam.pregreet_wait:g} s")
+        print("spam: " + ", ".join(parts))
     for line in placeholder_warnings(config):
         print(f"warning: {line}", file=sys.stderr)
     return 0

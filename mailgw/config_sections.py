@@ -1,7 +1,7 @@
 """The parsers of the sections of the configuration, for `mailgw.config`.
 
 One function per table ([tls], [smtp], [queue], [pop3], [imap], [routing], [quota],
-[dns], [dkim], [checks]) and one for the [[listeners]] array. Each records every
+[dns], [dkim], [checks], [spam]) and one for the [[listeners]] array. Each records every
 problem in its table's error list and returns the frozen section, or None when
 anything was wrong. The defaults of their keys are here; `mailgw/default.toml`
 spells out the same values, and a test keeps the two in agreement.
@@ -14,8 +14,9 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from mailgw.config_table import _absolute, _address_problem, _describe, _dns_name_problem, _Table
+from mailgw.config_table import _absolute, _address_problem, _describe, _dns_name_problem, _network, _Table
 from mailgw.config_types import (
     ALL_ROLES,
     BARE_NEWLINE_MODES,
@@ -33,8 +34,10 @@ from mailgw.config_types import (
     RoutingConfig,
     RelayHost,
     SMTPLimits,
+    SpamConfig,
     TLSConfig,
 )
+from mailgw.spam.dnsbl import parse_site
 
 # [tls] min_version
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
@@ -224,6 +227,74 @@ def _checks(table: _Table, hostname: str | None) -> ChecksConfig | None:
     if None in values:
         return None
     return ChecksConfig(*values)
+
+
+ON_RSPAMD_FAILURE = ("accept", "defer")
+
+
+def _http_url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        parts.port                  # noqa: B018 - raises on a bad port
+    except ValueError as error:
+        return f"not a URL ({error})"
+    if parts.scheme not in ("http", "https"):
+        return 'must start with "http://" or "https://"'
+    if not parts.hostname:
+        return "must name a host, e.g. http://127.0.0.1:11333"
+    if parts.query or parts.fragment or parts.username:
+        return "must not carry a query, fragment or user name"
+    return None
+
+
+def _spam(table: _Table) -> SpamConfig | None:
+    urls = {}
+    for key in ("rspamd_url", "controller_url"):
+        url = table.string(key, "")
+        if url and (problem := _http_url_problem(url)):
+            table.error(key, f"{_describe(url)}: {problem}")
+            url = None
+        urls[key] = url.rstrip("/") if url else url
+    password = table.string("password", "")
+    timeout = table.seconds("timeout", 15.0, 0.1)
+    on_failure = table.string("on_failure", "accept")
+    if on_failure is not None and on_failure not in ON_RSPAMD_FAILURE:
+        table.error("on_failure", f'must be one of {", ".join(ON_RSPAMD_FAILURE)}, got {_describe(on_failure)}')
+        on_failure = None
+    scan_outbound = table.boolean("scan_outbound", False)
+    max_scan_size = table.integer("max_scan_size", 20 * 1024 * 1024, 1024)
+    junk = table.string("junk_folder", "Junk")
+    if junk is not None and (not junk or "/" in junk or junk.startswith(".")):
+        table.error("junk_folder", f"{_describe(junk)}: must be a folder name such as Junk")
+        junk = None
+    subject_tag = table.string("subject_tag", "")
+    if subject_tag and not subject_tag.isprintable():
+        table.error("subject_tag", f"{_describe(subject_tag)}: must be printable text such as \"[SPAM] \"")
+        subject_tag = None
+    learn = table.boolean("learn", True)
+    learn_concurrency = table.integer("learn_concurrency", 2, 1, 64)
+    learn_backlog = table.integer("learn_backlog", 10000, 1)
+    site_texts = table.string_list("dnsbl_sites", ())
+    sites = []
+    for index, text in enumerate(site_texts or ()):
+        try:
+            sites.append(parse_site(text))
+        except ValueError as error:
+            table.error(f"dnsbl_sites[{index}]", f"{_describe(text)}: {error}")
+    threshold = table.integer("dnsbl_threshold", 1, 1)
+    budget = table.seconds("dnsbl_budget", 3.0, 0.1)
+    allow_texts = table.string_list("allow_networks", ())
+    allow = [_network(text, f"allow_networks[{index}]", table) for index, text in enumerate(allow_texts or ())]
+    pregreet_wait = table.seconds("pregreet_wait", 0.0, 0.0)
+    pass_ttl = table.seconds("pregreet_pass_ttl", 86400.0, 0.0)
+    table.finish()
+    values = (urls["rspamd_url"], urls["controller_url"], password, timeout, on_failure, scan_outbound,
+              max_scan_size, junk, subject_tag, learn, learn_concurrency, learn_backlog)
+    screen = (threshold, budget, pregreet_wait, pass_ttl)
+    if None in values or None in screen or site_texts is None or len(sites) != len(site_texts) \
+            or allow_texts is None or None in allow:
+        return None
+    return SpamConfig(*values, tuple(sites), threshold, budget, tuple(allow), pregreet_wait, pass_ttl)
 
 
 def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:

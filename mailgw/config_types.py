@@ -185,6 +185,35 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True)
+class SpamConfig:
+    """[spam]: the screen before the greeting (DNS blocklists, pregreet),
+    rspamd at the end of DATA and Junk learning (mailgw/spam/, docs/spam.md)."""
+    rspamd_url: str                     # rspamd's normal worker ("" : no scanning), e.g. http://127.0.0.1:11333
+    controller_url: str                 # its controller, for /learnspam and /learnham ("" : no learning)
+    password: str                       # the controller's password ("" : none, secure_ip only)
+    timeout: float                      # seconds one scan may take
+    on_failure: str                     # rspamd down or slow: "accept" (logged, counted) or "defer" (451 4.7.1)
+    scan_outbound: bool                 # also scan authenticated users' mail (a compromised account)
+    max_scan_size: int                  # larger messages are delivered unscanned (and logged)
+    junk_folder: str                    # where "add header" / "rewrite subject" mail goes
+    subject_tag: str                    # prefixed to the Subject: of spam ("" : rspamd's rewrite only)
+    learn: bool                         # Junk moves and $Junk/$NotJunk teach rspamd
+    learn_concurrency: int              # learn requests in flight at once
+    learn_backlog: int                  # learns pending (waiting or in flight) beyond this are dropped, counted
+    dnsbl_sites: tuple                  # mailgw.spam.dnsbl.DNSBLSite, postscreen_dnsbl_sites syntax
+    dnsbl_threshold: int                # refuse at this total weight
+    dnsbl_budget: float                 # seconds all blocklist queries of one client may take
+    allow_networks: tuple[Network, ...] # never screened (besides [server] trusted_networks)
+    pregreet_wait: float                # seconds of the pregreet test (0: off), postscreen_greet_wait
+    pregreet_pass_ttl: float            # a passed address skips the test this long, postscreen_greet_ttl
+
+    @property
+    def screens(self) -> bool:
+        """Is anything checked before the greeting?"""
+        return bool(self.dnsbl_sites) or self.pregreet_wait > 0
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str                          # our FQDN: greeting, Received, EHLO
     local_domains: frozenset[str]          # lower-case, exact match only
@@ -213,3 +242,4 @@ class Config:
     dns: DNSConfig | None = field(default=None)           # None only in configs built by hand in tests
     dkim: DKIMConfig | None = field(default=None)         # None: no signing (configs built by hand in tests)
     checks: ChecksConfig | None = field(default=None)     # None: no checks (configs built by hand in tests)
+    spam: SpamConfig | None = field(default=None)         # None: no spam defences (configs built by hand in tests)

@@ -16,6 +16,7 @@ the exact record to publish (indented, zone-file syntax):
     dmarc     _dmarc.<domain> has a v=DMARC1 record with a policy that acts
     tls       the configured certificate covers the hostname, is valid for three
               more weeks and is not self-signed
+    rspamd    ([spam] rspamd_url / controller_url set) each answers /ping with "pong"
 
 When the DNS does not answer at all, one `FAIL dns: DNS unreachable (...)` line
 replaces the DNS checks. Exit 0 without FAIL, 1 with one, 2 on usage errors.
@@ -54,8 +55,8 @@ USAGE = """usage: mailgw doctor [DOMAIN] [--config PATH] [--nameserver HOST[:POR
 Checks what must be right before this server goes live, for every local
 domain (or only DOMAIN): the hostname's A/AAAA records, the PTR of each
 outbound address (FCrDNS to the HELO name), MX, SPF (and its 10-lookup limit),
-DKIM (the keys in the key store are published), DMARC, and the TLS
-certificate. One line per check, OK, WARN or FAIL; under each FAIL the record
+DKIM (the keys in the key store are published), DMARC, the TLS
+certificate and, when [spam] names it, that rspamd answers. One line per check, OK, WARN or FAIL; under each FAIL the record
 to publish.
 
   --nameserver HOST[:PORT]   ask this server (repeatable; default: [dns]
@@ -459,10 +460,44 @@ def _temporary(result) -> bool:
     return isinstance(result, Failure) and result.check(TempDNSError, defer.TimeoutError) is not None
 
 
+def check_rspamd(config, client) -> defer.Deferred:
+    """Deferred[list[Finding]]: does each configured rspamd worker answer?"""
+    spam = config.spam
+    wanted = []
+    if spam is not None and spam.rspamd_url:
+        wanted.append(("rspamd", spam.rspamd_url))
+    if spam is not None and spam.controller_url and spam.learn:
+        wanted.append(("rspamd controller", spam.controller_url))
+    if not wanted:
+        return defer.succeed([])
+    if client is None:
+        return defer.succeed([Finding(FAIL, name, "no rspamd client") for name, _ in wanted])
+
+    def pinged(answer, name, url):
+        if answer == "pong":
+            return Finding(OK, name, f"{url} answers")
+        return Finding(FAIL, name, f"{url}/ping answered {answer[:60]!r}, not 'pong': is it rspamd?")
+
+    def failed(failure, name, url):
+        return Finding(FAIL, name, f"{url}: {failure.getErrorMessage()}")
+    return defer.gatherResults([
+        client.ping(url).addCallbacks(pinged, failed, callbackArgs=(name, url), errbackArgs=(name, url))
+        for name, url in wanted])
+
+
 @defer.inlineCallbacks
 def run_checks(config, mail_dns, *, clock, key_store, outbound_ips=(), domains=None, now=None,
-               nameserver: str = "the system resolver"):
+               nameserver: str = "the system resolver", rspamd=None):
     """Deferred[list[Finding]] for every check, in print order."""
+    # Asked first, and at once: rspamd is on our side, the DNS may be slow.
+    rspamd_findings = check_rspamd(config, rspamd)
+    findings = yield _checks_of_dns(config, mail_dns, clock=clock, key_store=key_store, outbound_ips=outbound_ips,
+                                    domains=domains, now=now, nameserver=nameserver)
+    return findings + (yield rspamd_findings)
+
+
+@defer.inlineCallbacks
+def _checks_of_dns(config, mail_dns, *, clock, key_store, outbound_ips, domains, now, nameserver):
     now = now or datetime.datetime.now(datetime.timezone.utc)
     domains = [d.rstrip(".").lower() for d in (domains or sorted(config.local_domains))]
     doctor = _Doctor(config, mail_dns, clock=clock, key_store=key_store, outbound_ips=outbound_ips, now=now)
@@ -617,9 +652,12 @@ def doctor_main(argv: list[str], *, reactor=None) -> int:
     mail_dns = MailDNS(resolver, clock=reactor, timeout=timeout)
     key_store = _key_store(config)
 
+    from mailgw.mailauth.stages import build_rspamd
+    rspamd = build_rspamd(config, reactor)
+
     def checks():
         return run_checks(config, mail_dns, clock=reactor, key_store=key_store, outbound_ips=outbound,
-                          domains=[domain] if domain else None, nameserver=nameserver)
+                          domains=[domain] if domain else None, nameserver=nameserver, rspamd=rspamd)
     findings = _run_on(reactor, checks, install_signal_handlers=install_signal_handlers)
     if findings is None:
         print("mailgw doctor: interrupted", file=sys.stderr)

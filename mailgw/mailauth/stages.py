@@ -10,14 +10,21 @@ The order is fixed, here and nowhere else (docs/authentication.md):
       4. DMARC of the From: domain, from 1 and 2
       -> verdict: reject (550 5.7.1), defer (451 4.7.x, on_temperror =
          "defer"), quarantine (local targets go to the Junk folder), accept
+      5. rspamd ([spam] rspamd_url; inbound, and submissions with
+         scan_outbound), told the results of 1-4 (mailgw/spam/rspamd.py)
+      -> verdict: reject (554 5.7.1), soft reject or greylist (451 4.7.1),
+         spam (local targets go to the Junk folder), accept; rspamd
+         unavailable: accept unscanned or 451 4.7.1 ([spam] on_failure)
     modifiers
-      5. Authentication-Results that claim our authserv-id removed (RFC 8601
-         §5), on every path: no client can hand our users a forged verdict
-      6. our Authentication-Results (and Received-SPF) added right under our
-         Received: (the order Postfix + a milter gives)
-      7. Date: and Message-ID: added to submissions that lack them
+      6. Authentication-Results that claim our authserv-id removed (RFC 8601
+         §5), on every path: no client can hand our users a forged verdict;
+         on scanned mail, X-Spam-* headers from outside removed too
+      7. our Authentication-Results (and Received-SPF) and X-Spam-* added
+         right under our Received: (the order Postfix + a milter gives), the
+         Subject: tagged for spam ([spam] subject_tag, rspamd's rewrite)
+      8. Date: and Message-ID: added to submissions that lack them
          (RFC 6409 §8.2, §8.3)
-      8. DKIM signatures (outbound), last: they cover the header as it leaves
+      9. DKIM signatures (outbound), last: they cover the header as it leaves
 
 The server has already put its Received: on top before this stage, so the
 checks see the message as the recipient will, minus steps 5-8. The
@@ -29,6 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.header import Header
 from email.utils import format_datetime
 
 from twisted.internet import defer
@@ -41,6 +49,8 @@ from mailgw.mailauth import arc, dkim_verify, dmarc, spf
 from mailgw.mailauth.dkim_sign import DKIMSigner, header_from_domain
 from mailgw.mailauth.keys import DKIMKeyStore
 from mailgw.smtp import codes
+from mailgw.spam import rspamd as rspamd_module
+from mailgw.spam.rspamd import RspamdUnavailable, ScanEnvelope
 
 log = Logger()
 
@@ -58,6 +68,7 @@ class Origin:
     helo: str | None
     sender: str                       # MAIL FROM, "" for <>
     user: str | None = None
+    client_name: str | None = None    # forward-confirmed reverse DNS, when known
 
 
 @dataclass
@@ -66,6 +77,8 @@ class Outcome:
     message: bytes
     quarantine_folder: str | None = None     # local targets go here instead of their folder
     results: dict = field(default_factory=dict)   # method -> result text, for logs and tests
+    scan: object = None                      # rspamd's Scan, when the message was scanned
+    scanned: bool = False                    # rspamd was asked (even if it failed)
 
 
 def split_header(message: bytes, newline: bytes) -> tuple[bytes, bytes]:
@@ -112,6 +125,84 @@ def strip_our_results(message: bytes, newline: bytes, authserv_id: str) -> tuple
     return b"".join(f + newline for f in kept) + rest, removed
 
 
+# Spam verdicts a filter writes: X-Spam-*, X-Spamd-* (SpamAssassin, rspamd's
+# milter headers) and X-Rspamd-*. On scanned mail only ours may be there.
+_SPAM_HEADER = re.compile(rb"^(?:x-spam[a-z0-9-]*|x-rspamd-[a-z0-9-]*)\s*:", re.IGNORECASE)
+
+
+def strip_spam_headers(message: bytes, newline: bytes) -> tuple[bytes, int]:
+    """Remove every X-Spam*/X-Rspamd-* field from the header. (message, removed)."""
+    head, rest = split_header(message, newline)
+    lowered = head.lower()
+    if b"x-spam" not in lowered and b"x-rspamd-" not in lowered:
+        return message, 0
+    fields = header_fields(head, newline)
+    kept = [f for f in fields if not _SPAM_HEADER.match(f)]
+    if len(kept) == len(fields):
+        return message, 0
+    return b"".join(f + newline for f in kept) + rest, len(fields) - len(kept)
+
+
+def spam_headers(scan, newline: bytes) -> bytes:
+    """Our X-Spam-* fields for rspamd's `scan` (the SpamAssassin names that
+    Sieve scripts and mail clients filter on)."""
+    spam = scan.is_spam or scan.action in (rspamd_module.REJECT, rspamd_module.SOFT_REJECT)
+    lines = []
+    if spam:
+        lines.append(b"X-Spam-Flag: YES")
+    lines.append(b"X-Spam-Score: %.2f / %.2f" % (scan.score, scan.required_score))
+    lines.append(b"X-Spam-Action: " + scan.action.encode("ascii"))
+    tests = [f"{name}({score:.2f})" for name, score in scan.symbols if _DOT_ATOM.match(name)]
+    status = f"X-Spam-Status: {'Yes' if spam else 'No'}, score={scan.score:.2f} required={scan.required_score:.2f}"
+    if tests:
+        # RFC 5322 §2.2.3: folded after the commas, each line well under 78 characters.
+        folded = [f"tests={tests[0]}"]
+        for item in tests[1:]:
+            if len(folded[-1]) + len(item) > 70:
+                folded[-1] += ","
+                folded.append(item)
+            else:
+                folded[-1] += f", {item}"
+        status += "".join("\n\t" + line for line in folded)
+    lines.append(status.encode("ascii").replace(b"\n", newline))
+    return b"".join(line + newline for line in lines)
+
+
+def tag_subject(message: bytes, newline: bytes, scan, tag: str) -> bytes:
+    """Spam's Subject: with [spam] subject_tag in front, or (no tag) rspamd's
+    rewritten subject for "rewrite subject"; unchanged otherwise."""
+    if tag:
+        new_value = None
+    elif scan.action == rspamd_module.REWRITE_SUBJECT and scan.subject:
+        new_value = scan.subject
+    else:
+        return message
+    head, rest = split_header(message, newline)
+    fields = header_fields(head, newline)
+    for index, field_bytes in enumerate(fields):
+        if field_bytes[:8].lower() == b"subject:":
+            if new_value is None:
+                value = field_bytes[8:].lstrip(b" \t")
+                if value.startswith(tag.encode("utf-8")):
+                    return message
+                fields[index] = b"Subject: " + tag.encode("utf-8") + value
+            else:
+                fields[index] = b"Subject: " + _encoded_word(new_value)
+            break
+    else:
+        fields.append(b"Subject: " + (tag.rstrip().encode("utf-8") if new_value is None
+                                      else _encoded_word(new_value)))
+    return b"".join(f + newline for f in fields) + rest
+
+
+def _encoded_word(text: str) -> bytes:
+    # RFC 2047 §2: a non-ASCII subject as encoded-words.
+    text = text.replace("\r", " ").replace("\n", " ")
+    if text.isascii():
+        return text.encode("ascii")
+    return Header(text, "utf-8").encode().encode("ascii")
+
+
 _COMMENT_UNSAFE = re.compile(r"[^\x20-\x7e]|[()\\]")
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 
@@ -141,8 +232,11 @@ class AuthenticationStage:
     `f, *args -> Deferred` (the thread pool; tests run it inline)."""
 
     def __init__(self, *, checks, add_missing_headers: bool, signer, mail_dns, run_in_thread, clock,
-                 hostname: str, is_local_domain, random=None):
+                 hostname: str, is_local_domain, random=None, spam=None, rspamd=None):
         self.checks = checks
+        self.spam = spam                    # [spam] config, or None
+        self.rspamd = rspamd                # RspamdClient, or None: no scanning
+        self.unscanned = 0                  # messages accepted because rspamd failed (on_failure = accept)
         self.add_missing_headers = add_missing_headers
         self.signer = signer
         self.mail_dns = mail_dns
@@ -153,14 +247,79 @@ class AuthenticationStage:
         self.random = random
 
     # -- the stage -------------------------------------------------------
-    def process(self, message: bytes, *, lf: bool, origin: Origin, queue_id: str) -> defer.Deferred:
+    def process(self, message: bytes, *, lf: bool, origin: Origin, queue_id: str,
+                recipients: tuple[str, ...] = ()) -> defer.Deferred:
         """Deferred[Outcome]; fails with MailError when the message is refused."""
         if origin.kind == INBOUND and self.checks is not None and self.mail_dns is not None:
             d = self._check(message, lf=lf, origin=origin)
         else:
             d = defer.succeed(None)
+        if self._scans(origin):
+            d.addCallback(self._scan, message, lf=lf, origin=origin, queue_id=queue_id, recipients=recipients)
+        else:
+            d.addCallback(lambda found: (found, None))
         d.addCallback(self._modify, message, lf=lf, origin=origin, queue_id=queue_id)
         return d
+
+    # -- rspamd ------------------------------------------------------------
+    def _scans(self, origin: Origin) -> bool:
+        if self.rspamd is None or not self.spam.rspamd_url:
+            return False
+        if origin.kind == INBOUND:
+            return True
+        # Our own notices (DSNs) and `mailgw sendmail` have no user: not scanned.
+        return origin.kind == SUBMISSION and origin.user is not None and self.spam.scan_outbound
+
+    def _scan(self, found, message: bytes, *, lf: bool, origin: Origin, queue_id: str, recipients):
+        """(found, Scan | None | RspamdUnavailable): rspamd's view, with the checks' results."""
+        if len(message) > self.spam.max_scan_size:
+            log.info("{queue_id}: not scanned: {size} bytes is over [spam] max_scan_size",
+                     queue_id=queue_id, size=len(message))
+            return (found, None)
+        results = {}
+        if found is not None:
+            spf_result = found.get("spf")
+            dmarc_result = found.get("dmarc")
+            results = dict(
+                spf=spf_result.result if spf_result is not None else None,
+                dkim=tuple((r.result, r.domain) for r in found["dkim"]) if found.get("dkim") is not None else None,
+                dmarc=dmarc_result.result if dmarc_result is not None else None)
+        envelope = ScanEnvelope(sender=origin.sender, recipients=tuple(recipients), client_ip=origin.client_ip,
+                                helo=origin.helo, client_name=origin.client_name, user=origin.user,
+                                queue_id=queue_id, **results)
+        crlf = message.replace(b"\n", b"\r\n") if lf else message
+        def unavailable(failure):
+            failure.trap(RspamdUnavailable)
+            return failure.value            # judged with the rest in _spam_verdict
+        d = self.rspamd.check(crlf, envelope)
+        d.addErrback(unavailable)
+        return d.addCallback(lambda scan: (found, scan))
+
+    def _spam_verdict(self, scan, outcome: Outcome, queue_id: str) -> None:
+        spam = self.spam
+        outcome.scanned = True
+        if isinstance(scan, RspamdUnavailable):
+            if spam.on_failure == "defer":
+                log.warn("{queue_id}: rspamd unavailable ({why}): deferred", queue_id=queue_id, why=scan)
+                raise MailError(*codes.SPAM_FILTER_UNAVAILABLE)
+            self.unscanned += 1
+            log.warn("{queue_id}: rspamd unavailable ({why}): accepted unscanned", queue_id=queue_id, why=scan)
+            return
+        outcome.scan = scan
+        outcome.results["spam"] = scan.action
+        log.info("{queue_id}: rspamd action={action} score={score:.2f}/{required:.2f} symbols={symbols}",
+                 queue_id=queue_id, action=scan.action, score=scan.score, required=scan.required_score,
+                 symbols=",".join(name for name, _ in scan.symbols[:12]))
+        if scan.action == rspamd_module.REJECT:
+            reply = codes.SPAM_REJECT.with_text(scan.reply_text) if scan.reply_text else codes.SPAM_REJECT
+            raise PermanentError(*reply)
+        if scan.action == rspamd_module.SOFT_REJECT:
+            raise MailError(*(codes.SPAM_SOFT_REJECT.with_text(scan.reply_text) if scan.reply_text
+                              else codes.SPAM_SOFT_REJECT))
+        if scan.action == rspamd_module.GREYLIST:
+            raise MailError(*codes.GREYLISTED)
+        if scan.is_spam:
+            outcome.quarantine_folder = spam.junk_folder
 
     # -- checks ------------------------------------------------------------
     def _check(self, message: bytes, *, lf: bool, origin: Origin) -> defer.Deferred:
@@ -229,20 +388,32 @@ class AuthenticationStage:
         return d.addTimeout(budget + 1.0, self.clock)
 
     # -- verdict and modifiers ----------------------------------------------
-    def _modify(self, found, message: bytes, *, lf: bool, origin: Origin, queue_id: str) -> Outcome:
+    def _modify(self, checked, message: bytes, *, lf: bool, origin: Origin, queue_id: str) -> Outcome:
+        found, scan = checked
         newline = b"\n" if lf else b"\r\n"
         outcome = Outcome(message)
         checks = self.checks
         if found is not None:
             self._verdict(found, outcome, queue_id)
+        if scan is not None:
+            self._spam_verdict(scan, outcome, queue_id)
         if checks is not None:
             message, removed = strip_our_results(message, newline, checks.authserv_id)
             if removed:
                 log.info("{queue_id}: removed {count} Authentication-Results claiming {id}",
                          queue_id=queue_id, count=removed, id=checks.authserv_id)
+        trace = b""
         if found is not None:
-            results = self._results_header(found, origin).encode("utf-8").replace(b"\r\n", newline) + newline
-            message = _below_our_received(message, newline, results)
+            trace = self._results_header(found, origin).encode("utf-8").replace(b"\r\n", newline) + newline
+        if outcome.scanned:
+            # A verdict a client wrote itself must never reach a user's filter.
+            message, _ = strip_spam_headers(message, newline)
+            if outcome.scan is not None:
+                trace += spam_headers(outcome.scan, newline)
+                if outcome.scan.is_spam:
+                    message = tag_subject(message, newline, outcome.scan, self.spam.subject_tag)
+        if trace:
+            message = _below_our_received(message, newline, trace)
         if origin.kind == SUBMISSION and self.add_missing_headers:
             message = self._add_missing(message, newline, queue_id)
         outcome.message = message
@@ -390,7 +561,18 @@ def build_stages(config, *, router, mail_dns, reactor, threadpool) -> Authentica
     return AuthenticationStage(checks=config.checks, add_missing_headers=dkim is not None and dkim.add_missing_headers,
                                signer=signer, mail_dns=mail_dns,
                                run_in_thread=partial(deferToThreadPool, reactor, threadpool), clock=reactor,
-                               hostname=config.hostname, is_local_domain=router.is_local_domain)
+                               hostname=config.hostname, is_local_domain=router.is_local_domain,
+                               spam=config.spam, rspamd=build_rspamd(config, reactor))
+
+
+def build_rspamd(config, reactor):
+    """The process's one RspamdClient ([spam]), or None when nothing asks rspamd."""
+    spam = config.spam
+    if spam is None or not (spam.rspamd_url or (spam.controller_url and spam.learn)):
+        return None
+    client = rspamd_module.RspamdClient(reactor=reactor, url=spam.rspamd_url, controller_url=spam.controller_url,
+                                        password=spam.password, timeout=spam.timeout, hostname=config.hostname)
+    return client
 
 
 def build_resolver(config):

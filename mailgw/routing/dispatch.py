@@ -103,6 +103,11 @@ class Transaction:
     def recipient_count(self) -> int:
         return sum(map(len, self.local.values())) + len(self.remote) + len(self.forwards)
 
+    def recipient_addresses(self) -> tuple[str, ...]:
+        """Every RCPT TO address once, in the order given (for the spam filter)."""
+        rcpts = [r for rs in self.local.values() for r in rs] + self.remote + [r for r, _ in self.forwards]
+        return tuple(dict.fromkeys(str(rcpt.recipient) for rcpt in rcpts))
+
 
 def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None) -> Router:
     """The production Router: the alias file, SRS with the data directory's
@@ -160,7 +165,8 @@ class Dispatcher:
         if stages is None or origin is None:
             return self._write(transaction, message, queue_id, lf=lf, client=client)
         # The checks and modifiers stages (mailgw.mailauth.stages), then the targets.
-        d = stages.process(message, lf=lf, origin=origin, queue_id=queue_id)
+        d = stages.process(message, lf=lf, origin=origin, queue_id=queue_id,
+                           recipients=transaction.recipient_addresses())
         return d.addCallback(lambda outcome: self._write(transaction, outcome.message, queue_id, lf=lf,
                                                          client=client, quarantine=outcome.quarantine_folder))
 

@@ -162,7 +162,8 @@ class SMTPDelivery:
             "auth": self.user,
             "listener": session.listener.name,
         }, user=self.user, origin=Origin(self._origin_kind(), session.client_text, session.helo,
-                                         str(transaction.mail_from.sender or ""), self.user))
+                                         str(transaction.mail_from.sender or ""), self.user,
+                                         client_name=session.client_name))
 
     def _origin_kind(self) -> str:
         """Which checks and modifiers the message gets (mailgw.mailauth.stages)."""

@@ -255,7 +255,7 @@ def test_a_quarantined_message_goes_to_each_users_junk_folder_in_its_spelling_or
             return defer.succeed(["path"])
 
     class QuarantiningStage:
-        def process(self, message, *, lf, origin, queue_id):
+        def process(self, message, *, lf, origin, queue_id, recipients=()):
             return defer.succeed(stages.Outcome(message, quarantine_folder="Junk"))
 
     (tmp_path / "example.test" / "alice" / ".junk" / "new").mkdir(parents=True)   # any case matches

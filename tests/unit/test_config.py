@@ -214,7 +214,7 @@ def test_section_that_is_not_a_table(in_tmp):
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
     errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
     assert errors == ["logging: unknown top-level table or key "
-                      "(known: checks, dkim, dns, imap, listeners, pop3, queue, quota, routing, server, smtp, tls)"]
+                      "(known: checks, dkim, dns, imap, listeners, pop3, queue, quota, routing, server, smtp, spam, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):
@@ -738,3 +738,45 @@ def test_checks_defaults_and_every_error_at_once(in_tmp):
                                      'authserv_id = "bad name!"\nmin_key_bits = 100\n'))
     assert len(errors) == 4 and all(e.startswith("checks.") for e in errors)
     assert any("on_temperror: must be one of accept, defer" in e for e in errors)
+
+
+# --- spam --------------------------------------------------------------------------
+
+def test_spam_defaults_screen_nothing_and_ask_no_rspamd(in_tmp):
+    spam = load(write(in_tmp, "")).spam
+    assert (spam.rspamd_url, spam.controller_url, spam.dnsbl_sites, spam.pregreet_wait) == ("", "", (), 0.0)
+    assert not spam.screens
+    assert (spam.on_failure, spam.junk_folder, spam.learn, spam.timeout) == ("accept", "Junk", True, 15.0)
+
+
+def test_spam_settings_are_read(in_tmp):
+    spam = load(write(in_tmp, '[spam]\nrspamd_url = "http://127.0.0.1:11333/"\n'
+                              'controller_url = "https://rspamd.example.test:11334"\npassword = "pw"\n'
+                              'dnsbl_sites = ["zen.spamhaus.org=127.0.0.[2..11]*3", "list.dnswl.org*-5"]\n'
+                              'dnsbl_threshold = 3\nallow_networks = ["192.0.2.0/24"]\npregreet_wait = 6\n'
+                              'on_failure = "defer"\nsubject_tag = "[SPAM] "\n')).spam
+    assert spam.rspamd_url == "http://127.0.0.1:11333"          # the trailing slash goes
+    assert spam.controller_url == "https://rspamd.example.test:11334"
+    assert [(site.zone, site.weight) for site in spam.dnsbl_sites] == [("zen.spamhaus.org", 3), ("list.dnswl.org", -5)]
+    assert spam.dnsbl_sites[0].matches(["127.0.0.4"]) and not spam.dnsbl_sites[0].matches(["127.0.0.12"])
+    assert (spam.dnsbl_threshold, spam.pregreet_wait, spam.on_failure, spam.subject_tag) == (3, 6.0, "defer", "[SPAM] ")
+    assert [str(n) for n in spam.allow_networks] == ["192.0.2.0/24"] and spam.screens
+
+
+def test_spam_every_error_at_once(in_tmp):
+    errors = errors_of(write(in_tmp, '[spam]\nrspamd_url = "ftp://127.0.0.1"\ncontroller_url = "http://"\n'
+                                     'on_failure = "panic"\njunk_folder = ".Junk"\n'
+                                     'dnsbl_sites = ["not a zone", "zen.example=127.0.0.[9..2]", "ok.example*x"]\n'
+                                     'allow_networks = ["10.0.0.1/8"]\npregreet_wait = -1\ntimeout = 0\n'
+                                     'learn_concurrency = 0\nsurprise = 1\n'))
+    assert all(e.startswith("spam.") for e in errors), errors
+    text = "\n".join(errors)
+    for fragment in ('spam.rspamd_url: "ftp://127.0.0.1": must start with "http://" or "https://"',
+                     'spam.controller_url: "http://": must name a host',
+                     "spam.on_failure: must be one of accept, defer",
+                     'spam.junk_folder: ".Junk": must be a folder name',
+                     'spam.dnsbl_sites[0]: "not a zone"', 'spam.dnsbl_sites[1]:', 'spam.dnsbl_sites[2]:',
+                     'spam.allow_networks[0]: "10.0.0.1/8" has host bits set',
+                     "spam.pregreet_wait:", "spam.timeout:", "spam.learn_concurrency:", "spam.surprise: unknown key"):
+        assert fragment in text, (fragment, errors)
+    assert len(errors) == 12

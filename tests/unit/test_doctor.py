@@ -592,3 +592,35 @@ def test_keys_of_which_none_signs_are_a_warning(tmp_path):
         "WARN dkim example.org: 2 keys (s1, s2) but none signs; publish one, then activate it",
         "    mailgw dkim activate example.org s1"]
     assert findings["dkim keys"].level == "WARN"       # the store's own problem line, passed on
+
+
+# -- rspamd ------------------------------------------------------------------------------------
+
+class FakePinger:
+    """RspamdClient.ping: url -> "pong", other text, or an exception."""
+
+    def __init__(self, answers):
+        self.answers = answers
+
+    def ping(self, url=None):
+        from mailgw.spam.rspamd import RspamdUnavailable
+        answer = self.answers.get(url, RspamdUnavailable("Connection was refused by other side: 111"))
+        return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
+
+
+def test_rspamd_is_asked_only_when_configured_and_each_worker_is_named(tmp_path):
+    _, config = make_config(tmp_path, extra='[spam]\nrspamd_url = "http://127.0.0.1:11333"\n'
+                                          'controller_url = "http://127.0.0.1:11334"\n')
+    store = key_store(config, "example.org")
+    pinger = FakePinger({"http://127.0.0.1:11333": "pong", "http://127.0.0.1:11334": "<html>nginx</html>"})
+    findings = text_of(result_of(doctor.run_checks(
+        config, MailDNS(FakeResolver(good_zone(store)), clock=task.Clock(), timeout=5.0), clock=task.Clock(),
+        key_store=store, now=NOW, rspamd=pinger)))
+    assert "OK rspamd: http://127.0.0.1:11333 answers" in findings
+    assert ("FAIL rspamd controller: http://127.0.0.1:11334/ping answered '<html>nginx</html>', not 'pong': "
+            "is it rspamd?") in findings
+    down = text_of(result_of(doctor.check_rspamd(config, FakePinger({}))))
+    assert down[0] == "FAIL rspamd: http://127.0.0.1:11333: Connection was refused by other side: 111"
+    (tmp_path / "plain").mkdir()
+    _, plain = make_config(tmp_path / "plain")
+    assert result_of(doctor.check_rspamd(plain, pinger)) == []
