@@ -10,11 +10,13 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailgw.config_types import IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, SMTP_ROLES, Config
+from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, ROLE_RELAY, SMTP_ROLES,
+                                 Config)
 from mailgw.imap.server import IMAPFactory
 from mailgw.pop3.server import POP3Factory
 from mailgw.queue.spool import new_queue_id
 from mailgw.smtp.server import SMTPFactory
+from mailgw.spam.screen import build_screen
 
 log = Logger()
 
@@ -156,7 +158,8 @@ def listener_factory(config: Config, listener, *, portal, clock, tls_options, im
     common = dict(config=config, listener=listener, portal=portal, clock=clock,
                   tls_context=None if implicit else tls_options, implicit_tls=implicit)
     if listener.role in SMTP_ROLES:
-        factory = SMTPFactory(new_queue_id=new_queue_id, mail_dns=mail_dns, **common)
+        screen = build_screen(config, mail_dns=mail_dns, clock=clock) if listener.role == ROLE_RELAY else None
+        factory = SMTPFactory(new_queue_id=new_queue_id, mail_dns=mail_dns, screen=screen, **common)
     elif listener.role in (ROLE_POP3, ROLE_POP3S):
         factory = POP3Factory(**common)
     elif listener.role in (ROLE_IMAP, ROLE_IMAPS):

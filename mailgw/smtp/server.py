@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mailgw.auth import sasl
-from mailgw.config_types import Config, ListenerConfig
+from mailgw.config_types import ROLE_RELAY, Config, ListenerConfig
 from mailgw.errors import MailError
 from mailgw.session.core import CommandTable, LineSession, LoginFailed, LoginUnavailable
 from mailgw.session.listener import ListenerFactory
@@ -88,7 +88,7 @@ class SMTPFactory(ListenerFactory):
     """One per SMTP listener (relay, submission, submissions)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
-                 new_queue_id, tls_context=None, implicit_tls: bool = False, mail_dns=None):
+                 new_queue_id, tls_context=None, implicit_tls: bool = False, mail_dns=None, screen=None):
         # Trusted networks count towards the total only (see ConnectionLimits).
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
                          tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
@@ -96,6 +96,8 @@ class SMTPFactory(ListenerFactory):
         # MailDNS for the client's reverse DNS ([checks] reverse_dns); None: not looked up.
         checks = config.checks
         self.mail_dns = mail_dns if checks is not None and checks.reverse_dns else None
+        # The screen before the greeting (mailgw.spam.screen): the relay role only.
+        self.screen = screen if listener.role == ROLE_RELAY else None
 
     def make_protocol(self):
         return MailgwSMTP(self)
@@ -117,6 +119,7 @@ class MailgwSMTP(LineSession):
         self._data_envelope = None              # (MailFrom, [RcptTo]) of the message being answered
         self._name_lookup = None                # the client's reverse DNS lookup while it runs
         self._body: bytearray | None = None
+        self._refused_session = False           # a 554 greeting: nothing but QUIT (RFC 5321 §3.1)
         self.delivery = None
         self._logout = None
         self._reset_transaction_state()
@@ -126,7 +129,56 @@ class MailgwSMTP(LineSession):
         self._login_anonymous()
         if self.factory.mail_dns is not None:
             self._look_up_client_name()
+        screen = self.factory.screen
+        if screen is not None and screen.screens(self.session.client_ip):
+            # Held like a command: nothing the client sends is read until the screen is done.
+            self.run(self._screen, screen)
+            return
+        self._greet_client()
+
+    def _greet_client(self) -> None:
         self._send_line(f"220 {self.factory.config.hostname} ESMTP mailgw")
+
+    # -- the screen before the greeting (mailgw.spam.screen) -----------------
+    def _screen(self, screen):
+        client = self.session.client_text
+
+        def listed(verdict):
+            if self.closing:
+                return None
+            if verdict is not None and verdict.refused:
+                screen.dnsbl_refused += 1
+                self._refused_session = True
+                reply = codes.DNSBL_BLOCKED.with_text(verdict.reply_text())
+                self.log.info("NOQUEUE: reject: CONNECT from [{client}]: {code} {enhanced} {text}; "
+                              "score={score} threshold={threshold}", client=client, code=reply.code,
+                              enhanced=reply.enhanced, text=reply.text, score=verdict.score,
+                              threshold=verdict.threshold)
+                self.send(self._format(reply))
+                return None
+            if not screen.needs_pregreet(client):
+                self._greet_client()
+                return None
+            # Postscreen's pregreet test: the first line of a multi-line
+            # greeting, then silence; a client must wait for the last line.
+            self._send_line(f"220-{self.factory.config.hostname} ESMTP mailgw")
+            waited = defer.Deferred()
+            self.start_timer("pregreet", screen.pregreet_wait, lambda: waited.callback(None))
+            return waited.addCallback(judge)
+
+        def judge(_):
+            if self._buffer:
+                screen.failed_pregreet(client)
+                first = bytes(self._buffer[:_LOG_ARGUMENT_LIMIT]).split(b"\r\n", 1)[0]
+                self.log.info("PREGREET {count} after {wait:g} from [{client}]: {first}",
+                              count=len(self._buffer), wait=screen.pregreet_wait, client=client,
+                              first=_loggable(first.decode("utf-8", "replace")))
+                self._close_with(codes.PREGREET)
+                return None
+            screen.passed(client)
+            self._greet_client()
+            return None
+        return screen.blocklists(client).addCallback(listed)
 
     def refusal(self) -> bytes:
         return self._format(codes.TOO_MANY_CONNECTIONS)
@@ -318,6 +370,8 @@ class MailgwSMTP(LineSession):
             self._commands_without_mail += 1
             if self._commands_without_mail > self.limits.max_commands_before_mail:
                 return self._close_with(codes.TOO_MANY_COMMANDS)
+        if self._refused_session and verb != "QUIT":
+            return self.reply(codes.REFUSED_SESSION)
         command = COMMANDS.find(verb)
         if command is None:
             return self.reply(codes.SYNTAX_ERROR)

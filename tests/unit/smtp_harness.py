@@ -132,7 +132,7 @@ class Session:
 
     def __init__(self, *, role="relay", client="192.0.2.10", tls=False, starttls=True, config=None,
                  smtp=None, userdb=None, store=None, spool=None, clock=None, queue_ids=None, factory=None,
-                 router=None, mail_dns=None):
+                 router=None, mail_dns=None, screen=None):
         self.clock = clock or task.Clock()
         self.config = config or make_config(smtp=smtp)
         self.userdb = userdb or FakeUserDB()
@@ -147,7 +147,7 @@ class Session:
         self.factory = factory or SMTPFactory(
             config=self.config, listener=listener, portal=portal, clock=self.clock,
             new_queue_id=lambda now: next(ids), tls_context=object() if starttls else None,
-            implicit_tls=tls, mail_dns=mail_dns)
+            implicit_tls=tls, mail_dns=mail_dns, screen=screen)
         ip = ipaddress.ip_address(client)
         peer = (IPv6Address if ip.version == 6 else IPv4Address)("TCP", client, 40000)
         self.transport = TLSStringTransport(peerAddress=peer)
