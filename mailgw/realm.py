@@ -17,8 +17,11 @@ from mailgw.smtp.inbound import Router, SMTPDelivery
 
 @implementer(IRealm)
 class MailRealm:
-    def __init__(self, *, router: Router, store, spool, clock, mail_store=None):
+    def __init__(self, *, router: Router, store, spool, clock, mail_store=None, learner=None,
+                 junk_folder: str = "Junk"):
         self.router = router
+        self.learner = learner                  # mailgw.spam.learning.JunkLearner, or None
+        self.junk_folder = junk_folder
         self.store = store
         self.spool = spool
         self.clock = clock
@@ -40,7 +43,8 @@ class MailRealm:
             return pop3.IMailbox, maildrop, maildrop.close
         if imap4.IAccount in interfaces:
             # Only the user's own mailbox: the account has no way to reach another.
-            account = IMAPAccount(self._mailbox(avatarId, "IMAP"))
+            account = IMAPAccount(self._mailbox(avatarId, "IMAP"), learner=self.learner,
+                                  junk_folder=self.junk_folder)
             return imap4.IAccount, account, account.logout
         raise NotImplementedError(f"no avatar for {interfaces!r}")
 

@@ -31,6 +31,7 @@ from mailgw.queue.runner import QueueRunner
 from mailgw.queue.spool import Spool, message_reader
 from mailgw.mailauth.dns import MailDNS
 from mailgw.mailauth.stages import build_resolver, build_stages
+from mailgw.spam.learning import build_learner
 from mailgw.routing.dispatch import build_router
 from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
@@ -169,7 +170,10 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
     resolver = build_resolver(config)
     mail_dns = MailDNS(resolver, clock=reactor, timeout=config.dns.timeout)
     router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor, threadpool=io_pool)
-    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store)
+    # Junk learning (mailgw.spam.learning) reuses the stage's rspamd connections.
+    learner = build_learner(config, router.stages.rspamd)
+    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store,
+                      learner=learner, junk_folder=config.spam.junk_folder)
     portal = Portal(realm, [checker, AllowAnonymousAccess()])
 
     read_message = message_reader(reactor, io_pool)

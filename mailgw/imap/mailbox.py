@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from mailgw.imap.parser import STAR
 from mailgw.imap.wire import decode_mailbox, flag_list, sorted_flags
+from mailgw.spam import learning
 from mailgw.store.events import SYSTEM_FLAGS, Added, Expunged, FlagsChanged
 
 _UID = attrgetter("uid")
@@ -61,9 +62,12 @@ def normalise_name(name) -> str:
 class IMAPAccount:
     """One user's folders as IMAP sees them. Every method returns a Deferred."""
 
-    def __init__(self, mailbox):
+    def __init__(self, mailbox, *, learner=None, junk_folder: str = "Junk"):
         self.mailbox = mailbox                  # IUserMailbox of the logged-in user only
         self.address = mailbox.address
+        # mailgw.spam.learning.JunkLearner, or None: what the user files as junk teaches nobody.
+        self.learner = learner
+        self.junk_folder = junk_folder
         # mailgw.store.quota.IQuota of the store, or None (no QUOTA extension):
         # the user's folders together are one quota root, "" (RFC 9208 §3.1).
         self.quota = getattr(mailbox, "quota", None)
@@ -80,6 +84,23 @@ class IMAPAccount:
 
     def logout(self):
         """The avatar holds no resources; selected views are closed by the server."""
+
+    # -- junk learning (mailgw.spam.learning) --------------------------------
+    def copied(self, source_name: str, target, target_uids) -> None:
+        """A COPY or MOVE landed `target_uids` in folder `target`; learn from it in the background."""
+        if self.learner is None or not target_uids:
+            return
+        kind = learning.copy_verdict(source_name, target.name, junk=self.junk_folder)
+        if kind is not None:
+            self.learner.submit(kind, target, target_uids, self.address)
+
+    def flagged(self, folder, uids, flags, mode: str) -> None:
+        """A STORE set `flags` on `uids`: $Junk and $NotJunk teach."""
+        if self.learner is None or not uids:
+            return
+        kind = learning.flag_verdict(flags, mode)
+        if kind is not None:
+            self.learner.submit(kind, folder, uids, self.address)
 
     # -- imap4.IAccount ------------------------------------------------------
     def addMailbox(self, name, mbox=None):

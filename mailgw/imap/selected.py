@@ -258,6 +258,8 @@ class SelectedCommands:
         if not present:
             return OK("STORE completed")
         def stored(new_flags):
+            # Junk learning, in the background (never delays this reply).
+            self.account.flagged(view.folder, present, flags, mode)
             if view.new_keywords(flags):
                 # RFC 3501 §7.2.6: the new keywords before any FETCH that uses them.
                 self._write(view.flags_response())
@@ -316,6 +318,8 @@ class SelectedCommands:
         def copied(pairs, target):
             code = None
             if pairs:
+                # Junk learning, in the background (never delays this reply).
+                self.account.copied(view.folder.name, target, [t for _, t in pairs])
                 code = (b"COPYUID %d " % target.uidvalidity + ordered_uid_set([s for s, _ in pairs])
                         + b" " + ordered_uid_set([t for _, t in pairs]))          # RFC 4315 §3
             if not move:

@@ -338,7 +338,7 @@ class IMAPSession:
     (role imaps) so that LOGIN is allowed; pass tls=False for port 143."""
 
     def __init__(self, *, role=None, client="192.0.2.10", tls=True, starttls=True, imap=None,
-                 smtp=None, config=None, store=None, clock=None, factory=None, userdb=None):
+                 smtp=None, config=None, store=None, clock=None, factory=None, userdb=None, learner=None):
         self.clock = clock or task.Clock()
         self.config = config or make_imap_config(imap=imap, smtp=smtp)
         self.store = store if store is not None else FakeMailStore()
@@ -346,7 +346,7 @@ class IMAPSession:
         self.checker = FakeChecker(self.userdb)
         if factory is None:
             realm = MailRealm(router=Router(self.config, self.userdb), store=FakeStore(), spool=FakeSpool(),
-                              clock=self.clock, mail_store=self.store)
+                              clock=self.clock, mail_store=self.store, learner=learner)
             portal = Portal(realm, [self.checker, AllowAnonymousAccess()])
             role = role or ("imaps" if tls else "imap")
             listener = ListenerConfig(role=role, endpoint="tcp:0", name=role)
