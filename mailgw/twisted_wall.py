@@ -1,6 +1,6 @@
 """Every use of Twisted's internals, behind one wall.
 
-mailgw subclasses nothing of twisted.mail any more, but four things need
+mailgw subclasses nothing of twisted.mail any more, but five things need
 more than Twisted's public API; they live here, and only here, so that a
 Twisted upgrade has one module to check. `tests/unit/test_twisted_wall.py`
 fails loudly when the installed Twisted no longer has what these rely on,
@@ -11,13 +11,15 @@ against (docs/twisted.md §9).
   `_tempDataBuffer`), `TLS` and `socket` of tcp.Server/tcp.Client;
 - `accept_exclusively`: the epoll reactor's `_poller` and `_reads`;
 - `listening_family`: a listening port's `socket`;
-- `stop_accepting`: `stopReading` on a listening port (it stays bound).
+- `stop_accepting`: `stopReading` on a listening port (it stays bound);
+- `quiet_http_pool`: HTTPConnectionPool's `_factory` (the client factory class).
 """
 from __future__ import annotations
 
 import select
 
 from twisted.internet import tcp
+from twisted.web import client as web_client
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -27,6 +29,7 @@ RELIED_ON = {
                               "offset", "socket")),
     "listening_family": (tcp.Port, ("socket",)),
     "stop_accepting": (tcp.Port, ("stopReading", "startReading")),
+    "quiet_http_pool": (web_client.HTTPConnectionPool, ("_factory",)),
 }
 
 
@@ -86,3 +89,19 @@ def stop_accepting(port) -> None:
     """Keep the port bound and listening but take no connections in this
     process (the SMTP workers accept on it instead)."""
     port.stopReading()
+
+
+def quiet_http_pool(reactor, *, max_per_host: int):
+    """A persistent HTTPConnectionPool whose connections log nothing.
+
+    Twisted's client factory logs "Starting factory" and "Stopping factory"
+    for every connection: two log lines per rspamd scan, since rspamd 3.4
+    closes each connection after its answer. The pool builds its factories
+    from the class in `_factory`; ours is the same class, not noisy."""
+    class QuietFactory(web_client.HTTPConnectionPool._factory):
+        noisy = False
+
+    pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = QuietFactory
+    pool.maxPersistentPerHost = max_per_host
+    return pool

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet import protocol
-from twisted.web.client import (Agent, HTTPConnectionPool, PotentialDataLoss, RequestTransmissionFailed,
+from twisted.web.client import (Agent, PotentialDataLoss, RequestTransmissionFailed,
                                 ResponseDone, ResponseNeverReceived)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
+
+from mailgw.twisted_wall import quiet_http_pool
 
 # rspamd's actions, strongest first (rspamd's metric actions).
 REJECT = "reject"
@@ -196,10 +198,9 @@ class RspamdClient:
         self.timeout = timeout
         self.hostname = hostname
         if agent is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            # One kept-alive connection per concurrent scan: a pool of 2 (the
-            # default) would open a new connection for nearly every message.
-            pool.maxPersistentPerHost = max_connections
+            # One kept-alive connection per concurrent scan where the server
+            # keeps connections (rspamd 3.4 closes each after its answer).
+            pool = quiet_http_pool(reactor, max_per_host=max_connections)
             agent = Agent(reactor, pool=pool, connectTimeout=timeout)
             self._pool = pool
         else:

@@ -45,6 +45,19 @@ def test_a_connection_still_has_the_write_buffer_send_now_reads(server):
     assert bytes(server.dataBuffer[server.offset:]) + b"".join(server._tempDataBuffer) == b"queued"
 
 
+def test_the_http_pool_still_builds_its_factories_from_factory():
+    from twisted.internet import task
+    from twisted.internet.protocol import Factory
+    from twisted.web.client import HTTPConnectionPool
+
+    cls, names = twisted_wall.RELIED_ON["quiet_http_pool"]
+    assert cls is HTTPConnectionPool and all(hasattr(cls, name) for name in names)
+    assert issubclass(HTTPConnectionPool._factory, Factory)
+    pool = twisted_wall.quiet_http_pool(task.Clock(), max_per_host=7)
+    assert pool.maxPersistentPerHost == 7 and pool.persistent
+    assert issubclass(pool._factory, HTTPConnectionPool._factory) and pool._factory.noisy is False
+
+
 def test_a_listening_port_still_has_its_socket_and_reader_switch():
     reactor = epollreactor.EPollReactor()
     try:
