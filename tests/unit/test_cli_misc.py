@@ -72,6 +72,20 @@ def test_check_is_quiet_when_configured(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
 
 
+def test_check_says_what_spam_defences_are_on_and_refuses_a_bad_site(tmp_path, capsys):
+    config = write_config(tmp_path, 'hostname = "mx.example.org"\nlocal_domains = ["example.org"]\n'
+                                    '[spam]\nrspamd_url = "http://127.0.0.1:11333"\n'
+                                    'controller_url = "http://127.0.0.1:11334"\n'
+                                    'dnsbl_sites = ["zen.spamhaus.org=127.0.0.[2..11]*3"]\ndnsbl_threshold = 3\n'
+                                    'pregreet_wait = 6\n')
+    assert check_main(["--config", str(config)]) == 0
+    assert ("spam: rspamd http://127.0.0.1:11333, learning via http://127.0.0.1:11334, 1 DNSBL site(s), "
+            "threshold 3, pregreet 6 s") in capsys.readouterr().out.splitlines()
+    config.write_text(config.read_text().replace("127.0.0.[2..11]*3", "127.0.0.[2..11*3"))
+    assert check_main(["--config", str(config)]) == 1
+    assert capsys.readouterr().err.startswith('error: spam.dnsbl_sites[0]: "zen.spamhaus.org=127.0.0.[2..11*3"')
+
+
 class CallsFromThread:
     def __init__(self):
         self.calls = []
