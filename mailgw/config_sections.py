@@ -268,8 +268,9 @@ def _spam(table: _Table) -> SpamConfig | None:
         table.error("junk_folder", f"{_describe(junk)}: must be a folder name such as Junk")
         junk = None
     subject_tag = table.string("subject_tag", "")
-    if subject_tag and not subject_tag.isprintable():
-        table.error("subject_tag", f"{_describe(subject_tag)}: must be printable text such as \"[SPAM] \"")
+    # RFC 5322 §2.2: a header field is ASCII (the tag goes in front of the raw Subject: value).
+    if subject_tag and not (subject_tag.isascii() and subject_tag.isprintable()):
+        table.error("subject_tag", f"{_describe(subject_tag)}: must be printable ASCII such as \"[SPAM] \"")
         subject_tag = None
     learn = table.boolean("learn", True)
     learn_concurrency = table.integer("learn_concurrency", 2, 1, 64)

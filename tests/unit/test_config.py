@@ -768,7 +768,7 @@ def test_spam_every_error_at_once(in_tmp):
                                      'on_failure = "panic"\njunk_folder = ".Junk"\n'
                                      'dnsbl_sites = ["not a zone", "zen.example=127.0.0.[9..2]", "ok.example*x"]\n'
                                      'allow_networks = ["10.0.0.1/8"]\npregreet_wait = -1\ntimeout = 0\n'
-                                     'learn_concurrency = 0\nsurprise = 1\n'))
+                                     'learn_concurrency = 0\nsurprise = 1\nsubject_tag = "[ÄRGER] "\n'))
     assert all(e.startswith("spam.") for e in errors), errors
     text = "\n".join(errors)
     for fragment in ('spam.rspamd_url: "ftp://127.0.0.1": must start with "http://" or "https://"',
@@ -777,6 +777,7 @@ def test_spam_every_error_at_once(in_tmp):
                      'spam.junk_folder: ".Junk": must be a folder name',
                      'spam.dnsbl_sites[0]: "not a zone"', 'spam.dnsbl_sites[1]:', 'spam.dnsbl_sites[2]:',
                      'spam.allow_networks[0]: "10.0.0.1/8" has host bits set',
-                     "spam.pregreet_wait:", "spam.timeout:", "spam.learn_concurrency:", "spam.surprise: unknown key"):
+                     "spam.pregreet_wait:", "spam.timeout:", "spam.learn_concurrency:", "spam.surprise: unknown key",
+                     "spam.subject_tag:"):
         assert fragment in text, (fragment, errors)
-    assert len(errors) == 12
+    assert len(errors) == 13
