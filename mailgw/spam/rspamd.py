@@ -14,15 +14,16 @@ means ([spam] on_failure).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
 
-from twisted.internet import defer
-from twisted.internet import protocol
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import (Agent, PotentialDataLoss, RequestTransmissionFailed,
                                 ResponseDone, ResponseNeverReceived)
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from mailgw.twisted_wall import quiet_http_pool
@@ -76,6 +77,32 @@ class ScanEnvelope:
     spf: str | None = None          # our results (mailgw.mailauth), None: not checked
     dkim: tuple[tuple[str, str], ...] | None = None     # (result, domain) per signature
     dmarc: str | None = None
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """Where the Agent connects. An IP literal (the usual rspamd_url,
+    http://127.0.0.1:11333) is connected to directly: Agent's default, a
+    HostnameEndpoint, would resolve even a literal with getaddrinfo in the
+    reactor's thread pool, for every scan, since rspamd closes each connection
+    after its answer. Names go through HostnameEndpoint as usual."""
+
+    def __init__(self, reactor, timeout: float):
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def endpointForURI(self, uri):
+        host = uri.host.decode("ascii")
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            endpoint = endpoints.HostnameEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+        else:
+            kind = endpoints.TCP4ClientEndpoint if address.version == 4 else endpoints.TCP6ClientEndpoint
+            endpoint = kind(self.reactor, str(address), uri.port, timeout=self.timeout)
+        if uri.scheme == b"https":
+            endpoint = endpoints.wrapClientTLS(optionsForClientTLS(host.strip("[]")), endpoint)
+        return endpoint
 
 
 @implementer(IBodyProducer)
@@ -201,7 +228,7 @@ class RspamdClient:
             # One kept-alive connection per concurrent scan where the server
             # keeps connections (rspamd 3.4 closes each after its answer).
             pool = quiet_http_pool(reactor, max_per_host=max_connections)
-            agent = Agent(reactor, pool=pool, connectTimeout=timeout)
+            agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, timeout), pool=pool)
             self._pool = pool
         else:
             self._pool = None

@@ -250,3 +250,20 @@ def _until(condition, limit: int = 200):
             reactor.callLater(0.01, check, left - 1)
     check(limit)
     return d
+
+
+def test_ip_literals_are_connected_to_without_a_name_lookup():
+    from twisted.internet import endpoints
+    from twisted.web.client import URI
+
+    from mailgw.spam.rspamd import _Endpoints
+
+    factory = _Endpoints(reactor, 5.0)
+    assert isinstance(factory.endpointForURI(URI.fromBytes(b"http://127.0.0.1:11333/checkv2")),
+                      endpoints.TCP4ClientEndpoint)
+    assert isinstance(factory.endpointForURI(URI.fromBytes(b"http://[::1]:11333/checkv2")),
+                      endpoints.TCP6ClientEndpoint)
+    assert isinstance(factory.endpointForURI(URI.fromBytes(b"http://rspamd.example.test:11333/")),
+                      endpoints.HostnameEndpoint)
+    tls = factory.endpointForURI(URI.fromBytes(b"https://127.0.0.1:11334/learnspam"))
+    assert not isinstance(tls, (endpoints.TCP4ClientEndpoint, endpoints.HostnameEndpoint))   # wrapped in TLS
