@@ -73,5 +73,14 @@ def test_both_readme_installs_in_either_order_keep_the_plugin(tmp_path):
     assert plugin_listed(environment, elsewhere), "editable install: twistd does not see the mailgw plugin"
     pip_install(environment, run_install, checkout)         # then the run command
     assert plugin_listed(environment, elsewhere), "regular install: twistd does not see the mailgw plugin"
+    # Listing the plugin imports little: every module of the installed package must import
+    # (a package left out of pyproject.toml's list is missing only from a regular install).
+    imported = subprocess.run([str(environment / "bin" / "python"), "-c",
+                               "import importlib, pkgutil, mailgw\n"
+                               "for m in pkgutil.walk_packages(mailgw.__path__, 'mailgw.'):\n"
+                               "    importlib.import_module(m.name)\n"
+                               "import mailgw.tap, mailgw.worker\n"], cwd=elsewhere, capture_output=True,
+                              text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr[-2000:]
     pip_install(environment, test_install, checkout)        # and back
     assert plugin_listed(environment, elsewhere), "editable after regular: twistd does not see the mailgw plugin"
