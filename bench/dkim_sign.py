@@ -67,41 +67,31 @@ Env: BENCH=/work/shared/bench  PYTHON=python3  TWISTD=twistd
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
-import hashlib
 import json
 import os
 import random
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import clear_maildir, env, on_signal, port_open, report_checks
+from benchlib import (BENCH, DOMAIN, PROCS, PYTHON, SERVER_CPU, SINK, TWISTD, add_run, cleanup, clear_maildir, cli,
+                      comm, cpus_allowed, env, fmt, git_head, half_range_pct, header_lines, loadavg, mailbench_smtp,
+                      maildir_check, maildir_files, measured_runs, median, on_exit, pins, port_open,
+                      postfix_log_checks, report_checks, rotation, run, sbin_on_path, scratch_dir, setup_postfix,
+                      start_cells, stop_cells, stop_proc, transcript, tree, wait_port, write_rec)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-BENCH = Path(os.environ.get("BENCH", "/work/shared/bench"))
-MAILBENCH = BENCH / "mailbench.py"
-PEER_POSTFIX = BENCH / "peers" / "postfix"
-PYTHON = os.environ.get("PYTHON", "python3")
-TWISTD = os.environ.get("TWISTD", "twistd")
-os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+sbin_on_path()
 
-DOMAIN = "gw.test"
-SINK = "sink@gw.test"
 FROM = "bench@gw.test"
 MGW_SELECTOR = "mgw2048"
 ODK_SELECTOR = "odk2048"
 CELLS = ("mailgw", "mailgw+dkim", "postfix", "postfix+opendkim")     # (a) (b) (c) (d)
 SIGNS = {"mailgw": None, "mailgw+dkim": MGW_SELECTOR, "postfix": None, "postfix+opendkim": ODK_SELECTOR}
-SERVER_CPU = "1"     # --pinned: servers here ...
-CLIENT_CPU = "0"     # ... and mailbench here
+MILTER = ("smtpd_milters={milter}", "non_smtpd_milters={milter}", "milter_default_action=tempfail")
 
 # what mailgw signs (mailgw/mailauth/dkim_sign.py SIGNED_HEADERS / OVERSIGNED_HEADERS), for OpenDKIM
 SIGN_HEADERS = ("From,Reply-To,Subject,Date,To,Cc,Resent-Date,Resent-From,Resent-To,Resent-Cc,In-Reply-To,"
@@ -110,123 +100,8 @@ SIGN_HEADERS = ("From,Reply-To,Subject,Date,To,Cc,Resent-Date,Resent-From,Resent
                 "List-Unsubscribe-Post")
 OVERSIGN_HEADERS = "From,Subject,Date,To"
 
-PROCS: dict[str, subprocess.Popen] = {}      # mailgw / opendkim processes started here
-POSTFIXES: dict[str, dict] = {}              # Postfix instances started here: etc dir, master pid
-SCRATCH: list[Path] = []
-KEEP = False
-
-
-# --------------------------------------------------------------------------- cleanup
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    end = time.time() + seconds
-    while time.time() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def stop_proc(name: str) -> None:
-    proc = PROCS.pop(name, None)
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    print(f"{name}: pid {proc.pid} stopped", flush=True)
-
-
-def stop_postfix(name: str) -> None:
-    pf = POSTFIXES.pop(name, None)
-    if pf is None:
-        return
-    subprocess.run(["postfix", "-c", str(pf["etc"]), "stop"], capture_output=True, timeout=60)
-    if not _wait_gone(pf["pid"], 15):
-        try:
-            os.kill(pf["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    print(f"{name}: Postfix master pid {pf['pid']} stopped", flush=True)
-
-
-def stop_all() -> None:
-    for name in list(PROCS):
-        if not name.startswith("opendkim"):
-            stop_proc(name)
-    for name in list(POSTFIXES):
-        stop_postfix(name)
-    for name in list(PROCS):
-        stop_proc(name)
-
-
-def cleanup() -> None:
-    try:
-        stop_all()
-    except Exception as e:  # noqa: BLE001 - keep cleaning up
-        print(f"cleanup: {e}", file=sys.stderr)
-    for d in SCRATCH:
-        if d.exists():
-            if KEEP:
-                print(f"data kept in {d}")
-            else:
-                shutil.rmtree(d, ignore_errors=True)
-
 
 # --------------------------------------------------------------------------- helpers
-
-def wait_port(port: int, seconds: float, alive=lambda: True, what="") -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        if port_open(port):
-            return
-        if not alive():
-            raise SystemExit(f"{what} exited before opening port {port}")
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not open port {port} within {seconds} s")
-
-
-def run(argv, **kw) -> subprocess.CompletedProcess:
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
-    if cp.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, argv))} failed ({cp.returncode}): {cp.stdout}{cp.stderr}")
-    return cp
-
-
-def cli(args, config: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return run([PYTHON, "-m", "mailgw.cli", *args, "--config", str(config)], input=stdin, env=env())
-
-
-def git_head() -> str:
-    """The commit HEAD names, read from .git's files (no git command is run)."""
-    try:
-        head = (REPO / ".git" / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:7]
-        ref = head[5:]
-        p = REPO / ".git" / ref
-        if p.exists():
-            return p.read_text().strip()[:7]
-        for line in (REPO / ".git" / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:7]
-    except OSError:
-        pass
-    return "unknown"
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted(list((REPO / "mailgw").rglob("*.py")) + list((REPO / "mailgw").rglob("*.toml"))
-                    + list((REPO / "twisted").rglob("*.py"))):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
 
 def public_record(private_pem: bytes) -> bytes:
     """The DKIM TXT record (v=DKIM1; k=rsa; p=...) of a PEM private key (PKCS#1 or PKCS#8)."""
@@ -235,41 +110,6 @@ def public_record(private_pem: bytes) -> bytes:
     der = key.public_key().public_bytes(serialization.Encoding.DER,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     return b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
-
-
-def cpus_allowed(pid: int) -> str:
-    try:
-        for ln in open(f"/proc/{pid}/status"):
-            if ln.startswith("Cpus_allowed_list"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "gone"
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its live descendants."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, stack = [], [pid]
-    while stack and len(out) < 10000:
-        p = stack.pop()
-        out.append(p)
-        stack.extend(c for c, pp in parent.items() if pp == p)
-    return out
-
-
-def comm(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/comm").read().strip()
-    except OSError:
-        return "?"
 
 
 # --------------------------------------------------------------------------- setup
@@ -289,32 +129,6 @@ def write_mailgw_config(d: Path, port: int, sign: bool) -> Path:
         'role = "relay"\n'
         f'endpoint = "tcp:{port}:interface=127.0.0.1"\n')
     return config
-
-
-def setup_postfix(d: Path, port: int, milter_port: int | None) -> dict:
-    """A Postfix instance in d: the shared peer's main.cf / master.cf, own port, spool and Maildirs."""
-    etc, spool, data, mail = d / "etc", d / "spool", d / "data", d / "mail"
-    for p in (etc, spool, data, mail / "sink" / "Maildir"):
-        p.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PEER_POSTFIX / "main.cf", etc / "main.cf")
-    master = (PEER_POSTFIX / "master.cf").read_text()
-    if "127.0.0.1:2525 " not in master:
-        raise SystemExit(f"{PEER_POSTFIX}/master.cf has no 127.0.0.1:2525 smtpd line")
-    (etc / "master.cf").write_text(master.replace("127.0.0.1:2525 ", f"127.0.0.1:{port} ", 1))
-    (etc / "vmailbox").write_text(f"{SINK}   sink/Maildir/\n")
-    settings = [f"queue_directory={spool}", f"data_directory={data}", f"syslog_name=postfix-dkimbench-{port}",
-                f"maillog_file={d}/postfix.log", f"maillog_file_prefixes={d}", f"virtual_mailbox_base={mail}",
-                f"virtual_mailbox_maps=texthash:{etc}/vmailbox"]
-    if milter_port is not None:
-        m = f"inet:127.0.0.1:{milter_port}"
-        settings += [f"smtpd_milters={m}", f"non_smtpd_milters={m}", "milter_default_action=tempfail"]
-    run(["postconf", "-c", str(etc), "-e", *settings])
-    shutil.chown(data, "postfix")
-    for p in [mail, *mail.rglob("*")]:
-        os.chown(p, 5000, 5000)
-    run(["postfix", "-c", str(etc), "check"])
-    return dict(dir=d, etc=etc, port=port, pidfile=spool / "pid" / "master.pid",
-                maildir=mail / "sink" / "Maildir", log=d / "postfix.log", milter=milter_port)
 
 
 def setup_opendkim(r: Path, port: int) -> dict:
@@ -346,24 +160,6 @@ def setup_opendkim(r: Path, port: int) -> dict:
 
 # --------------------------------------------------------------------------- servers
 
-def start_mailgw(name: str, cell: dict, pin: str | None, tag: str) -> None:
-    d = cell["dir"]
-    if port_open(cell["port"]):
-        raise SystemExit(f"port {cell['port']} is already in use")
-    log = d / f"mailgw-{tag}.log"
-    argv = (["taskset", "-c", pin] if pin else []) + [
-        TWISTD, "-n", "--pidfile", str(cell["pidfile"]), "--logfile", str(log), "mailgw", "--config",
-        str(cell["config"])]
-    out = open(d / f"stdout-{tag}.log", "w")
-    proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            env=env(), start_new_session=True)
-    PROCS[name] = proc     # taskset execs twistd: the PID is twistd's
-    wait_port(cell["port"], 30, lambda: proc.poll() is None, name)
-    if cell["pidfile"].read_text().split()[0] != str(proc.pid):
-        raise SystemExit(f"{name}: pid file {cell['pidfile']} does not hold {proc.pid}")
-    cell.update(pid=proc.pid, log=log, cpu_pidfiles=[cell["pidfile"]])
-
-
 def start_opendkim(odk: dict, pin: str | None) -> None:
     if port_open(odk["port"]):
         raise SystemExit(f"port {odk['port']} is already in use")
@@ -383,34 +179,7 @@ def start_opendkim(odk: dict, pin: str | None) -> None:
     odk["pid"] = proc.pid
 
 
-def start_postfix(name: str, cell: dict, pin: str | None) -> None:
-    if port_open(cell["port"]):
-        raise SystemExit(f"port {cell['port']} is already in use")
-    cell["pidfile"].unlink(missing_ok=True)
-    run((["taskset", "-c", pin] if pin else []) + ["postfix", "-c", str(cell["etc"]), "start"], timeout=60)
-    for _ in range(100):
-        if cell["pidfile"].exists() and cell["pidfile"].read_text().split():
-            break
-        time.sleep(0.1)
-    pid = int(cell["pidfile"].read_text().split()[0])
-    POSTFIXES[name] = dict(etc=cell["etc"], pid=pid)
-    wait_port(cell["port"], 30, lambda: _alive(pid), name)
-    cell.update(pid=pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 # --------------------------------------------------------------------------- measuring
-
-def maildir_files(d: Path) -> list[Path]:
-    return [d / sub / n for sub in ("new", "cur") if (d / sub).is_dir() for n in os.listdir(d / sub)]
-
 
 def signature_tags(message: bytes) -> list[dict]:
     """The tags of each DKIM-Signature in the header (unfolded)."""
@@ -464,24 +233,7 @@ def mailbench(cell: dict, n: int, per_conn: int, pin: str | None, extra=(), sett
             "-m", str(per_conn), "--from", FROM, "--to", SINK, "--label", cell["name"],
             *[x for p in cell["cpu_pidfiles"] for x in ("--cpu-pidfile", str(p))],
             "--until-maildir", str(cell["maildir"]), "--deadline", "300", *extra]
-    argv = (["taskset", "-c", pin] if pin else []) + [PYTHON, str(MAILBENCH), *args]
-    clear_maildir(cell["maildir"])
-    if settle:
-        # the previous run's writes and these unlinks reach the disk now, not inside this run's
-        # window (where a server's fsync() would wait for them)
-        os.sync()
-        time.sleep(settle)
-    try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=400, cwd=BENCH)
-        out, err = cp.stdout, cp.stderr
-    except subprocess.TimeoutExpired as e:
-        out, err = "", f"timeout: {e}"
-    try:
-        rec = json.loads(out.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        rec = {"result": {"fatal": "no JSON from mailbench", "stdout": out[-500:], "stderr": err[-500:]}}
-    shown = (["taskset", "-c", pin] if pin else []) + ["python3", "mailbench.py", *args]
-    return shown, rec
+    return mailbench_smtp(args, cell["maildir"], pin, settle)
 
 
 def run_cell(cell: dict, n: int, per_conn: int, pin: str | None, meta: dict, log, rng, settle: float) -> dict:
@@ -493,29 +245,13 @@ def run_cell(cell: dict, n: int, per_conn: int, pin: str | None, meta: dict, log
     rec["meta"] = dict(meta, maildir_files=len(files), signature_checked=len(sample),
                        signature_ok=all(ok for ok, _ in sig_ok),
                        signature_detail=[d for _, d in sig_ok][:1])
-    rec["command"] = " ".join(shown)
-    rec["wall"] = round(time.time() - t0, 3)
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    write_rec(rec, " ".join(shown), t0, log)
     r = rec.get("result", {})
     print(f"  {meta['mode']:6} rep {meta['rep']!s:6} {cell['name']:17} "
           f"{r.get('msgs_per_s', r.get('fatal'))} msgs/s, ok {r.get('ok')}, errors {r.get('errors')}, "
           f"maildir {len(files)}, cpu {r.get('server_cpu_ms_per_msg')} ms/msg, other {r.get('other_cpu_s')} s, "
           f"signature {'ok' if rec['meta']['signature_ok'] else 'WRONG'}", flush=True)
     return rec
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
-def half_range_pct(xs) -> float:
-    m = median(xs)
-    return (max(xs) - min(xs)) / 2 / m * 100 if xs and m else 0.0
-
-
-def fmt(x, nd=1):
-    return "–" if x is None else f"{x:,.{nd}f}"
 
 
 # --------------------------------------------------------------------------- probe
@@ -570,24 +306,11 @@ def summarise(recs, modes):
     s = {m: {c: {k: [] for k in ("msgs_per_s", "delivered_msgs_per_s", "cpu", "p50", "p99", "other", "errors")}
              for c in CELLS} for m in modes}
     per_rep = {m: {} for m in modes}
-    for r in recs:
-        meta = r["meta"]
-        if meta["rep"] == "warmup":
-            continue
-        res = r.get("result", {})
-        if "fatal" in res:
-            continue
+    for meta, res in measured_runs(recs):
         d = s[meta["mode"]][meta["cell"]]
-        d["msgs_per_s"].append(res["msgs_per_s"])
-        if res.get("delivered_msgs_per_s") is not None:
-            d["delivered_msgs_per_s"].append(res["delivered_msgs_per_s"])
-        if res.get("server_cpu_ms_per_msg") is not None:
-            d["cpu"].append(res["server_cpu_ms_per_msg"])
-        d["p50"].append(res["lat_p50_ms"])
-        d["p99"].append(res["lat_p99_ms"])
+        add_run(d, res, "cpu")
         if res.get("other_cpu_s") is not None:
             d["other"].append(res["other_cpu_s"])
-        d["errors"].append(res.get("errors", 0))
         per_rep[meta["mode"]].setdefault(meta["rep"], {})[meta["cell"]] = res
     return s, per_rep
 
@@ -661,7 +384,6 @@ def cost_lines(s, per_rep, modes) -> tuple[list[str], dict]:
 # --------------------------------------------------------------------------- main
 
 def main() -> int:
-    global KEEP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("-n", "--count", type=int, default=2000)
@@ -690,27 +412,16 @@ def main() -> int:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (Postfix: {BENCH}/peers/install.sh system; OpenDKIM: apt-get "
                              "install -y -qq --no-install-recommends opendkim opendkim-tools)")
-    KEEP = args.keep_data
     head = git_head()
     out = Path(args.out) if args.out else HERE / "results" / f"dkim-sign-{head}"
     out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
 
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    scratch = Path(tempfile.mkdtemp(prefix="mailgw-dkim.", dir="/tmp"))
-    SCRATCH.append(scratch)
-    os.chmod(scratch, 0o755)        # Postfix (user postfix) and virtual(8) (uid 5000) work below it
-    rundir = Path(tempfile.mkdtemp(prefix="mailgw-dkim.", dir="/run"))
-    SCRATCH.append(rundir)
-    os.chmod(rundir, 0o755)
+    on_exit(cleanup, args.keep_data, "opendkim")
+    scratch = scratch_dir("mailgw-dkim.")
+    rundir = scratch_dir("mailgw-dkim.", "/run")
 
-    txt: list[str] = []
-
-    def say(line=""):
-        print(line, flush=True)
-        txt.append(line)
+    say, txt = transcript()
 
     # ---- set-up
     pb = args.port_base
@@ -727,12 +438,13 @@ def main() -> int:
         if not keyfile.exists():
             raise SystemExit(f"mailgw dkim keygen did not write {keyfile}: {keygen.stdout}{keygen.stderr}")
         cells[name] = dict(name=name, kind="mailgw", dir=d, config=config, port=pb + i, pidfile=d / "mailgw.pid",
-                           maildir=d / "data" / "mail" / DOMAIN / "sink", selector=SIGNS[name],
+                           cpu_pidfiles=[d / "mailgw.pid"], maildir=d / "data" / "mail" / DOMAIN / "sink",
+                           selector=SIGNS[name],
                            record=public_record(keyfile.read_bytes()), keygen=keygen.stdout.strip())
         cells[name]["maildir"].mkdir(parents=True, exist_ok=True)
     odk = setup_opendkim(rundir, pb + 4)
     for i, (name, milter) in enumerate((("postfix", None), ("postfix+opendkim", pb + 4))):
-        pf = setup_postfix(scratch / name.replace("+", "-"), pb + 2 + i, milter)
+        pf = setup_postfix(scratch / name.replace("+", "-"), pb + 2 + i, "postfix-dkimbench", milter, MILTER)
         cells[name] = dict(pf, name=name, kind="postfix", selector=SIGNS[name], record=odk["record"])
         cells[name]["cpu_pidfiles"] = [pf["pidfile"]] + ([odk["pidfile"]] if milter else [])
 
@@ -749,15 +461,12 @@ def main() -> int:
     # ---- environment
     say(f"# DKIM signing cost (issue 14): bench/dkim_sign.py --reps {args.reps} --modes {','.join(modes)} "
         f"-n {args.count} -m {args.per_conn} --settle {args.settle}")
-    say(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    say(f"mailgw: HEAD {head} (read from .git, no git command run); source sha256 of mailgw/ + twisted/: "
-        f"{source_hash()}")
-    say(f"nproc: {os.cpu_count()}; cpu: " + next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo')
-                                                  if ln.startswith('model name')), '?'))
+    for ln in header_lines(head):
+        say(ln)
     say(f"python: {sys.version.split()[0]}; postfix {run(['postconf', '-h', 'mail_version']).stdout.strip()}; "
         f"{run(['opendkim', '-V']).stdout.splitlines()[0].strip()}; "
         f"{run(['openssl', 'version']).stdout.strip()}")
-    say(f"load before: {open('/proc/loadavg').read().split()[:3]}")
+    say(f"load before: {loadavg()}")
     say(f"workload: {args.count} x 2 KiB, C=32, {args.per_conn} message(s) per connection, From: <{FROM}>, "
         f"RCPT {SINK}, --until-maildir (emptied, sync, {args.settle} s before each run); warm-up 200 per cell "
         f"per round; order rotated by one cell per repetition")
@@ -778,13 +487,9 @@ def main() -> int:
     logs: dict[str, list[str]] = {}
     with open(str(out) + ".jsonl", "w") as jl:
         for mode in modes:
-            pin_srv, pin_cli = (SERVER_CPU, CLIENT_CPU) if mode == "pinned" else (None, None)
+            pin_srv, pin_cli = pins(mode)
             start_opendkim(odk, pin_srv)
-            for name in CELLS:
-                if cells[name]["kind"] == "mailgw":
-                    start_mailgw(name, cells[name], pin_srv, mode)
-                else:
-                    start_postfix(name, cells[name], pin_srv)
+            start_cells(cells, CELLS, pin_srv, mode)
             # proof: (b) and (d) sign with the expected key, (a) and (c) do not
             for name in CELLS:
                 e = cells[name]
@@ -805,10 +510,10 @@ def main() -> int:
             # affinity of every server process, now that Postfix has forked its children
             aff = []
             for name in CELLS:
-                pids = tree(cells[name]["pid"])
+                pids = tree(cells[name]["pid"], dead_root=True)
                 aff.append(f"{name}: " + ", ".join(f"{comm(p)}={cpus_allowed(p)}" for p in pids))
             aff.append(f"opendkim: {cpus_allowed(odk['pid'])}")
-            say(f"\n== round {mode}: mailbench CPUs {pin_cli or 'any'}; load {open('/proc/loadavg').read().split()[:3]}")
+            say(f"\n== round {mode}: mailbench CPUs {pin_cli or 'any'}; load {loadavg()}")
             for ln in aff:
                 say("  affinity " + ln)
             want = pin_srv if pin_srv else None
@@ -817,34 +522,19 @@ def main() -> int:
                 checks.append((f"{mode}: every server process on CPU {want}", all(a == want for a in allowed),
                                f"{len(allowed)} processes"))
             for rep in range(1, args.reps + 1):
-                # rotated: each cell takes each position once in every 4 repetitions, and no
-                # cell runs twice in a row (rep r ends with the cell before rep r+1's first)
-                k = (rep - 1) % len(CELLS)
-                order = CELLS[k:] + CELLS[:k]
+                order = rotation(CELLS, rep)
                 for name in order:
                     recs.append(run_cell(cells[name], args.count, args.per_conn, pin_cli,
                                          dict(mode=mode, cell=name, rep=rep, position=order.index(name) + 1),
                                          jl, rng, args.settle))
-            for name in CELLS:
-                if cells[name]["kind"] == "mailgw":
-                    stop_proc(name)
-                    pieces = sorted(Path(cells[name]["log"]).parent.glob(Path(cells[name]["log"]).name + "*"),
-                                    key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-                    logs[f"{name}/{mode}"] = [ln for p in pieces for ln in open(p, errors="replace")]
-                else:
-                    stop_postfix(name)
+            stop_cells(cells, CELLS, mode, logs)
             stop_proc("opendkim")
             for name in CELLS:
                 clear_maildir(cells[name]["maildir"])
-    say(f"load after: {open('/proc/loadavg').read().split()[:3]}")
+    say(f"load after: {loadavg()}")
 
     # ---- checks over the runs
-    bad = [r for r in recs if r.get("result", {}).get("ok") != r["meta"]["maildir_files"]
-           or r.get("result", {}).get("errors") or "fatal" in r.get("result", {})]
-    checks.append(("every run: files in the Maildir = messages accepted, no SMTP errors", not bad,
-                   f"{sum(r['meta']['maildir_files'] for r in recs)} files over {len(recs)} runs"
-                   + (f"; bad: {[(r['meta'], r.get('result', {}).get('ok'), r.get('result', {}).get('errors')) for r in bad][:5]}"
-                      if bad else "")))
+    checks.append(maildir_check(recs))
     wrong = [r for r in recs if not r["meta"]["signature_ok"]]
     checks.append(("every run: 3 delivered files have the expected DKIM-Signature (or none)", not wrong,
                    f"{sum(r['meta']['signature_checked'] for r in recs)} files checked"
@@ -854,15 +544,7 @@ def main() -> int:
         accepted = sum(": accepted " in ln for ln in lines)
         checks.append((f"mailgw log {key}: no tracebacks", tracebacks == 0,
                        f"{tracebacks} tracebacks, {accepted} ': accepted ' lines"))
-    for name in ("postfix", "postfix+opendkim"):
-        try:
-            plog = cells[name]["log"].read_text(errors="replace").splitlines()
-        except OSError:
-            plog = []
-        milter_err = sum("milter" in ln and ("error" in ln or "reject" in ln or "warning" in ln) for ln in plog)
-        sent = sum("status=sent" in ln for ln in plog)
-        checks.append((f"{name} log: no milter errors/warnings", milter_err == 0,
-                       f"{sent} status=sent, {milter_err} milter error/warning lines"))
+    checks += postfix_log_checks(cells, ("postfix", "postfix+opendkim"))
 
     s, per_rep = summarise(recs, modes)
     say("\n## results (msgs/s = accepted msgs/s from mailbench; delivered = until in the Maildir)")

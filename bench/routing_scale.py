@@ -50,12 +50,10 @@ Env: BENCH=/work/shared/bench  PYTHON=python3  TWISTD=twistd
 from __future__ import annotations
 
 import argparse
-import atexit
 import json
 import os
 import random
 import shutil
-import signal
 import smtplib
 import statistics
 import subprocess
@@ -64,21 +62,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import clear_maildir, env, on_signal, port_open, report_checks
+from benchlib import (MAILBENCH, PROCS, PYTHON, REPO, SINK, TWISTD, clear_maildir, env, loadavg, machine_line,
+                      mailbench_json, on_exit, port_open, report_checks, stop_proc, transcript, twistd_log,
+                      write_rec)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-BENCH = Path(os.environ.get("BENCH", "/work/shared/bench"))
-MAILBENCH = BENCH / "mailbench.py"
-PYTHON = os.environ.get("PYTHON", "python3")
-TWISTD = os.environ.get("TWISTD", "twistd")
 
 N_USERS = 10_000
 N_ALIASES = 1_000
 ALIAS_RCPT = "bench-sink@gw.test"
-SINK = "sink@gw.test"
 
-STARTED: dict[str, subprocess.Popen] = {}   # name -> twistd started by this script
 SCRATCH: Path | None = None
 KEEP = False
 
@@ -86,20 +79,11 @@ KEEP = False
 # --------------------------------------------------------------------------- cleanup
 
 def stop(name: str) -> None:
-    proc = STARTED.pop(name, None)
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    print(f"{name}: mailgw pid {proc.pid} stopped", flush=True)
+    stop_proc(name, timeout=10, label="mailgw pid")
 
 
 def cleanup() -> None:
-    for name in list(STARTED):
+    for name in list(PROCS):
         try:
             stop(name)
         except Exception as e:  # noqa: BLE001 - keep cleaning up
@@ -188,7 +172,7 @@ def start_server(name: str, d: Path, config: Path, port: int, pin: str | None, t
     stdout = open(d / f"stdout-{tag}.log", "w")
     proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT,
                             env=env(), start_new_session=True)
-    STARTED[name] = proc   # taskset execs twistd: the PID is twistd's
+    PROCS[name] = proc     # taskset execs twistd: the PID is twistd's
     for _ in range(300):
         if port_open(port):
             break
@@ -218,21 +202,10 @@ def run_mailbench(cell: dict, n: int, pin_client: str | None, meta: dict, log) -
     argv = (["taskset", "-c", pin_client] if pin_client else []) + [PYTHON, str(MAILBENCH), *args]
     clear_maildir(cell["maildir"])
     t0 = time.time()
-    try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=400, cwd=BENCH)
-        out, err = cp.stdout, cp.stderr
-    except subprocess.TimeoutExpired as e:
-        out, err = "", f"timeout: {e}"
-    try:
-        rec = json.loads(out.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        rec = {"result": {"fatal": "no JSON from mailbench", "stdout": out[-500:], "stderr": err[-500:]}}
+    rec = mailbench_json(argv)
     rec["meta"] = dict(meta, maildir_files=maildir_count(cell["maildir"]))
-    rec["command"] = " ".join(argv[:3] + ["mailbench.py"] + args) if pin_client else \
-        "python3 mailbench.py " + " ".join(args)
-    rec["wall"] = round(time.time() - t0, 3)
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    write_rec(rec, " ".join(argv[:3] + ["mailbench.py"] + args) if pin_client else
+              "python3 mailbench.py " + " ".join(args), t0, log)
     r = rec.get("result", {})
     print(f"  {meta['mode']:6} rep {meta['rep']!s:6} {cell['name']:8} "
           f"{r.get('msgs_per_s', r.get('fatal'))} msgs/s, ok {r.get('ok')}, errors {r.get('errors')}, "
@@ -403,16 +376,10 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     KEEP = args.keep_data
 
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    on_exit(cleanup)
     SCRATCH = Path(tempfile.mkdtemp(prefix="mailgw-routing.", dir="/tmp"))
     rng = random.Random(args.seed)
-    txt: list[str] = []
-
-    def say(s=""):
-        print(s, flush=True)
-        txt.append(s)
+    say, txt = transcript()
 
     # ---- data dirs, users, aliases
     dirs = {"A": SCRATCH / "A", "B": SCRATCH / "B"}
@@ -458,9 +425,8 @@ def main() -> int:
     say(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     say(f"mailgw git: {head} (+ uncommitted: {len(porcelain)} paths; under mailgw/: "
         f"{' '.join(p for p in porcelain if ' mailgw/' in p) or 'none'})")
-    say(f"nproc: {os.cpu_count()}; cpu: " + next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo')
-                                                  if ln.startswith('model name')), '?'))
-    say(f"python: {sys.version.split()[0]}; load before: {open('/proc/loadavg').read().split()[:3]}")
+    say(machine_line())
+    say(f"python: {sys.version.split()[0]}; load before: {loadavg()}")
     say(f"workload: {args.count} x 2 KiB, C=32, 1 message per connection, --until-maildir (sink's Maildir,"
         f" emptied before each run); warm-up 100 per cell per round; {args.reps} reps per round")
     say(f"A: users file 2 lines (sink, alice), no alias file; port {args.port_a}")
@@ -478,7 +444,7 @@ def main() -> int:
                 srv[name] = start_server(name, dirs[name], configs[name], port, pin_srv, mode)
             say(f"\n== round {mode}: A pid {srv['A']['pid']} cpus {srv['A']['cpus_allowed']}, "
                 f"B pid {srv['B']['pid']} cpus {srv['B']['cpus_allowed']}, mailbench cpus "
-                f"{pin_cli or 'any'}; load {open('/proc/loadavg').read().split()[:3]}")
+                f"{pin_cli or 'any'}; load {loadavg()}")
             table = {
                 "A": dict(srv["A"], name="A", rcpt=SINK, maildir=dirs["A"] / "data/mail/gw.test/sink"),
                 "B-alias": dict(srv["B"], name="B-alias", rcpt=ALIAS_RCPT,
@@ -500,11 +466,8 @@ def main() -> int:
                 checks.append(("reload on change (B, last round, no restart)", ok, detail))
             for name in ("A", "B"):
                 stop(name)
-                # twistd rotates its log at 1 MB: read every piece, oldest first
-                pieces = sorted(Path(srv[name]["log"]).parent.glob(Path(srv[name]["log"]).name + "*"),
-                                key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-                log_lines[f"{name}/{mode}"] = [ln for p in pieces for ln in open(p, errors="replace")]
-    say(f"load after: {open('/proc/loadavg').read().split()[:3]}")
+                log_lines[f"{name}/{mode}"] = twistd_log(srv[name]["log"])
+    say(f"load after: {loadavg()}")
 
     # ---- log checks
     for key, lines in log_lines.items():

@@ -77,99 +77,37 @@ Env: BENCH=/work/shared/bench  PYTHON=python3  TWISTD=twistd
 from __future__ import annotations
 
 import argparse
-import atexit
-import hashlib
 import json
 import os
 import random
 import re
 import select
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from benchlib import clear_maildir, env, on_signal, port_open, report_checks
+from benchlib import (BENCH, DAEMONS, DOMAIN, PROCS, PYTHON, REPO, SERVER_CPU, SINK, TWISTD, add_run, cleanup,
+                      clear_maildir, cli, comm, cpus_allowed, env, fmt, git_head, half_range_pct, header_lines,
+                      loadavg, mailbench_smtp, maildir_check, maildir_files, measured_runs, median, on_exit, pins,
+                      port_open, postfix_log_checks, proc_table, report_checks, rotation, run, sbin_on_path,
+                      scratch_dir, setup_postfix, start_cells, start_mailgw, stop_cells, stop_proc, transcript,
+                      tree, write_rec)
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-BENCH = Path(os.environ.get("BENCH", "/work/shared/bench"))
-MAILBENCH = BENCH / "mailbench.py"
-PEER_POSTFIX = BENCH / "peers" / "postfix"
 RSPAMD_SERVER = REPO / "tests" / "e2e" / "rspamd_server.py"
-PYTHON = os.environ.get("PYTHON", "python3")
-TWISTD = os.environ.get("TWISTD", "twistd")
-os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+sbin_on_path()
 
-DOMAIN = "gw.test"
-SINK = "sink@gw.test"
 FROM = "bench@sender.test"          # an outside sender: inbound mail
 CELLS = ("mailgw", "mailgw+rspamd", "postfix", "postfix+rspamd")
 SCANNED = {"mailgw": False, "mailgw+rspamd": True, "postfix": False, "postfix+rspamd": True}
-SERVER_CPU = "1"     # pinned: servers and rspamd here ...
-CLIENT_CPU = "0"     # ... and mailbench here
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-PROCS: dict[str, subprocess.Popen] = {}      # mailgw / rspamd_server.py processes started here
-POSTFIXES: dict[str, dict] = {}              # Postfix instances started here: etc dir, master pid
-RSPAMD_PIDS: dict[str, int] = {}             # rspamd's main pid, per running rspamd_server.py
-SCRATCH: list[Path] = []
-KEEP = False
+MILTER = ("smtpd_milters={milter}", "milter_protocol=6", "milter_default_action=tempfail")
+STOP_TIMEOUT = 30    # s, for mailgw and rspamd_server.py to stop after SIGTERM
 
 
 # --------------------------------------------------------------------------- processes
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _wait_gone(pid: int, seconds: float) -> bool:
-    end = time.time() + seconds
-    while time.time() < end:
-        if not _alive(pid):
-            return True
-        time.sleep(0.1)
-    return not _alive(pid)
-
-
-def proc_table() -> dict[int, tuple[int, float]]:
-    """pid -> (ppid, utime+stime+cutime+cstime seconds), from /proc."""
-    table = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            table[int(d)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / CLK_TCK)
-        except (OSError, IndexError, ValueError):
-            pass
-    return table
-
-
-def tree(pid: int, table=None) -> list[int]:
-    """pid and its live descendants."""
-    table = table or proc_table()
-    kids: dict[int, list[int]] = {}
-    for p, (pp, _) in table.items():
-        kids.setdefault(pp, []).append(p)
-    out, stack = [], [pid]
-    while stack and len(out) < 10000:
-        p = stack.pop()
-        if p in table:
-            out.append(p)
-            stack.extend(kids.get(p, ()))
-    return out
-
 
 def rspamd_role(pid: int) -> str:
     """main / normal / controller / rspamd_proxy / hs_helper ... from rspamd's process title."""
@@ -193,142 +131,11 @@ def tree_cpu_by_role(pid: int) -> dict[str, float]:
     return out
 
 
-def cpus_allowed(pid: int) -> str:
-    try:
-        for ln in open(f"/proc/{pid}/status"):
-            if ln.startswith("Cpus_allowed_list"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "gone"
-
-
-def comm(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/comm").read().strip()
-    except OSError:
-        return "?"
-
-
-def stop_proc(name: str) -> None:
-    proc = PROCS.pop(name, None)
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        print(f"{name}: pid {proc.pid} stopped", flush=True)
-    main = RSPAMD_PIDS.pop(name, None)
-    if main is not None and _alive(main):
-        # rspamd_server.py was killed before it could stop rspamd: stop rspamd by its PID,
-        # then whatever of its tree is left
-        pids = tree(main)
-        os.kill(main, signal.SIGTERM)
-        if not _wait_gone(main, 15):
-            for p in pids:
-                try:
-                    os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        print(f"{name}: rspamd main pid {main} stopped", flush=True)
-
-
-def stop_postfix(name: str) -> None:
-    pf = POSTFIXES.pop(name, None)
-    if pf is None:
-        return
-    subprocess.run(["postfix", "-c", str(pf["etc"]), "stop"], capture_output=True, timeout=60)
-    if not _wait_gone(pf["pid"], 15):
-        try:
-            os.kill(pf["pid"], signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    print(f"{name}: Postfix master pid {pf['pid']} stopped", flush=True)
-
-
-def stop_all() -> None:
-    for name in [n for n in PROCS if not n.startswith("rspamd")]:
-        stop_proc(name)
-    for name in list(POSTFIXES):
-        stop_postfix(name)
-    for name in list(PROCS):
-        stop_proc(name)
-
-
-def cleanup() -> None:
-    try:
-        stop_all()
-    except Exception as e:  # noqa: BLE001 - keep cleaning up
-        print(f"cleanup: {e}", file=sys.stderr)
-    for d in SCRATCH:
-        if d.exists():
-            if KEEP:
-                print(f"data kept in {d}")
-            else:
-                shutil.rmtree(d, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------- helpers
-
-def wait_port(port: int, seconds: float, alive=lambda: True, what="") -> None:
-    end = time.time() + seconds
-    while time.time() < end:
-        if port_open(port):
-            return
-        if not alive():
-            raise SystemExit(f"{what} exited before opening port {port}")
-        time.sleep(0.1)
-    raise SystemExit(f"{what} did not open port {port} within {seconds} s")
-
-
-def run(argv, **kw) -> subprocess.CompletedProcess:
-    cp = subprocess.run(argv, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
-    if cp.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, argv))} failed ({cp.returncode}): {cp.stdout}{cp.stderr}")
-    return cp
-
-
-def cli(args, config: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return run([PYTHON, "-m", "mailgw.cli", *args, "--config", str(config)], input=stdin, env=env())
-
-
-def git_head() -> str:
-    """The commit HEAD names, read from .git's files (no git command is run)."""
-    try:
-        head = (REPO / ".git" / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:7]
-        ref = head[5:]
-        p = REPO / ".git" / ref
-        if p.exists():
-            return p.read_text().strip()[:7]
-        for line in (REPO / ".git" / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0][:7]
-    except OSError:
-        pass
-    return "unknown"
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for p in sorted(list((REPO / "mailgw").rglob("*.py")) + list((REPO / "mailgw").rglob("*.toml"))
-                    + list((REPO / "twisted").rglob("*.py"))):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
 
 def http_json(url: str, timeout: float = 10.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def loadavg() -> list[str]:
-    return open("/proc/loadavg").read().split()[:3]
 
 
 # --------------------------------------------------------------------------- set-up
@@ -364,32 +171,6 @@ def write_mailgw_config(d: Path, port: int, rspamd_url: str | None) -> Path:
     return config
 
 
-def setup_postfix(d: Path, port: int, milter_port: int | None) -> dict:
-    """A Postfix instance in d: the shared peer's main.cf / master.cf, own port, spool and Maildirs."""
-    etc, spool, data, mail = d / "etc", d / "spool", d / "data", d / "mail"
-    for p in (etc, spool, data, mail / "sink" / "Maildir"):
-        p.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PEER_POSTFIX / "main.cf", etc / "main.cf")
-    master = (PEER_POSTFIX / "master.cf").read_text()
-    if "127.0.0.1:2525 " not in master:
-        raise SystemExit(f"{PEER_POSTFIX}/master.cf has no 127.0.0.1:2525 smtpd line")
-    (etc / "master.cf").write_text(master.replace("127.0.0.1:2525 ", f"127.0.0.1:{port} ", 1))
-    (etc / "vmailbox").write_text(f"{SINK}   sink/Maildir/\n")
-    settings = [f"queue_directory={spool}", f"data_directory={data}", f"syslog_name=postfix-spambench-{port}",
-                f"maillog_file={d}/postfix.log", f"maillog_file_prefixes={d}", f"virtual_mailbox_base={mail}",
-                f"virtual_mailbox_maps=texthash:{etc}/vmailbox"]
-    if milter_port is not None:
-        settings += [f"smtpd_milters=inet:127.0.0.1:{milter_port}", "milter_protocol=6",
-                     "milter_default_action=tempfail"]
-    run(["postconf", "-c", str(etc), "-e", *settings])
-    shutil.chown(data, "postfix")
-    for p in [mail, *mail.rglob("*")]:
-        os.chown(p, 5000, 5000)
-    run(["postfix", "-c", str(etc), "check"])
-    return dict(dir=d, etc=etc, port=port, pidfile=spool / "pid" / "master.pid",
-                maildir=mail / "sink" / "Maildir", log=d / "postfix.log", milter=milter_port)
-
-
 # --------------------------------------------------------------------------- servers
 
 def start_rspamd(rsp: dict, pin: str | None, workers: int) -> None:
@@ -416,7 +197,7 @@ def start_rspamd(rsp: dict, pin: str | None, workers: int) -> None:
         info = json.loads(line)
     except json.JSONDecodeError:
         raise SystemExit(f"rspamd_server.py gave no JSON line ({line!r}); see {err.name}")
-    RSPAMD_PIDS["rspamd"] = info["pid"]
+    DAEMONS["rspamd"] = info["pid"]      # stopped by its PID if rspamd_server.py could not stop it
     rsp.update(pid=info["pid"], normal_url=info["normal_url"], controller_url=info["controller_url"],
                milter=info["milter"], ready_s=round(time.time() - started, 1))
 
@@ -426,44 +207,7 @@ def rspamd_stat(rsp: dict) -> dict:
     return dict(scanned=int(s.get("scanned", 0)), actions=dict(s.get("actions", {})))
 
 
-def start_mailgw(name: str, cell: dict, pin: str | None, tag: str) -> None:
-    d = cell["dir"]
-    if port_open(cell["port"]):
-        raise SystemExit(f"port {cell['port']} is already in use")
-    log = d / f"mailgw-{tag}.log"
-    argv = (["taskset", "-c", pin] if pin else []) + [
-        TWISTD, "-n", "--pidfile", str(cell["pidfile"]), "--logfile", str(log), "mailgw", "--config",
-        str(cell["config"])]
-    out = open(d / f"stdout-{tag}.log", "w")
-    proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                            env=env(), start_new_session=True)
-    PROCS[name] = proc     # taskset execs twistd: the PID is twistd's
-    wait_port(cell["port"], 30, lambda: proc.poll() is None, name)
-    if cell["pidfile"].read_text().split()[0] != str(proc.pid):
-        raise SystemExit(f"{name}: pid file {cell['pidfile']} does not hold {proc.pid}")
-    cell.update(pid=proc.pid, log=log)
-
-
-def start_postfix(name: str, cell: dict, pin: str | None) -> None:
-    if port_open(cell["port"]):
-        raise SystemExit(f"port {cell['port']} is already in use")
-    cell["pidfile"].unlink(missing_ok=True)
-    run((["taskset", "-c", pin] if pin else []) + ["postfix", "-c", str(cell["etc"]), "start"], timeout=60)
-    for _ in range(100):
-        if cell["pidfile"].exists() and cell["pidfile"].read_text().split():
-            break
-        time.sleep(0.1)
-    pid = int(cell["pidfile"].read_text().split()[0])
-    POSTFIXES[name] = dict(etc=cell["etc"], pid=pid)
-    wait_port(cell["port"], 30, lambda: _alive(pid), name)
-    cell.update(pid=pid)
-
-
 # --------------------------------------------------------------------------- measuring
-
-def maildir_files(d: Path) -> list[Path]:
-    return [d / sub / n for sub in ("new", "cur") if (d / sub).is_dir() for n in os.listdir(d / sub)]
-
 
 def header_block(path: Path) -> str:
     data = path.read_bytes().replace(b"\r\n", b"\n")
@@ -518,24 +262,7 @@ def mailbench(cell: dict, n: int, conc: int, per_conn: int, pin: str | None, set
     args = ["smtp", "--port", str(cell["port"]), "-n", str(n), "-s", "2048", "-c", str(conc),
             "-m", str(per_conn), "--from", FROM, "--to", SINK, "--label", cell["name"],
             "--cpu-pidfile", str(cell["pidfile"]), "--until-maildir", str(cell["maildir"]), "--deadline", "300"]
-    argv = (["taskset", "-c", pin] if pin else []) + [PYTHON, str(MAILBENCH), *args]
-    clear_maildir(cell["maildir"])
-    if settle:
-        # the previous run's writes and these unlinks reach the disk now, not inside this run's
-        # window (where a server's fsync() would wait for them)
-        os.sync()
-        time.sleep(settle)
-    try:
-        cp = subprocess.run(argv, capture_output=True, text=True, timeout=400, cwd=BENCH)
-        out, err = cp.stdout, cp.stderr
-    except subprocess.TimeoutExpired as e:
-        out, err = "", f"timeout: {e}"
-    try:
-        rec = json.loads(out.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        rec = {"result": {"fatal": "no JSON from mailbench", "stdout": out[-500:], "stderr": err[-500:]}}
-    shown = (["taskset", "-c", pin] if pin else []) + ["python3", "mailbench.py", *args]
-    return shown, rec
+    return mailbench_smtp(args, cell["maildir"], pin, settle)
 
 
 def run_cell(cell: dict, rsp: dict, n: int, conc: int, per_conn: int, pin: str | None, meta: dict, log, rng,
@@ -563,10 +290,7 @@ def run_cell(cell: dict, rsp: dict, n: int, conc: int, per_conn: int, pin: str |
         rec["meta"]["total_cpu_ms_per_msg"] = round(r["server_cpu_ms_per_msg"] + rsp_total / ok * 1000, 3)
     if r.get("other_cpu_s") is not None:
         rec["meta"]["other_cpu_s_minus_rspamd"] = round(r["other_cpu_s"] - rsp_total, 3)
-    rec["command"] = " ".join(shown)
-    rec["wall"] = round(time.time() - t0, 3)
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    write_rec(rec, " ".join(shown), t0, log)
     m = rec["meta"]
     print(f"  {meta['mode']:6} rep {meta['rep']!s:6} {cell['name']:15} "
           f"{r.get('msgs_per_s', r.get('fatal'))} msgs/s, ok {r.get('ok')}, errors {r.get('errors')}, "
@@ -574,19 +298,6 @@ def run_cell(cell: dict, rsp: dict, n: int, conc: int, per_conn: int, pin: str |
           f"{m['rspamd_cpu_ms_per_msg']} ms/msg, other {m.get('other_cpu_s_minus_rspamd')} s, "
           f"files {'ok' if m['files_ok'] else 'WRONG'}", flush=True)
     return rec
-
-
-def median(xs):
-    return statistics.median(xs) if xs else None
-
-
-def half_range_pct(xs) -> float:
-    m = median(xs)
-    return (max(xs) - min(xs)) / 2 / m * 100 if xs and m else 0.0
-
-
-def fmt(x, nd=1):
-    return "–" if x is None else f"{x:,.{nd}f}"
 
 
 # --------------------------------------------------------------------------- report
@@ -598,28 +309,15 @@ KEYS = ("msgs_per_s", "delivered_msgs_per_s", "server_cpu", "rspamd_cpu", "total
 def summarise(recs, modes):
     s = {m: {c: {k: [] for k in KEYS} for c in CELLS} for m in modes}
     per_rep = {m: {} for m in modes}
-    for r in recs:
-        meta = r["meta"]
-        if meta["rep"] == "warmup":
-            continue
-        res = r.get("result", {})
-        if "fatal" in res:
-            continue
+    for meta, res in measured_runs(recs):
         d = s[meta["mode"]][meta["cell"]]
-        d["msgs_per_s"].append(res["msgs_per_s"])
-        if res.get("delivered_msgs_per_s") is not None:
-            d["delivered_msgs_per_s"].append(res["delivered_msgs_per_s"])
-        if res.get("server_cpu_ms_per_msg") is not None:
-            d["server_cpu"].append(res["server_cpu_ms_per_msg"])
+        add_run(d, res, "server_cpu")
         if meta.get("rspamd_cpu_ms_per_msg") is not None:
             d["rspamd_cpu"].append(meta["rspamd_cpu_ms_per_msg"])
         if meta.get("total_cpu_ms_per_msg") is not None:
             d["total_cpu"].append(meta["total_cpu_ms_per_msg"])
-        d["p50"].append(res["lat_p50_ms"])
-        d["p99"].append(res["lat_p99_ms"])
         if meta.get("other_cpu_s_minus_rspamd") is not None:
             d["other"].append(meta["other_cpu_s_minus_rspamd"])
-        d["errors"].append(res.get("errors", 0))
         d["scanned"].append(meta["rspamd_scanned"])
         d["ok"].append(res.get("ok", 0))
         per_rep[meta["mode"]].setdefault(meta["rep"], {})[meta["cell"]] = dict(res, **{"_meta": meta})
@@ -744,7 +442,8 @@ def build_cells(scratch: Path, pb: int, rsp: dict) -> dict:
                            maildir=d / "data" / "mail" / DOMAIN / "sink")
         cells[name]["maildir"].mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(("postfix", "postfix+rspamd")):
-        pf = setup_postfix(scratch / name.replace("+", "-"), pb + 2 + i, rsp["proxy"] if SCANNED[name] else None)
+        pf = setup_postfix(scratch / name.replace("+", "-"), pb + 2 + i, "postfix-spambench",
+                           rsp["proxy"] if SCANNED[name] else None, MILTER)
         cells[name] = dict(pf, name=name, kind="postfix")
     return cells
 
@@ -771,7 +470,6 @@ def serve(args, scratch: Path, cells: dict, rsp: dict) -> int:
 
 
 def main() -> int:
-    global KEEP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("-n", "--count", type=int, default=2000)
@@ -809,17 +507,12 @@ def main() -> int:
                              "-y --no-install-recommends rspamd)")
     if (args.serve is None or args.serve_mode == "pinned") and "pinned" in modes and (os.cpu_count() or 1) < 2:
         raise SystemExit("pinned needs 2 CPUs")
-    KEEP = args.keep_data
     head = git_head()
     out = Path(args.out) if args.out else HERE / "results" / f"spam-accept-{head}"
     rng = random.Random(args.seed)
 
-    atexit.register(cleanup)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    scratch = Path(tempfile.mkdtemp(prefix="mailgw-spam.", dir="/tmp"))
-    SCRATCH.append(scratch)
-    os.chmod(scratch, 0o755)        # Postfix (user postfix) and virtual(8) (uid 5000) work below it
+    on_exit(cleanup, args.keep_data, "rspamd", STOP_TIMEOUT)
+    scratch = scratch_dir("mailgw-spam.")
 
     pb = args.port_base
     rsp = dict(root=scratch / "rspamd" / "root", normal=pb + 4, controller=pb + 5, proxy=pb + 6,
@@ -830,20 +523,13 @@ def main() -> int:
         return serve(args, scratch, cells, rsp)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    txt: list[str] = []
-
-    def say(line=""):
-        print(line, flush=True)
-        txt.append(line)
+    say, txt = transcript()
 
     say(f"# rspamd in the path (issue 16): bench/spam_accept.py --reps {args.reps} --modes {','.join(modes)} "
         f"-n {args.count} -c {args.concurrency} -m {args.per_conn} --rspamd-workers {args.rspamd_workers} "
         f"--settle {args.settle}")
-    say(f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    say(f"mailgw: HEAD {head} (read from .git, no git command run); source sha256 of mailgw/ + twisted/: "
-        f"{source_hash()}")
-    say(f"nproc: {os.cpu_count()}; cpu: " + next((ln.split(':', 1)[1].strip() for ln in open('/proc/cpuinfo')
-                                                  if ln.startswith('model name')), '?'))
+    for ln in header_lines(head):
+        say(ln)
     say(f"python: {sys.version.split()[0]}; postfix {run(['postconf', '-h', 'mail_version']).stdout.strip()}; "
         f"{run(['rspamd', '--version']).stdout.strip().splitlines()[0]}; kernel {os.uname().release}")
     say(f"load before: {loadavg()}")
@@ -868,14 +554,10 @@ def main() -> int:
     logs: dict[str, list[str]] = {}
     with open(str(out) + ".jsonl", "w") as jl:
         for mode in modes:
-            pin_srv, pin_cli = (SERVER_CPU, CLIENT_CPU) if mode == "pinned" else (None, None)
+            pin_srv, pin_cli = pins(mode)
             start_rspamd(rsp, pin_srv, args.rspamd_workers)
             say(f"\n== round {mode}: rspamd pid {rsp['pid']} ready after {rsp['ready_s']} s")
-            for name in CELLS:
-                if cells[name]["kind"] == "mailgw":
-                    start_mailgw(name, cells[name], pin_srv, mode)
-                else:
-                    start_postfix(name, cells[name], pin_srv)
+            start_cells(cells, CELLS, pin_srv, mode)
             # proof: the scan path, 3 messages per cell, one connection
             for name in CELLS:
                 e = cells[name]
@@ -914,33 +596,20 @@ def main() -> int:
                 checks.append((f"{mode}: every server and rspamd process on CPU {pin_srv}",
                                all(a == pin_srv for a in allowed), f"{len(allowed)} processes"))
             for rep in range(1, args.reps + 1):
-                k = (rep - 1) % len(CELLS)
-                order = CELLS[k:] + CELLS[:k]
+                order = rotation(CELLS, rep)
                 for name in order:
                     recs.append(run_cell(cells[name], rsp, args.count, args.concurrency, args.per_conn, pin_cli,
                                          dict(mode=mode, cell=name, rep=rep, position=order.index(name) + 1),
                                          jl, rng, args.settle))
             say(f"round {mode}: load at the end {loadavg()}; rspamd /stat: {json.dumps(rspamd_stat(rsp))}")
-            for name in CELLS:
-                if cells[name]["kind"] == "mailgw":
-                    stop_proc(name)
-                    pieces = sorted(Path(cells[name]["log"]).parent.glob(Path(cells[name]["log"]).name + "*"),
-                                    key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
-                    logs[f"{name}/{mode}"] = [ln for p in pieces for ln in open(p, errors="replace")]
-                else:
-                    stop_postfix(name)
-            stop_proc("rspamd")
+            stop_cells(cells, CELLS, mode, logs, STOP_TIMEOUT)
+            stop_proc("rspamd", STOP_TIMEOUT)
             for name in CELLS:
                 clear_maildir(cells[name]["maildir"])
     say(f"load after: {loadavg()}")
 
     # ---- checks over the runs
-    bad = [r for r in recs if r.get("result", {}).get("ok") != r["meta"]["maildir_files"]
-           or r.get("result", {}).get("errors") or "fatal" in r.get("result", {})]
-    checks.append(("every run: files in the Maildir = messages accepted, no SMTP errors", not bad,
-                   f"{sum(r['meta']['maildir_files'] for r in recs)} files over {len(recs)} runs"
-                   + (f"; bad: {[(r['meta'], r.get('result', {}).get('ok'), r.get('result', {}).get('errors')) for r in bad][:5]}"
-                      if bad else "")))
+    checks.append(maildir_check(recs))
     wrong_scan = [r for r in recs if r["meta"]["rspamd_scanned"] != (r.get("result", {}).get("ok", -1)
                                                                      if SCANNED[r["meta"]["cell"]] else 0)]
     for mode in modes:
@@ -961,15 +630,7 @@ def main() -> int:
         checks.append((f"mailgw log {key}: no tracebacks, no 'rspamd unavailable'", tracebacks == 0 and unavailable == 0,
                        f"{tracebacks} tracebacks, {unavailable} rspamd unavailable, {accepted} ': accepted ' lines, "
                        f"{sum('rspamd action=' in ln for ln in lines)} 'rspamd action=' lines"))
-    for name in ("postfix", "postfix+rspamd"):
-        try:
-            plog = cells[name]["log"].read_text(errors="replace").splitlines()
-        except OSError:
-            plog = []
-        milter_err = sum("milter" in ln and ("error" in ln or "reject" in ln or "warning" in ln) for ln in plog)
-        sent = sum("status=sent" in ln for ln in plog)
-        checks.append((f"{name} log: no milter errors/warnings", milter_err == 0,
-                       f"{sent} status=sent, {milter_err} milter error/warning lines"))
+    checks += postfix_log_checks(cells, ("postfix", "postfix+rspamd"))
     # rspamd's log: worker crashes, upstream or timeout trouble fail the check; the start-up
     # notes of a fresh root (no symbols.cache / stats.ucl / history yet, two stock-rule
     # dependency notes) and the proxy's "Unexpected EOF" from rspamd_server.py's readiness probe
