@@ -42,6 +42,7 @@ from mailgw.config_sections import (
     _dns,
     _imap,
     _listeners,
+    _log,
     _pop3,
     _queue,
     _quota,
@@ -50,7 +51,7 @@ from mailgw.config_sections import (
     _tls,
 )
 from mailgw.config_table import _absolute, _address_problem, _describe, _dns_name_problem, _network, _Table
-from mailgw.config_types import Config
+from mailgw.config_types import ROLE_ACME_HTTP, ROLE_ACME_TLS, Config
 
 __all__ = [
     "CONFIG_ENV_VAR", "EMBEDDED_DEFAULT", "ConfigError", "ConfigFileError", "check_main", "load",
@@ -81,6 +82,7 @@ DEFAULT_LISTENERS = (
     {"role": "pop3s", "endpoint": "tcp:995"},
     {"role": "imap", "endpoint": "tcp:143"},
     {"role": "imaps", "endpoint": "tcp:993"},
+    {"role": "http", "endpoint": "tcp:9925:interface=127.0.0.1"},
 )
 
 
@@ -177,6 +179,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     dkim_table = _Table(root.take("dkim", {}), "dkim", errors)
     checks_table = _Table(root.take("checks", {}), "checks", errors)
     spam_table = _Table(root.take("spam", {}), "spam", errors)
+    log_table = _Table(root.take("log", {}), "log", errors)
     listeners_raw = root.take("listeners", [dict(entry) for entry in DEFAULT_LISTENERS])
 
     hostname = server.string("hostname", "")
@@ -224,6 +227,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     if inet_protocols is not None and inet_protocols not in INET_PROTOCOLS:
         server.error("inet_protocols", f'must be one of {", ".join(INET_PROTOCOLS)}, got {_describe(inet_protocols)}')
         inet_protocols = None
+    min_free_space = server.integer("min_free_space", 100 * 1024 * 1024, 0)
     user = server.string("user", "")
     if user:
         try:
@@ -233,7 +237,7 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
             user = None
     server.finish()
 
-    tls = _tls(tls_table, data_dir)
+    tls = _tls(tls_table, data_dir, hostname)
     smtp = _smtp(smtp_table)
     queue = _queue(queue_table)
     pop3 = _pop3(pop3_table)
@@ -245,6 +249,8 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
     dkim = _dkim(dkim_table, data_dir)
     checks = _checks(checks_table, hostname)
     spam = _spam(spam_table)
+    log_format = _log(log_table)
+    _acme_listeners(config_tls=tls, listeners=listeners, errors=errors)
     root.finish("unknown top-level table or key", list_known=True)
 
     if errors:
@@ -276,7 +282,18 @@ def _build_config(raw: dict, errors: list[str]) -> Config | None:
         dkim=dkim,
         checks=checks,
         spam=spam,
+        min_free_space=min_free_space,
+        log_format=log_format,
     )
+
+
+def _acme_listeners(*, config_tls, listeners, errors: list[str]) -> None:
+    """ACME needs a listener the CA can reach for its challenges (RFC 8555 §8)."""
+    if config_tls is None or not config_tls.acme:
+        return
+    if not any(listener.role in (ROLE_ACME_HTTP, ROLE_ACME_TLS) for listener in listeners):
+        errors.append(f'tls.acme: needs a [[listeners]] entry with role "{ROLE_ACME_HTTP}" (port 80, HTTP-01) '
+                      f'or "{ROLE_ACME_TLS}" (TLS-ALPN-01, RFC 8737)')
 
 
 def _local_domains(server: _Table) -> list[str] | None:

@@ -21,6 +21,7 @@ from mailgw.config_types import (
     ALL_ROLES,
     BARE_NEWLINE_MODES,
     IMPLICIT_TLS_ROLES,
+    ROLE_ACME_TLS,
     OUTBOUND_TLS_MODES,
     TLS_OPPORTUNISTIC,
     ChecksConfig,
@@ -38,6 +39,8 @@ from mailgw.config_types import (
     TLSConfig,
 )
 from mailgw.spam.dnsbl import parse_site
+
+LOG_FORMATS = ("text", "json")
 
 # [tls] min_version
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
@@ -298,23 +301,43 @@ def _spam(table: _Table) -> SpamConfig | None:
     return SpamConfig(*values, tuple(sites), threshold, budget, tuple(allow), pregreet_wait, pass_ttl)
 
 
-def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:
+# Let's Encrypt's production directory (RFC 8555 §7.1.1).
+DEFAULT_ACME_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+
+
+def _tls(table: _Table, data_dir: Path | None, hostname: str | None) -> TLSConfig | None:
     certificate_text = table.path_text("certificate", "")
     private_key_text = table.path_text("private_key", "")
     min_version = table.string("min_version", "TLSv1.2")
     if min_version is not None and min_version not in TLS_VERSIONS:
         table.error("min_version", f'must be "TLSv1.2" or "TLSv1.3", got {_describe(min_version)}')
         min_version = None
+    check_interval = table.seconds("check_interval", 30.0, 1.0)
+    acme = _acme(table, hostname)
     table.finish()
-    if certificate_text is None or private_key_text is None:
+    if certificate_text is None or private_key_text is None or check_interval is None or acme is None:
         return None
+    extra = dict(check_interval=check_interval, **acme)
+
+    if acme["acme"]:
+        if certificate_text or private_key_text:
+            for key, text in (("certificate", certificate_text), ("private_key", private_key_text)):
+                if text:
+                    table.error(key, "must be empty with tls.acme = true: the ACME certificate lives in "
+                                     "<data_dir>/acme/")
+            return None
+        if data_dir is None or min_version is None:
+            return None
+        # Until the first certificate arrives the listeners serve a self-signed one made here.
+        return TLSConfig(certificate=data_dir / "acme" / "cert.pem", private_key=data_dir / "acme" / "key.pem",
+                         generated=True, min_version=min_version, **extra)
 
     if certificate_text == "" and private_key_text == "":
         if data_dir is None or min_version is None:
             return None
         return TLSConfig(certificate=data_dir / "tls" / "cert.pem",
                          private_key=data_dir / "tls" / "key.pem",
-                         generated=True, min_version=min_version)
+                         generated=True, min_version=min_version, **extra)
 
     both_or_neither = ("set both, or leave both empty to have a self-signed "
                        "certificate generated on first start")
@@ -337,7 +360,57 @@ def _tls(table: _Table, data_dir: Path | None) -> TLSConfig | None:
     if len(paths) != 2 or min_version is None:
         return None
     return TLSConfig(certificate=paths["certificate"], private_key=paths["private_key"],
-                     generated=False, min_version=min_version)
+                     generated=False, min_version=min_version, **extra)
+
+
+def _acme(table: _Table, hostname: str | None) -> dict | None:
+    """The [tls] acme* keys, as TLSConfig keyword arguments."""
+    enabled = table.boolean("acme", False)
+    contact = table.string("acme_contact", "")
+    directory = table.string("acme_directory", DEFAULT_ACME_DIRECTORY)
+    names = table.string_list("acme_names", ())
+    ca_text = table.path_text("acme_ca_file", "")
+    if None in (enabled, contact, directory, names, ca_text):
+        return None
+    ok = True
+    if enabled:
+        if not contact:
+            table.error("acme_contact", "must be set with tls.acme = true: the CA writes there about "
+                                        "expiring certificates and problems (RFC 8555 §7.3)")
+            ok = False
+        elif problem := _address_problem(contact.removeprefix("mailto:")):
+            table.error("acme_contact", f"{_describe(contact)}: {problem}")
+            ok = False
+        if problem := _http_url_problem(directory):
+            table.error("acme_directory", f"{_describe(directory)}: {problem}")
+            ok = False
+        elif not directory.startswith("https://"):
+            table.error("acme_directory", f"{_describe(directory)}: RFC 8555 §6.1 requires https://")
+            ok = False
+    for index, name in enumerate(names):
+        if problem := _dns_name_problem(name):
+            table.error(f"acme_names[{index}]", f"{_describe(name)}: {problem}")
+            ok = False
+    ca_file = _absolute(ca_text) if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        table.error("acme_ca_file", f"{ca_file}: no such file")
+        ok = False
+    if not ok:
+        return None
+    ordered = [hostname] if hostname else []
+    ordered += [name.lower() for name in names if name.lower() not in ordered]
+    return dict(acme=enabled, acme_contact=contact.removeprefix("mailto:"), acme_directory=directory,
+                acme_names=tuple(ordered), acme_ca_file=ca_file)
+
+
+def _log(table: _Table) -> str | None:
+    """[log]: the log line format."""
+    log_format = table.string("format", "text")
+    if log_format is not None and log_format not in LOG_FORMATS:
+        table.error("format", f'must be one of {", ".join(LOG_FORMATS)}, got {_describe(log_format)}')
+        log_format = None
+    table.finish()
+    return log_format
 
 
 # RFC 5321 §4.5.4.1: retry after at least 30 minutes, give up after 4-5 days;
@@ -584,7 +657,7 @@ def _endpoint_address(endpoint: str, role: str | None, table: _Table) -> tuple[i
         table.error("endpoint", f"{_describe(endpoint)}: use a plain tcp: or tcp6: endpoint; "
                                 "mailgw adds TLS itself from [tls]")
         return None
-    if role in IMPLICIT_TLS_ROLES and kind not in ("tcp", "tcp6"):
+    if (role in IMPLICIT_TLS_ROLES or role == ROLE_ACME_TLS) and kind not in ("tcp", "tcp6"):
         table.error("endpoint", f'role "{role}" needs a plain tcp: or tcp6: endpoint '
                                 f"(mailgw adds TLS itself), got {_describe(endpoint)}")
         return None

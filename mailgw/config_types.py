@@ -19,8 +19,12 @@ ROLE_POP3 = "pop3"                # port 110: STLS, then USER/PASS or AUTH
 ROLE_POP3S = "pop3s"
 ROLE_IMAP = "imap"                # port 143: STARTTLS, then LOGIN/AUTHENTICATE
 ROLE_IMAPS = "imaps"
+ROLE_HTTP = "http"                # /metrics (Prometheus), /healthz, /readyz: keep it on loopback
+ROLE_ACME_HTTP = "acme-http"      # port 80: ACME HTTP-01 challenges (RFC 8555 §8.3), nothing else
+ROLE_ACME_TLS = "acme-tls"        # ACME TLS-ALPN-01 challenges (RFC 8737) where port 80 is not available
 SMTP_ROLES = (ROLE_RELAY, ROLE_SUBMISSION, ROLE_SUBMISSIONS)
-ALL_ROLES = SMTP_ROLES + (ROLE_POP3, ROLE_POP3S, ROLE_IMAP, ROLE_IMAPS)
+MAIL_ROLES = SMTP_ROLES + (ROLE_POP3, ROLE_POP3S, ROLE_IMAP, ROLE_IMAPS)
+ALL_ROLES = MAIL_ROLES + (ROLE_HTTP, ROLE_ACME_HTTP, ROLE_ACME_TLS)
 IMPLICIT_TLS_ROLES = (ROLE_SUBMISSIONS, ROLE_POP3S, ROLE_IMAPS)
 
 
@@ -37,6 +41,12 @@ class TLSConfig:
     private_key: Path    # PEM key
     generated: bool      # True when no certificate was configured: make one on first start
     min_version: str     # "TLSv1.2" or "TLSv1.3"
+    check_interval: float = 30.0        # seconds between stat()s of the files: a renewal on disk is picked up
+    acme: bool = False                  # obtain and renew the certificate by ACME (RFC 8555)
+    acme_contact: str = ""              # the account's contact address (mailto:)
+    acme_directory: str = ""            # the CA's directory URL
+    acme_names: tuple[str, ...] = ()    # DNS names in the certificate: the hostname first
+    acme_ca_file: Path | None = None    # trust this CA for the directory's HTTPS (a private or test CA)
 
 
 # [smtp] bare_newline: what a bare LF in DATA gets (a bare CR is always refused).
@@ -243,3 +253,5 @@ class Config:
     dkim: DKIMConfig | None = field(default=None)         # None: no signing (configs built by hand in tests)
     checks: ChecksConfig | None = field(default=None)     # None: no checks (configs built by hand in tests)
     spam: SpamConfig | None = field(default=None)         # None: no spam defences (configs built by hand in tests)
+    min_free_space: int = 100 * 1024 * 1024     # octets free under data_dir below which /readyz says not ready
+    log_format: str = "text"                    # [log] format: "text" (twistd's lines) or "json" (one object a line)
