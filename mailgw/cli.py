@@ -1,6 +1,7 @@
 """`mailgw`: the admin command.
 
     mailgw check [--config PATH]          validate the configuration, start nothing
+    mailgw reload [--config PATH]         make the running server re-read its configuration (SIGHUP)
     mailgw users add|passwd|delete|list   manage the users file (passwords from a prompt or stdin)
     mailgw queue list|show|flush|stats|hold|release|delete|bounce   the relay queue, running or not
     mailgw aliases add|delete|show|list   the alias table (lists, forwards, catch-alls, domain aliases)
@@ -21,6 +22,7 @@ USAGE = """usage: mailgw COMMAND [--config PATH] ...
 
 commands:
   check                      validate the configuration and exit (non-zero on error)
+  reload                     the running server re-reads config, users, aliases, DKIM keys, certificates
   users add ADDRESS          create a user (password from a prompt, or one line on stdin)
   users passwd ADDRESS       change a password
   users delete ADDRESS       remove a user
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "check":
         from mailgw.config import check_main
         return check_main(rest)
+    if command == "reload":
+        from mailgw.reload import reload_main
+        return reload_main(rest)
     if command == "users":
         from mailgw.auth.admin import users_main
         return users_main(rest)

@@ -3,7 +3,6 @@ process's (tap.py) and an SMTP worker's (worker.py)."""
 from __future__ import annotations
 
 import errno
-import signal
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
@@ -37,36 +36,6 @@ class ThreadPoolService(service.Service):
     def stopService(self):
         super().stopService()
         self.pool.stop()
-
-
-class HangupIgnored(service.Service):
-    """SIGHUP is logged and ignored while mailgw runs. Its default action ends
-    the process at once, with no log line, leaving the pid file and control
-    socket behind; a closing terminal or an admin's reload habit
-    (`kill -HUP`, Postfix's and Dovecot's reload) must not stop mail. Nothing is
-    reloaded yet: a restart applies a changed config."""
-
-    def __init__(self, reactor):
-        self.reactor = reactor
-        self._previous = None
-
-    def startService(self):
-        super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
-
-    def stopService(self):
-        super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
-
-    def _hangup(self, signum, frame):
-        # In a signal handler: only hand the work to the reactor.
-        self.reactor.callFromThread(self.log_hangup)
-
-    def log_hangup(self):
-        log.warn("SIGHUP received and ignored: mailgw does not reload its configuration; "
-                 "restart it to apply changes")
 
 
 def _cannot_listen(description: str, role: str, error: BaseException) -> str:
@@ -105,6 +74,15 @@ class ListenerService(service.Service):
         self.port = port
         address = port.getHost()
         log.info("listening for {role} on {host}:{port}", role=self.role, host=address.host, port=address.port)
+
+    def stop_accepting_only(self) -> None:
+        """A reload removed this listener: no new connections; its sessions
+        go on and are ended at shutdown like any other."""
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+            log.info("stopped listening for {role} on {description}", role=self.role,
+                     description=self.description)
 
     def stopService(self):
         super().stopService()

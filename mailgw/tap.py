@@ -39,7 +39,8 @@ from mailgw.store.quota import Quota
 from mailgw import pidfile, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
-from mailgw.services import HangupIgnored, ListenerService, ThreadPoolService, listener_factory
+from mailgw.reload import Reloader, check_new_config
+from mailgw.services import ListenerService, ThreadPoolService, listener_factory
 from mailgw.twisted_wall import listening_family, stop_accepting
 from mailgw.workers import SMTPWorkers
 
@@ -136,7 +137,6 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
     # Password hashing gets its own small pool: a burst of logins must not
     # delay fsyncs, and argon2 is deliberately CPU- and memory-hungry.
     auth_pool = IOThreadPool(maxthreads=2, name="mailgw-auth")
-    HangupIgnored(reactor).setServiceParent(top)
     ThreadPoolService(io_pool).setServiceParent(top)
     ThreadPoolService(auth_pool).setServiceParent(top)
 
@@ -165,60 +165,193 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                               max_delay=config.smtp.auth_max_delay,
                               lockout_failures=config.smtp.auth_lockout_failures,
                               lockout_time=config.smtp.auth_lockout_time)
-    router = build_router(config, userdb, reactor=reactor, quota=quota)
-    # One resolver for every lookup: MX, SPF, DKIM, DMARC, reverse DNS.
-    resolver = build_resolver(config)
-    mail_dns = MailDNS(resolver, clock=reactor, timeout=config.dns.timeout)
-    router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor, threadpool=io_pool)
-    # Junk learning (mailgw.spam.learning) reuses the stage's rspamd connections.
-    learner = build_learner(config, router.stages.rspamd)
-    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor, mail_store=mail_store,
-                      learner=learner, junk_folder=config.spam.junk_folder)
-    portal = Portal(realm, [checker, AllowAnonymousAccess()])
-
-    read_message = message_reader(reactor, io_pool)
-    transport = RelayTransport(config=config, reactor=reactor, resolver=resolver,
-                               read_message=read_message)
-    runner = QueueRunner(config=config, spool=spool, transport=transport, store=store, router=router,
-                         clock=reactor, read_message=read_message)
-    runner.load(waiting)
-    runner.setServiceParent(top)
-    # `mailgw sendmail` submits here: the same resolution and targets as SMTP.
-    submitter = LocalSubmission(router=router, store=store, spool=spool, clock=reactor, hostname=config.hostname,
-                                max_size=config.smtp.max_message_size, max_recipients=config.smtp.max_recipients)
-    control.control_service(reactor, control.socket_path(config.data_dir), runner,
-                            submitter).setServiceParent(top)
 
     tls.ensure_certificate(config.tls, config.hostname)
     if problems := tls.check_files(config.tls):
         # One line naming the file, not a traceback (or, worse, a server whose every handshake fails).
         raise SystemExit("mailgw: cannot start: " + "; ".join(problems))
-    tls_options = tls.server_options(config.tls)
     for warning in config_module.placeholder_warnings(config):
         log.warn("{warning}", warning=warning)
 
-    imap_cache = MessageCache()      # parsed headers, shared by the IMAP listeners
-    worker_sockets = []              # (name, fd, family) of the SMTP ports the workers accept on
-    for listener in config.listeners:
-        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
-                                   imap_cache=imap_cache, mail_dns=mail_dns)
-        description = offset_endpoint(listener.endpoint, port_offset)
-        listening = [ListenerService(reactor, description, factory, listener.name)]
-        wildcard = wildcard_port(description)
-        if wildcard is not None and config.inet_protocols == "all":
-            listening.append(IPv6ListenerService(reactor, wildcard, factory, listener.name))
-        for each in listening:
-            each.setServiceParent(top)
-            if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
-                # Bound here (as root if need be), accepted on only by the workers.
-                stop_accepting(each.port)
-                worker_sockets.append((listener.name, each.port.fileno(), listening_family(each.port)))
-    if worker_sockets:
-        SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers, config_path=config.source,
-                    sockets=worker_sockets, checker=checker, runner=runner, spool=spool,
-                    mail_store=mail_store, threadpool=io_pool).setServiceParent(top)
+    parts = ServerParts(reactor=reactor, top=top, port_offset=port_offset, io_pool=io_pool, auth_pool=auth_pool,
+                        store=store, mail_store=mail_store, spool=spool, quota=quota, checker=checker,
+                        userdb=userdb, read_message=message_reader(reactor, io_pool),
+                        tls_context=tls.ReloadingTLS(config.tls, clock=reactor))
+    parts.configure(config)
+    parts.runner.load(waiting)
+    parts.runner.setServiceParent(top)
+    top.parts = parts
+    top.control = control.control_service(reactor, control.socket_path(config.data_dir), parts.runner,
+                                          parts.submitter)
+    top.control.setServiceParent(top)
+    parts.open_listeners(config)
+    if parts.worker_sockets:
+        parts.workers = SMTPWorkers(reactor=reactor, clock=reactor, count=config.smtp_workers,
+                                    config_path=config.source, sockets=parts.worker_sockets, checker=checker,
+                                    runner=parts.runner, spool=spool, mail_store=mail_store, threadpool=io_pool)
+        parts.workers.setServiceParent(top)
+    top.reloader = Reloader(config=config, reactor=reactor, load_config=config_module.load, apply=parts.reconfigure,
+                            check=parts.check)
+    top.reloader.setServiceParent(top)
+    top.control.factory.reloader = top.reloader
     PrivilegeDrop(config, twistd_options).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
+
+
+class ServerParts:
+    """What a config builds on top of the process's long-lived parts (thread
+    pools, durable writer, store, spool, password checker): router, checks,
+    realm, portal, relay transport and one protocol factory per listener.
+    Built at start by `configure`, and again by each reload
+    (mailgw/reload.py), which then switches the listeners to the new
+    factories and opens or closes listeners (`reconfigure`)."""
+
+    def __init__(self, *, reactor, top, port_offset, io_pool, auth_pool, store, mail_store, spool, quota,
+                 checker, userdb, read_message, tls_context):
+        self.reactor = reactor
+        self.top = top
+        self.port_offset = port_offset
+        self.io_pool = io_pool
+        self.auth_pool = auth_pool
+        self.store = store
+        self.mail_store = mail_store
+        self.spool = spool
+        self.quota = quota
+        self.checker = checker
+        self.userdb = userdb
+        self.read_message = read_message
+        self.tls_context = tls_context
+        self.imap_cache = MessageCache()      # parsed headers, shared by the IMAP listeners
+        self.config: Config | None = None
+        self.runner: QueueRunner | None = None
+        self.workers: SMTPWorkers | None = None
+        self.worker_sockets = []              # (name, fd, family) of the SMTP ports the workers accept on
+        self.listening: dict[str, list] = {}  # listener name -> [ListenerService (+ its IPv6 twin)]
+        self.factories: dict[str, object] = {}
+        self.pop3_locks = None
+
+    def configure(self, config: Config) -> None:
+        """Build the config's parts (not the listeners: `open_listeners`)."""
+        reactor = self.reactor
+        if self.config is not None and config.users_file != self.config.users_file:
+            self.userdb = UserFile(config.users_file, threadpool=self.auth_pool, reactor=reactor)
+        else:
+            self.userdb.refresh_now()
+        smtp = config.smtp
+        self.checker.reconfigure(self.userdb, failure_delay=smtp.auth_failure_delay, max_delay=smtp.auth_max_delay,
+                                 lockout_failures=smtp.auth_lockout_failures, lockout_time=smtp.auth_lockout_time)
+        self.quota.reconfigure(config.quota, check_interval=config.routing.check_interval)
+        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        # One resolver for every lookup: MX, SPF, DKIM, DMARC, reverse DNS.
+        resolver = build_resolver(config)
+        self.mail_dns = MailDNS(resolver, clock=reactor, timeout=config.dns.timeout)
+        router.stages = build_stages(config, router=router, mail_dns=self.mail_dns, reactor=reactor,
+                                     threadpool=self.io_pool)
+        # Junk learning (mailgw.spam.learning) reuses the stage's rspamd connections.
+        learner = build_learner(config, router.stages.rspamd)
+        realm = MailRealm(router=router, store=self.store, spool=self.spool, clock=reactor, mail_store=self.mail_store,
+                          learner=learner, junk_folder=config.spam.junk_folder)
+        # RFC 1939 §8: one set of maildrop locks for the process, whichever config a session started under.
+        if self.pop3_locks is None:
+            self.pop3_locks = realm.pop3_locks
+        realm.pop3_locks = self.pop3_locks
+        self.portal = Portal(realm, [self.checker, AllowAnonymousAccess()])
+        transport = RelayTransport(config=config, reactor=reactor, resolver=resolver, read_message=self.read_message)
+        if self.runner is None:
+            self.runner = QueueRunner(config=config, spool=self.spool, transport=transport, store=self.store,
+                                      router=router, clock=reactor, read_message=self.read_message)
+        else:
+            # Deliveries under way finish on the transport they started with.
+            self.runner.reconfigure(config=config, transport=transport, router=router)
+        # `mailgw sendmail` submits here: the same resolution and targets as SMTP.
+        self.submitter = LocalSubmission(router=router, store=self.store, spool=self.spool, clock=reactor,
+                                         hostname=config.hostname, max_size=smtp.max_message_size,
+                                         max_recipients=smtp.max_recipients)
+        if self.config is not None:
+            self.top.control.factory.submitter = self.submitter
+            self.tls_context.install(tls.server_options(config.tls), tls=config.tls)
+        self.config = config
+        self.factories = {listener.name: self._factory(config, listener) for listener in config.listeners
+                          if not (config.smtp_workers and listener.role in SMTP_ROLES)}
+
+    def _factory(self, config: Config, listener):
+        return listener_factory(config, listener, portal=self.portal, clock=self.reactor, tls_options=self.tls_context,
+                                imap_cache=self.imap_cache, mail_dns=self.mail_dns)
+
+    def open_listeners(self, config: Config, names=None) -> None:
+        """Bind the listeners named (default: all of the config's)."""
+        for listener in config.listeners:
+            if names is not None and listener.name not in names:
+                continue
+            if config.smtp_workers and listener.role in SMTP_ROLES:
+                factory = self._factory(config, listener)      # the main process only holds the socket
+            else:
+                factory = self.factories[listener.name]
+            description = offset_endpoint(listener.endpoint, self.port_offset)
+            listening = [ListenerService(self.reactor, description, factory, listener.name)]
+            wildcard = wildcard_port(description)
+            if wildcard is not None and config.inet_protocols == "all":
+                listening.append(IPv6ListenerService(self.reactor, wildcard, factory, listener.name))
+            for each in listening:
+                each.setServiceParent(self.top)
+                if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
+                    # Bound here (as root if need be), accepted on only by the workers.
+                    stop_accepting(each.port)
+                    self.worker_sockets.append((listener.name, each.port.fileno(), listening_family(each.port)))
+            self.listening[listener.name] = listening
+
+    def check(self, config: Config) -> list[str]:
+        """Why `config` cannot be switched to (besides mailgw/reload.py's own checks)."""
+        problems = check_new_config(config)
+        if self.workers is not None:
+            def smtp(listeners):
+                return {listener.name: listener for listener in listeners if listener.role in SMTP_ROLES}
+            if smtp(self.config.listeners) != smtp(config.listeners):
+                problems.append("listeners: the SMTP listeners changed while server.smtp_workers > 0 (the workers "
+                                "hold their sockets): only a restart applies it")
+        return problems
+
+    def reconfigure(self, config: Config) -> list[str]:
+        """Switch to `config` (already checked by the Reloader); what changed."""
+        old = self.config
+        old_listeners = {listener.name: listener for listener in old.listeners}
+        new_listeners = {listener.name: listener for listener in config.listeners}
+        changes = [] if old == config else ["configuration re-read"]
+        self.configure(config)
+        for name, listener in new_listeners.items():
+            previous = old_listeners.get(name)
+            if previous is None or previous.endpoint != listener.endpoint or previous.role != listener.role:
+                continue
+            if name in self.factories:
+                for each in self.listening.get(name, ()):
+                    _switch_factory(each, self.factories[name])
+        removed = [name for name, listener in old_listeners.items()
+                   if new_listeners.get(name) != listener]
+        added = [name for name, listener in new_listeners.items() if old_listeners.get(name) != listener]
+        for name in removed:
+            for each in self.listening.pop(name, ()):
+                each.stop_accepting_only()      # its sessions finish; the service ends them at shutdown
+            changes.append(f"listener {name} closed")
+        self.open_listeners(config, names=set(added))
+        changes += [f"listener {name} opened on {new_listeners[name].endpoint}" for name in added]
+        if self.workers is not None:
+            self.workers.reload()
+            changes.append("SMTP workers told to reload")
+        return changes
+
+
+def _inner_factory(factory):
+    return getattr(factory, "wrappedFactory", factory)     # inside TLSMemoryBIOFactory on implicit TLS
+
+
+def _switch_factory(listening: ListenerService, factory) -> None:
+    """New connections on this port get `factory`; the connections open keep theirs."""
+    inner_new, inner_old = _inner_factory(factory), _inner_factory(listening.factory)
+    if hasattr(inner_new, "take_over") and inner_old is not inner_new:
+        inner_new.take_over(inner_old)
+    listening.factory = factory
+    if listening.port is not None:
+        listening.port.factory = factory
 
 
 def makeService(options: Options) -> service.MultiService:

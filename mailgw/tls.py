@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailgw.config_types import TLSConfig
 
@@ -135,3 +137,97 @@ def server_options(tls: TLSConfig) -> ssl.CertificateOptions:
     return ssl.CertificateOptions(
         privateKey=key, certificate=certificates[0], extraCertChain=certificates[1:],
         raiseMinimumTo=minimum)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadingTLS:
+    """The listeners' TLS context factory: the certificate and key files are
+    re-read when they change on disk, so a renewal (certbot, ACME, an admin's
+    copy) reaches new connections without a restart, and `install()` swaps in
+    the options a reload built. Sessions already in TLS keep their context.
+
+    Each handshake asks for `getContext()` (TLSMemoryBIOFactory for implicit
+    TLS, startTLS for STARTTLS); at most once per `tls.check_interval` that
+    costs two stat()s. A changed pair is checked with `check_files` first: a
+    half-written or mismatched pair is logged once and the old context kept.
+    As an IOpenSSLServerConnectionCreator, TLSMemoryBIOFactory (implicit TLS)
+    and startTLS (STARTTLS) ask it for each connection, and nothing caches the
+    context in between (docs/twisted.md §6.3)."""
+
+    def __init__(self, tls: TLSConfig, *, clock, options: ssl.CertificateOptions | None = None):
+        self._clock = clock
+        self.tls = tls
+        self._options = options if options is not None else server_options(tls)
+        self._key = self._files_key(tls)
+        self._checked_at = clock.seconds()
+        self._last_problem: tuple | None = None
+        self.reloads = 0                # counters for metrics: certificates re-read and installed
+        self.reload_failures = 0        # changed files that could not be used
+
+    @staticmethod
+    def _files_key(tls: TLSConfig):
+        keys = []
+        for path in (tls.certificate, tls.private_key):
+            try:
+                st = os.stat(path)
+            except OSError:
+                keys.append(None)
+            else:
+                keys.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(keys)
+
+    def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        return SSL.Connection(self.getContext(), None)
+
+    def getContext(self):
+        now = self._clock.seconds()
+        if now - self._checked_at >= self.tls.check_interval:
+            self._checked_at = now
+            self.check_files_changed()
+        return self._options.getContext()
+
+    def check_files_changed(self) -> bool:
+        """Re-read the files if they changed since we last read them; True
+        if new ones are now served."""
+        key = self._files_key(self.tls)
+        if key == self._key:
+            return False
+        problems = check_files(self.tls)
+        if problems:
+            if key != self._last_problem:        # once per state of the files
+                self._last_problem = key
+                self.reload_failures += 1
+                log.error("TLS files changed but cannot be used ({problems}); still serving the previous "
+                          "certificate", problems="; ".join(problems))
+            return False
+        try:
+            options = server_options(self.tls)
+            options.getContext()
+        except (OSError, ValueError, SSL.Error) as error:
+            self._last_problem = key
+            self.reload_failures += 1
+            log.error("TLS files changed but cannot be used ({error}); still serving the previous certificate",
+                      error=error)
+            return False
+        self.install(options, tls=self.tls, key=key)
+        return True
+
+    def install(self, options: ssl.CertificateOptions, *, tls: TLSConfig, key=None) -> None:
+        """Serve `options` (built from `tls`) to new connections from now on."""
+        self._options = options
+        self.tls = tls
+        self._key = key if key is not None else self._files_key(tls)
+        self._last_problem = None
+        self.reloads += 1
+        log.info("TLS certificate {path} loaded: {summary}", path=str(tls.certificate),
+                 summary=describe_certificate(tls.certificate))
+
+
+def describe_certificate(path: Path) -> str:
+    """"CN=..., valid until ...", for log lines; "" when unreadable."""
+    try:
+        pem = _PEM_CERT.search(Path(path).read_bytes())
+        certificate = x509.load_pem_x509_certificate(pem.group(0))
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f"{certificate.subject.rfc4514_string()}, valid until {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"

@@ -218,6 +218,20 @@ class PasswordChecker:
         # Verifications running now, by cache key: later identical attempts wait on them.
         self._in_flight: dict[bytes, list[Deferred]] = {}
 
+    def reconfigure(self, userdb, *, failure_delay: float, max_delay: float, lockout_failures: int,
+                    lockout_time: float) -> None:
+        """A reload (mailgw/reload.py): new limits, maybe a new users file;
+        the failure counts and lockouts so far stay (a reload is no way out of
+        a lockout). A new database drops the auth cache."""
+        if userdb is not self._userdb:
+            self._userdb = userdb
+            self._cache.clear()
+            self._cache_generation = None
+        for table in (self._client_failures, self._user_failures):
+            table.failure_delay, table.max_delay = failure_delay, max_delay
+        self._lockout_failures = lockout_failures
+        self._lockout_time = lockout_time
+
     def requestAvatarId(self, credentials) -> Deferred:
         return Deferred.fromCoroutine(self._authenticate(credentials))
 

@@ -341,6 +341,11 @@ class UserFile:
             self._dummy_hash = self._hasher.hash(secrets.token_urlsafe(24))
         return self._dummy_hash
 
+    def refresh_now(self) -> None:
+        """Look at the file now (a reload), not at the next check_interval."""
+        self._last_check = None
+        self._refresh()
+
     def _refresh(self) -> None:
         """Reload the file if it changed; stat at most once per check_interval."""
         now = self._reactor.seconds()

@@ -22,6 +22,8 @@ an error never carries a traceback (those go to the server log).
     {"cmd": "flush", "ids": [ID, ...]|null}  -> [ID, ...] flushed (held ones are skipped)
     {"cmd": "hold"|"release"|"delete"|"bounce", "id": ID} -> ID, once the runner has done it
     {"cmd": "stats"}                         -> QueueRunner.stats(): the queue now, counts since start
+    {"cmd": "reload"}                        -> {"ok": bool, "errors": [...], "changes": [...]}
+                                                (mailgw/reload.py; `mailgw reload`)
     {"cmd": "submit", "sender": S, "recipients": [R, ...], "size": N, "local_user": LOGIN, "uid": UID}
         then exactly N raw octets, the message  -> {"queue_id": ID}, once it is durable
 
@@ -368,8 +370,10 @@ class ControlFactory(protocol.Factory):
             max_size = getattr(submitter, "max_size", None)
         self.max_size = max_size if isinstance(max_size, int) and max_size > 0 else DEFAULT_MAX_SUBMISSION
         self.log = log or _log
+        self.reloader = None        # mailgw.reload.Reloader, set by the composition root
         self._commands = {
             "list": self._list, "show": self._show, "flush": self._flush, "stats": self._stats,
+            "reload": self._reload,
             "hold": self._single, "release": self._single, "delete": self._single, "bounce": self._single,
         }
 
@@ -412,6 +416,11 @@ class ControlFactory(protocol.Factory):
 
     def _stats(self, command, request):
         return self.runner.stats()
+
+    def _reload(self, command, request):
+        if self.reloader is None:
+            raise _BadRequest("this server cannot reload")
+        return self.reloader.reload("mailgw reload")
 
     def _show(self, command, request):
         queue_id = _queue_id(request)

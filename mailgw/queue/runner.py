@@ -119,6 +119,18 @@ class QueueRunner(service.Service):
         self.started_at = self.clock.seconds()
         self._arm()
 
+    def reconfigure(self, *, config: Config, transport, router) -> None:
+        """A reload (mailgw/reload.py): the queue settings, the outbound
+        transport and the router of the new config. Entries keep their
+        arrival, attempts and next attempt time; deliveries under way finish
+        on the old transport, whose idle connections are closed."""
+        old_transport = self.transport
+        self.config, self.queue, self.transport, self.router = config, config.queue, transport, router
+        if old_transport is not transport:
+            defer.maybeDeferred(old_transport.close).addErrback(
+                lambda failure: self.log.failure("closing the previous outbound connections", failure))
+        self._pump()
+
     def stopService(self):
         super().stopService()
         if self._timer is not None and self._timer.active():

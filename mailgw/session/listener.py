@@ -57,6 +57,7 @@ class ListenerFactory(protocol.ServerFactory):
         self.clock = clock
         self.tls_context = tls_context          # for STARTTLS/STLS; None on implicit TLS
         self.implicit_tls = implicit_tls
+        self.connections_exempt = tuple(exempt)
         self.connections = ConnectionLimits(max_total=limits.max_connections,
                                             max_per_client=limits.max_connections_per_ip, exempt=exempt)
         self.sessions: set = set()          # admitted and not yet lost
@@ -64,6 +65,18 @@ class ListenerFactory(protocol.ServerFactory):
 
     def make_protocol(self):
         raise NotImplementedError
+
+    def take_over(self, previous: "ListenerFactory") -> None:
+        """A reload built this factory to replace `previous` on the same
+        listener: the open connections keep counting against the limits
+        (now this config's), and a shutdown ends the sessions `previous`
+        started too. Those sessions keep `previous` as their factory."""
+        self.connections = previous.connections
+        self.connections.max_total = self.limits.max_connections
+        self.connections.max_per_client = self.limits.max_connections_per_ip
+        self.connections.exempt = self.connections_exempt
+        self.sessions = previous.sessions
+        self._all_gone = previous._all_gone
 
     def buildProtocol(self, addr):
         server = self.make_protocol()
@@ -82,7 +95,9 @@ class ListenerFactory(protocol.ServerFactory):
     def session_ended(self, session) -> None:
         self.sessions.discard(session)
         if not self.sessions:
-            waiting, self._all_gone = self._all_gone, []
+            # Emptied in place: a factory that took over (take_over) shares the list.
+            waiting = list(self._all_gone)
+            self._all_gone.clear()
             for gone in waiting:
                 gone.callback(None)
 

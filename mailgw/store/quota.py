@@ -389,6 +389,12 @@ class Quota:
         self._failed: dict[str, float] = {}      # address -> when its recalculation last failed
         self._last_error: str | None = None
 
+    def reconfigure(self, config: QuotaConfig, *, check_interval: float = 1.0) -> None:
+        """A reload (mailgw/reload.py): new default limits, maybe another overrides file."""
+        if config.quotas_file != self._config.quotas_file and isinstance(self._overrides, QuotasFile):
+            self._overrides = QuotasFile(config.quotas_file, clock=self._clock, check_interval=check_interval)
+        self._config = config
+
     # -- IQuota ------------------------------------------------------------------
 
     def limits(self, address):

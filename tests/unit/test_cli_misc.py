@@ -4,8 +4,6 @@ SIGHUP logged and ignored instead of ending the server."""
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import tomllib
 from pathlib import Path
 
@@ -17,7 +15,6 @@ from mailgw.config import check_main
 from mailgw.queue import admin as queue_admin
 from mailgw.routing import admin as routing_admin
 from mailgw.store import quota_admin
-from mailgw.services import HangupIgnored
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -84,25 +81,3 @@ def test_check_says_what_spam_defences_are_on_and_refuses_a_bad_site(tmp_path, c
     config.write_text(config.read_text().replace("127.0.0.[2..11]*3", "127.0.0.[2..11*3"))
     assert check_main(["--config", str(config)]) == 1
     assert capsys.readouterr().err.startswith('error: spam.dnsbl_sites[0]: "zen.spamhaus.org=127.0.0.[2..11*3"')
-
-
-class CallsFromThread:
-    def __init__(self):
-        self.calls = []
-
-    def callFromThread(self, function, *args):
-        self.calls.append(function)
-
-
-def test_sighup_is_logged_and_ignored_while_running():
-    reactor = CallsFromThread()
-    before = signal.getsignal(signal.SIGHUP)
-    service = HangupIgnored(reactor)
-    service.startService()
-    try:
-        os.kill(os.getpid(), signal.SIGHUP)         # default action: this test process would end here
-        signal.pthread_sigmask(signal.SIG_BLOCK, [])  # a system call: the Python-level handler has run
-        assert reactor.calls == [service.log_hangup]
-    finally:
-        service.stopService()
-    assert signal.getsignal(signal.SIGHUP) == before

@@ -97,6 +97,7 @@ def test_embedded_default_loads_with_documented_values(in_tmp):
         ListenerConfig(role="pop3s", endpoint="tcp:995", name="pop3s"),
         ListenerConfig(role="imap", endpoint="tcp:143", name="imap"),
         ListenerConfig(role="imaps", endpoint="tcp:993", name="imaps"),
+        ListenerConfig(role="http", endpoint="tcp:9925:interface=127.0.0.1", name="http"),
     )
 
 
@@ -212,9 +213,10 @@ def test_section_that_is_not_a_table(in_tmp):
 
 
 def test_unknown_top_level_key_lists_the_known_ones(in_tmp):
-    errors = errors_of(write(in_tmp, "[logging]\nlevel = 1\n"))
-    assert errors == ["logging: unknown top-level table or key "
-                      "(known: checks, dkim, dns, imap, listeners, pop3, queue, quota, routing, server, smtp, spam, tls)"]
+    errors = errors_of(write(in_tmp, "[telemetry]\nlevel = 1\n"))
+    assert errors == ["telemetry: unknown top-level table or key "
+                      "(known: checks, dkim, dns, imap, listeners, log, pop3, queue, quota, routing, server, smtp, "
+                      "spam, tls)"]
 
 
 def test_misspelt_top_level_table_gets_a_suggestion(in_tmp):
@@ -611,6 +613,7 @@ def test_check_default_config(in_tmp, capsys, monkeypatch):
         "pop3s        tcp:995",
         "imap         tcp:143",
         "imaps        tcp:993",
+        "http         tcp:9925:interface=127.0.0.1",
     ]
     # The embedded default is a placeholder (issue 24): said, not an error.
     # (The hostname warning depends on this machine's name: test_cli_misc.py.)
