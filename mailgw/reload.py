@@ -36,6 +36,15 @@ log = Logger()
 RESTART_ONLY = ("data_dir", "user", "io_threads", "smtp_workers", "inet_protocols")
 
 
+class ReloadRefused(Exception):
+    """Raised by `apply` when it finds, before changing anything, that the
+    config cannot be switched to (a new port that cannot be bound)."""
+
+    def __init__(self, errors: list[str]):
+        super().__init__("; ".join(errors))
+        self.errors = list(errors)
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     return [f"server.{name}: changed from {getattr(old, name)!r} to {getattr(new, name)!r}; "
             "only a restart applies it" for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
@@ -158,6 +167,8 @@ class Reloader(service.Service):
             return {"ok": False, "errors": problems, "changes": []}
         try:
             changes = self._apply(new)
+        except ReloadRefused as refusal:
+            return {"ok": False, "errors": refusal.errors, "changes": []}
         except Exception:
             log.failure("reload: applying the new configuration failed")
             return {"ok": False, "errors": ["applying the new configuration failed (see the server log); "

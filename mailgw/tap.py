@@ -14,6 +14,7 @@ import re
 from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
+from twisted.internet import protocol
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -39,7 +40,7 @@ from mailgw.store.quota import Quota
 from mailgw import pidfile, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
-from mailgw.reload import Reloader, check_new_config
+from mailgw.reload import ReloadRefused, Reloader, check_new_config
 from mailgw.services import ListenerService, ThreadPoolService, listener_factory
 from mailgw.twisted_wall import listening_family, stop_accepting
 from mailgw.workers import SMTPWorkers
@@ -278,27 +279,36 @@ class ServerParts:
         return listener_factory(config, listener, portal=self.portal, clock=self.reactor, tls_options=self.tls_context,
                                 imap_cache=self.imap_cache, mail_dns=self.mail_dns)
 
-    def open_listeners(self, config: Config, names=None) -> None:
-        """Bind the listeners named (default: all of the config's)."""
+    def open_listeners(self, config: Config) -> None:
+        """Bind and start every listener of the config (at start-up)."""
         for listener in config.listeners:
-            if names is not None and listener.name not in names:
-                continue
             if config.smtp_workers and listener.role in SMTP_ROLES:
                 factory = self._factory(config, listener)      # the main process only holds the socket
             else:
                 factory = self.factories[listener.name]
-            description = offset_endpoint(listener.endpoint, self.port_offset)
-            listening = [ListenerService(self.reactor, description, factory, listener.name)]
-            wildcard = wildcard_port(description)
-            if wildcard is not None and config.inet_protocols == "all":
+            self._start_listening(config, listener, self._bind(config, listener, factory))
+
+    def _bind(self, config: Config, listener, factory) -> list[ListenerService]:
+        """Bound ports (not started); SystemExit with one clear line if one cannot be."""
+        description = offset_endpoint(listener.endpoint, self.port_offset)
+        listening = [ListenerService(self.reactor, description, factory, listener.name)]
+        wildcard = wildcard_port(description)
+        if wildcard is not None and config.inet_protocols == "all":
+            try:
                 listening.append(IPv6ListenerService(self.reactor, wildcard, factory, listener.name))
-            for each in listening:
-                each.setServiceParent(self.top)
-                if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
-                    # Bound here (as root if need be), accepted on only by the workers.
-                    stop_accepting(each.port)
-                    self.worker_sockets.append((listener.name, each.port.fileno(), listening_family(each.port)))
-            self.listening[listener.name] = listening
+            except SystemExit:
+                listening[0].stop_accepting_only()
+                raise
+        return listening
+
+    def _start_listening(self, config: Config, listener, listening: list[ListenerService]) -> None:
+        for each in listening:
+            each.setServiceParent(self.top)
+            if config.smtp_workers and listener.role in SMTP_ROLES and each.port is not None:
+                # Bound here (as root if need be), accepted on only by the workers.
+                stop_accepting(each.port)
+                self.worker_sockets.append((listener.name, each.port.fileno(), listening_family(each.port)))
+        self.listening[listener.name] = listening
 
     def check(self, config: Config) -> list[str]:
         """Why `config` cannot be switched to (besides mailgw/reload.py's own checks)."""
@@ -312,32 +322,58 @@ class ServerParts:
         return problems
 
     def reconfigure(self, config: Config) -> list[str]:
-        """Switch to `config` (already checked by the Reloader); what changed."""
+        """Switch to `config` (already checked by the Reloader); what changed.
+        New listeners are bound first, so one that cannot be (a port taken, or
+        below 1024 after the privilege drop) refuses the reload before
+        anything changed."""
         old = self.config
         old_listeners = {listener.name: listener for listener in old.listeners}
         new_listeners = {listener.name: listener for listener in config.listeners}
+        removed = [name for name, listener in old_listeners.items() if new_listeners.get(name) != listener]
+        added = [name for name, listener in new_listeners.items() if old_listeners.get(name) != listener]
+        bound: dict[str, list[ListenerService]] = {}
+        try:
+            for name in added:
+                # Nothing is accepted before the real factory is in (the same reactor turn).
+                bound[name] = self._bind(config, new_listeners[name], _NOT_YET)
+        except SystemExit as error:
+            for listening in bound.values():
+                for each in listening:
+                    each.stop_accepting_only()
+            raise ReloadRefused([line.removeprefix("mailgw: ") for line in str(error).splitlines()])
+
         changes = [] if old == config else ["configuration re-read"]
         self.configure(config)
         for name, listener in new_listeners.items():
-            previous = old_listeners.get(name)
-            if previous is None or previous.endpoint != listener.endpoint or previous.role != listener.role:
+            if name in added or name not in self.factories:
                 continue
-            if name in self.factories:
-                for each in self.listening.get(name, ()):
-                    _switch_factory(each, self.factories[name])
-        removed = [name for name, listener in old_listeners.items()
-                   if new_listeners.get(name) != listener]
-        added = [name for name, listener in new_listeners.items() if old_listeners.get(name) != listener]
+            for each in self.listening.get(name, ()):
+                _switch_factory(each, self.factories[name])
         for name in removed:
             for each in self.listening.pop(name, ()):
                 each.stop_accepting_only()      # its sessions finish; the service ends them at shutdown
             changes.append(f"listener {name} closed")
-        self.open_listeners(config, names=set(added))
-        changes += [f"listener {name} opened on {new_listeners[name].endpoint}" for name in added]
+        for name, listening in bound.items():
+            for each in listening:
+                _switch_factory(each, self.factories[name])
+            self._start_listening(config, new_listeners[name], listening)
+            changes.append(f"listener {name} opened on {new_listeners[name].endpoint}")
         if self.workers is not None:
             self.workers.reload()
             changes.append("SMTP workers told to reload")
         return changes
+
+
+class _NotYet(protocol.ServerFactory):
+    """The factory of a port bound by a reload until its real one is in."""
+
+    noisy = False
+
+    def buildProtocol(self, addr):
+        return None         # Twisted closes the connection
+
+
+_NOT_YET = _NotYet()
 
 
 def _inner_factory(factory):
@@ -347,7 +383,7 @@ def _inner_factory(factory):
 def _switch_factory(listening: ListenerService, factory) -> None:
     """New connections on this port get `factory`; the connections open keep theirs."""
     inner_new, inner_old = _inner_factory(factory), _inner_factory(listening.factory)
-    if hasattr(inner_new, "take_over") and inner_old is not inner_new:
+    if hasattr(inner_new, "take_over") and hasattr(inner_old, "sessions") and inner_old is not inner_new:
         inner_new.take_over(inner_old)
     listening.factory = factory
     if listening.port is not None:

@@ -205,8 +205,23 @@ def test_listeners_come_and_go_and_an_open_session_finishes(e2e, make_server):
     before.mail("someone@elsewhere.test")
     assert before.rcpt(ALICE)[0] == 250
 
+    # A new listener on a port someone else holds: the reload is refused before anything changed.
+    good = server.config_path.read_text()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = (good.replace('hostname = "mx.example.test"', 'hostname = "mx3.example.test"')
+                + f'\n[[listeners]]\nrole = "pop3"\nname = "pop3-busy"\n'
+                  f'endpoint = "tcp:{taken.getsockname()[1]}:interface=127.0.0.1"\n')
+        server.config_path.write_text(busy)
+        done = reload(e2e, server)
+    assert done.returncode == 1 and "cannot listen on" in done.stderr, done.stderr
+    probe = server.smtp("relay")
+    assert probe.ehlo()[1].startswith(b"mx.example.test")
+    probe.quit()
+
     new_port = e2e.free_ports(1)[0]
-    text = server.config_path.read_text()
+    text = good
     old_pop3 = f'name = "pop3"\nendpoint = "tcp:{server.ports["pop3"]}:interface=127.0.0.1"'
     assert old_pop3 in text
     text = text.replace(old_pop3, f'name = "pop3-new"\nendpoint = "tcp:{new_port}:interface=127.0.0.1"')
