@@ -41,18 +41,21 @@ log = Logger()
 class AdoptedPorts(service.Service):
     """The inherited listening sockets, accepted on while the service runs."""
 
-    def __init__(self, reactor, sockets):
+    def __init__(self, reactor, sockets, names=()):
         self.reactor = reactor
         self.sockets = sockets          # [(fd, family, factory)]
+        self.listener_names = list(names) or [None] * len(sockets)
         self.ports = []
+        self.names = {}                 # port -> listener name, for a reload
 
     def startService(self):
         super().startService()
-        for fd, family, factory in self.sockets:
+        for (fd, family, factory), name in zip(self.sockets, self.listener_names):
             port = self.reactor.adoptStreamPort(fd, family, factory)
             os.close(fd)      # adoptStreamPort made its own copy
             accept_exclusively(self.reactor, port)
             self.ports.append(port)
+            self.names[port] = name
 
     def stopService(self):
         super().stopService()
@@ -81,24 +84,69 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
     spool = Spool(config.queue_dir, writer=writer, reactor=reactor)
     spool.add_listener(lambda envelope: link.send("queued", envelope))
     userdb = UserFile(config.users_file, threadpool=io_pool, reactor=reactor)
-    router = build_router(config, userdb, reactor=reactor, quota=quota)
-    mail_dns = MailDNS(build_resolver(config), clock=reactor, timeout=config.dns.timeout)
-    router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor, threadpool=io_pool)
-    realm = MailRealm(router=router, store=store, spool=spool, clock=reactor)
-    portal = Portal(realm, [RemoteChecker(link), AllowAnonymousAccess()])
-    tls_options = tls.server_options(config.tls)      # the main process made the certificate
-
-    listeners = {listener.name: listener for listener in config.listeners}
+    tls_context = tls.ReloadingTLS(config.tls, clock=reactor)     # the main process made the certificate
+    parts = WorkerParts(reactor=reactor, io_pool=io_pool, store=store, spool=spool, quota=quota, userdb=userdb,
+                        link=link, tls_context=tls_context)
+    factories = parts.configure(config)
     adopted = []
     for name, fd, family in sockets:
-        listener = listeners[name]
-        if listener.role not in SMTP_ROLES:
+        if name not in factories:
             raise SystemExit(f"mailgw worker: listener {name!r} is not an SMTP listener")
-        factory = listener_factory(config, listener, portal=portal, clock=reactor, tls_options=tls_options,
-                                   mail_dns=mail_dns)
-        adopted.append((fd, family, factory))
-    AdoptedPorts(reactor, adopted).setServiceParent(top)
+        adopted.append((fd, family, factories[name]))
+    parts.ports = AdoptedPorts(reactor, adopted, names=[name for name, _, _ in sockets])
+    parts.ports.setServiceParent(top)
+    top.parts = parts
     return top
+
+
+class WorkerParts:
+    """What a config builds in a worker (router, checks, realm, portal, the
+    SMTP factories); again on each reload the main process passes on."""
+
+    def __init__(self, *, reactor, io_pool, store, spool, quota, userdb, link, tls_context):
+        self.reactor, self.io_pool, self.store, self.spool = reactor, io_pool, store, spool
+        self.quota, self.userdb, self.link, self.tls_context = quota, userdb, link, tls_context
+        self.config: Config | None = None
+        self.ports: AdoptedPorts | None = None
+
+    def configure(self, config: Config) -> dict:
+        reactor = self.reactor
+        if self.config is not None:
+            self.quota.reconfigure(config.quota, check_interval=config.routing.check_interval)
+            self.tls_context.install(tls.server_options(config.tls), tls=config.tls)
+            if config.users_file != self.config.users_file:
+                self.userdb = UserFile(config.users_file, threadpool=self.io_pool, reactor=reactor)
+            else:
+                self.userdb.refresh_now()
+        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        mail_dns = MailDNS(build_resolver(config), clock=reactor, timeout=config.dns.timeout)
+        router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor,
+                                     threadpool=self.io_pool)
+        realm = MailRealm(router=router, store=self.store, spool=self.spool, clock=reactor)
+        portal = Portal(realm, [RemoteChecker(self.link), AllowAnonymousAccess()])
+        self.config = config
+        return {listener.name: listener_factory(config, listener, portal=portal, clock=reactor,
+                                                tls_options=self.tls_context, mail_dns=mail_dns)
+                for listener in config.listeners if listener.role in SMTP_ROLES}
+
+    def reload(self, path) -> None:
+        """The main process reloaded (it checked the file): the same file, new factories."""
+        try:
+            config = config_module.load(path)
+            factories = self.configure(config)
+        except Exception as error:      # the main process refused nothing, so this is a race with an edit
+            log.error("reload: cannot use the configuration ({error}); keeping the previous one",
+                      error=getattr(error, "errors", error))
+            return
+        for port in self.ports.ports:
+            name = self.ports.names.get(port)
+            factory = factories.get(name)
+            if factory is None:
+                continue
+            if hasattr(port.factory, "sessions"):
+                factory.take_over(port.factory)
+            port.factory = factory
+        log.info("reloaded the configuration")
 
 
 def _as_list(addresses) -> list[str]:
@@ -147,6 +195,7 @@ def main(argv=None) -> int:
     flushing.start(FLUSH_DELAY, now=False)
     reactor.addSystemEventTrigger("after", "shutdown", log_lines.flush)
     top = build(config, reactor, sockets=args.socket, link=link)
+    link.on_reload = lambda: top.parts.reload(args.config)
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     log.info("worker {number} of {workers} accepting SMTP (pid {pid})", number=args.number,

@@ -171,6 +171,9 @@ class WorkerProcess(protocol.ProcessProtocol):
 
         d.addCallbacks(answer, refused)
 
+    def send_reload(self) -> None:
+        self._send("reload", {})
+
     def _send(self, verb: str, value) -> None:
         if self.transport is not None:
             self.transport.write(encode(verb, value))
@@ -226,6 +229,14 @@ class SMTPWorkers(service.Service):
         super().startService()
         for number in range(1, self.count + 1):
             self._spawn(number)
+
+    def reload(self) -> None:
+        """A reload (mailgw/reload.py) in the main process: each worker
+        re-reads the config file and switches its ports to new factories; its
+        open sessions finish on the old ones. A worker started later reads
+        the new file anyway."""
+        for worker in self.workers.values():
+            worker.send_reload()
 
     def command(self, number: int) -> tuple[list[str], dict]:
         """(argv, childFDs) for worker `number`: its sockets from fd 3 on."""
@@ -323,8 +334,9 @@ class MasterLink(protocol.Protocol):
     With a `clock`, notices (`send`) are held up to FLUSH_DELAY and written
     together; requests (`request`) go at once, with whatever is held."""
 
-    def __init__(self, on_lost=None, clock=None):
+    def __init__(self, on_lost=None, clock=None, on_reload=None):
         self.on_lost = on_lost
+        self.on_reload = on_reload          # the main process reloaded: re-read the config
         self.clock = clock
         self._lines = _Lines(self._answer, lambda: log.error("answer from the main process too long; dropped"))
         self._next_id = 0
@@ -406,6 +418,10 @@ class MasterLink(protocol.Protocol):
     def _answer(self, line: bytes) -> None:
         try:
             verb, answer = decode(line)
+            if verb == "reload":
+                if self.on_reload is not None:
+                    self.on_reload()
+                return
             d = self._waiting.pop(answer["id"])
         except (ValueError, KeyError, TypeError):
             log.error("bad answer from the main process: {line!r}", line=line[:200])

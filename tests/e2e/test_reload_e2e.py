@@ -247,3 +247,27 @@ def test_listeners_come_and_go_and_an_open_session_finishes(e2e, make_server):
     before.quit()
     _, stored = server.find(ALICE, mark)
     assert b"by mx.example.test" in stored          # its Received: names the host it began with
+
+
+def test_smtp_workers_reload_too(e2e, make_server):
+    server = make_server(listeners=LISTENERS, extra_server="smtp_workers = 2").start()
+    server.wait_for_log("worker 2 of 2 accepting SMTP")
+    before = server.smtp("relay")
+    before.ehlo()
+    before.mail("someone@elsewhere.test")
+    assert before.rcpt(ALICE)[0] == 250
+    server.config_path.write_text(server.config_path.read_text()
+                                  .replace('hostname = "mx.example.test"', 'hostname = "mx2.example.test"'))
+    done = reload(e2e, server)
+    assert done.returncode == 0, done.stderr
+    assert "SMTP workers told to reload" in done.stdout
+    e2e.wait_until(lambda: server.log_text().count("reloaded the configuration") >= 2,
+                   "both workers reloaded", within=10)
+    for _ in range(6):          # whichever worker takes the connection
+        client = server.smtp("relay")
+        assert client.ehlo()[1].startswith(b"mx2.example.test")
+        client.quit()
+    mark = uuid.uuid4().hex
+    assert before.data(f"Subject: {mark}\r\nX-Test-Marker: {mark}\r\n\r\nbody\r\n".encode())[0] == 250
+    before.quit()
+    server.find(ALICE, mark)
