@@ -45,9 +45,16 @@ class ReloadRefused(Exception):
         self.errors = list(errors)
 
 
+# The ACME account and its timers are the process's too (mailgw/acme_certs.py).
+RESTART_ONLY_TLS = ("acme", "acme_contact", "acme_directory", "acme_names", "acme_ca_file")
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
-    return [f"server.{name}: changed from {getattr(old, name)!r} to {getattr(new, name)!r}; "
-            "only a restart applies it" for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    problems = [f"server.{name}: changed from {getattr(old, name)!r} to {getattr(new, name)!r}; "
+                "only a restart applies it" for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    problems += [f"tls.{name}: changed; only a restart applies it" for name in RESTART_ONLY_TLS
+                 if getattr(old.tls, name) != getattr(new.tls, name)]
+    return problems
 
 
 def check_new_config(new: Config) -> list[str]:
