@@ -52,8 +52,9 @@ RESTART_ONLY_TLS = ("acme", "acme_contact", "acme_directory", "acme_names", "acm
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     problems = [f"server.{name}: changed from {getattr(old, name)!r} to {getattr(new, name)!r}; "
                 "only a restart applies it" for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
-    problems += [f"tls.{name}: changed; only a restart applies it" for name in RESTART_ONLY_TLS
-                 if getattr(old.tls, name) != getattr(new.tls, name)]
+    if old.tls.acme or new.tls.acme:        # acme_names follows the hostname even with ACME off
+        problems += [f"tls.{name}: changed; only a restart applies it" for name in RESTART_ONLY_TLS
+                     if getattr(old.tls, name) != getattr(new.tls, name)]
     return problems
 
 

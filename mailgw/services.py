@@ -9,8 +9,8 @@ from twisted.internet import defer, endpoints
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_IMAP, ROLE_IMAPS, ROLE_POP3, ROLE_POP3S, ROLE_RELAY, SMTP_ROLES,
-                                 Config)
+from mailgw.config_types import (IMPLICIT_TLS_ROLES, ROLE_ACME_HTTP, ROLE_ACME_TLS, ROLE_HTTP, ROLE_IMAP, ROLE_IMAPS,
+                                 ROLE_POP3, ROLE_POP3S, ROLE_RELAY, SMTP_ROLES, Config)
 from mailgw.imap.server import IMAPFactory
 from mailgw.pop3.server import POP3Factory
 from mailgw.queue.spool import new_queue_id
@@ -129,12 +129,21 @@ def end_sessions(clock, factory, grace: float = SHUTDOWN_GRACE) -> defer.Deferre
     return done
 
 
-def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None, mail_dns=None):
+def listener_factory(config: Config, listener, *, portal, clock, tls_options, imap_cache=None, mail_dns=None,
+                     ops_site=None, metrics=None):
     """The protocol factory for one configured listener (wrapped in TLS for
-    the implicit-TLS roles). Shared by the main process and the SMTP workers."""
+    the implicit-TLS roles). Shared by the main process and the SMTP workers.
+    `ops_site`: the twisted.web Site of the `http` listener (mailgw/ops_http.py).
+    `metrics`: the registry the sessions count in (mailgw/metrics.py; None: the process's)."""
+    if listener.role == ROLE_HTTP:
+        if ops_site is None:
+            raise AssertionError("listener_factory: an http listener needs ops_site")
+        return ops_site
+    if listener.role in (ROLE_ACME_HTTP, ROLE_ACME_TLS):
+        raise NotImplementedError(f"{listener.role} listeners are wired by tap (the ACME certificate manager)")
     implicit = listener.role in IMPLICIT_TLS_ROLES
     common = dict(config=config, listener=listener, portal=portal, clock=clock,
-                  tls_context=None if implicit else tls_options, implicit_tls=implicit)
+                  tls_context=None if implicit else tls_options, implicit_tls=implicit, metrics=metrics)
     if listener.role in SMTP_ROLES:
         screen = build_screen(config, mail_dns=mail_dns, clock=clock) if listener.role == ROLE_RELAY else None
         factory = SMTPFactory(new_queue_id=new_queue_id, mail_dns=mail_dns, screen=screen, **common)

@@ -22,7 +22,7 @@ from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
 from mailgw.realm import MailRealm
 from mailgw.auth.userdb import UserFile
-from mailgw.config_types import SMTP_ROLES, Config
+from mailgw.config_types import ROLE_ACME_HTTP, ROLE_ACME_TLS, SMTP_ROLES, Config
 from mailgw.imap.message import MessageCache
 from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
@@ -37,7 +37,7 @@ from mailgw.routing.dispatch import build_router
 from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
-from mailgw import pidfile, tls
+from mailgw import acme_certs, pidfile, sd_notify, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
 from mailgw.reload import ReloadRefused, Reloader, check_new_config
@@ -178,6 +178,17 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                         store=store, mail_store=mail_store, spool=spool, quota=quota, checker=checker,
                         userdb=userdb, read_message=message_reader(reactor, io_pool),
                         tls_context=tls.ReloadingTLS(config.tls, clock=reactor))
+    if config.tls.acme:
+        # Orders block a thread for up to a minute or two (the acme library is synchronous): a pool of its own.
+        acme_pool = IOThreadPool(maxthreads=1, name="mailgw-acme")
+        ThreadPoolService(acme_pool).setServiceParent(top)
+        roles = {listener.role for listener in config.listeners}
+        challenges = [kind for kind, role in ((acme_certs.HTTP01, ROLE_ACME_HTTP),
+                                              (acme_certs.TLS_ALPN01, ROLE_ACME_TLS))
+                      if role in roles]
+        parts.acme = acme_certs.CertificateManager(config.tls, reactor=reactor, clock=reactor, threadpool=acme_pool,
+                                                   on_installed=parts.tls_context.check_files_changed,
+                                                   challenges=challenges)
     parts.configure(config)
     parts.runner.load(waiting)
     parts.runner.setServiceParent(top)
@@ -192,9 +203,12 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                                     runner=parts.runner, spool=spool, mail_store=mail_store, threadpool=io_pool)
         parts.workers.setServiceParent(top)
     top.reloader = Reloader(config=config, reactor=reactor, load_config=config_module.load, apply=parts.reconfigure,
-                            check=parts.check)
+                            check=parts.check, notify=sd_notify.Notifier())
     top.reloader.setServiceParent(top)
+    if parts.acme is not None:
+        parts.acme.setServiceParent(top)        # after the listeners: the CA may call back at once
     top.control.factory.reloader = top.reloader
+    sd_notify.ReadyNotifier(reactor).setServiceParent(top)   # READY=1 once every listener is bound and started
     PrivilegeDrop(config, twistd_options).setServiceParent(top)     # last: after twistd wrote its pidfile
     return top
 
@@ -230,6 +244,8 @@ class ServerParts:
         self.listening: dict[str, list] = {}  # listener name -> [ListenerService (+ its IPv6 twin)]
         self.factories: dict[str, object] = {}
         self.pop3_locks = None
+        self.acme = None                      # mailgw.acme_certs.CertificateManager with [tls] acme
+        self.acme_factories: dict[str, object] = {}
 
     def configure(self, config: Config) -> None:
         """Build the config's parts (not the listeners: `open_listeners`)."""
@@ -276,8 +292,19 @@ class ServerParts:
                           if not (config.smtp_workers and listener.role in SMTP_ROLES)}
 
     def _factory(self, config: Config, listener):
+        if listener.role in (ROLE_ACME_HTTP, ROLE_ACME_TLS):
+            # One manager for the process (its settings are restart-only): the same factory each reload.
+            if listener.role == ROLE_ACME_HTTP:
+                return self.acme_factories.setdefault(listener.role, acme_certs.http01_site(self.acme))
+            return self.acme_factories.setdefault(listener.role, acme_certs.tls_alpn01_factory(self.acme))
+        if listener.role == "http" and getattr(self, "ops_site", None) is None:
+            from mailgw import ops_http     # /metrics, /healthz, /readyz: one Site for the process
+            ops_http.attach(self, reactor=self.reactor, threadpool=self.io_pool)     # sets self.ops_site
+            from mailgw import metrics      # every mailgw_ metric has its HELP/TYPE from the first scrape on
+            metrics.DEFAULT.declare(*metrics._CATALOG.values())
         return listener_factory(config, listener, portal=self.portal, clock=self.reactor, tls_options=self.tls_context,
-                                imap_cache=self.imap_cache, mail_dns=self.mail_dns)
+                                imap_cache=self.imap_cache, mail_dns=self.mail_dns,
+                                ops_site=getattr(self, "ops_site", None))
 
     def open_listeners(self, config: Config) -> None:
         """Bind and start every listener of the config (at start-up)."""

@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, globalLogBeginner
 
 from mailgw import config as config_module
-from mailgw import tls
+from mailgw import metrics, ops_http, tls
 from mailgw.auth.userdb import UserFile
 from mailgw.config_types import SMTP_ROLES, Config
 from mailgw.durable import DurableWriter
@@ -33,7 +33,8 @@ from mailgw.store.quota import Quota
 from mailgw.iopool import IOThreadPool
 from mailgw.services import ThreadPoolService, end_sessions, listener_factory
 from mailgw.twisted_wall import accept_exclusively
-from mailgw.workers import FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, ignore_terminal_signals
+from mailgw.workers import (FLUSH_DELAY, MasterLink, RemoteChecker, StderrLog, WorkerMetricsReporter,
+                            ignore_terminal_signals)
 
 log = Logger()
 
@@ -96,7 +97,17 @@ def build(config: Config, reactor, *, sockets, link: MasterLink) -> service.Mult
     parts.ports = AdoptedPorts(reactor, adopted, names=[name for name, _, _ in sockets])
     parts.ports.setServiceParent(top)
     top.parts = parts
+    # Metrics: this worker's counts go to the main process (mailgw/metrics.py, "Worker mode").
+    ops_http.watch_worker(metrics.DEFAULT, lambda: _current_factories(parts.ports))
+    WorkerMetricsReporter(link, clock=reactor).setServiceParent(top)
     return top
+
+
+def _current_factories(ports: AdoptedPorts) -> dict:
+    """{listener name: factory} of the adopted ports now (a reload switches them)."""
+    if ports.ports:
+        return {ports.names.get(port): port.factory for port in ports.ports}
+    return {name: factory for (_, _, factory), name in zip(ports.sockets, ports.listener_names)}
 
 
 class WorkerParts:

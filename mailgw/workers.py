@@ -13,7 +13,11 @@ worker's stdin/stdout (a private pipe, so passwords may cross it):
 - password checks (`auth`): the failure delays and lockouts of SMTP, POP3
   and IMAP are one table, whichever process the client reached;
 - the relay queue (`queued`): the runner learns of each committed entry;
-- IMAP IDLE wake-ups (`delivered`).
+- IMAP IDLE wake-ups (`delivered`);
+- metrics (`metrics`): each worker reports a snapshot of its registry
+  every REPORT_INTERVAL seconds, and at once when the main process asks
+  (`metrics {"id": n}`, before a scrape of /metrics); the main process
+  merges them (mailgw/metrics.py, "Worker mode").
 
 Workers log to stderr, one `LEVEL<TAB>text` line per event; the main
 process re-logs each line under the worker's name. Notices and info lines
@@ -38,12 +42,13 @@ from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger, LogLevel, formatEventAsClassicLogText
 from zope.interface import implementer
 
+from mailgw import metrics as metrics_module
 from mailgw.errors import LoginsRefused, TemporaryError, log_failure
 
 log = Logger()
@@ -63,6 +68,8 @@ RESTART_STABLE = 60.0
 # message, up to this much later.
 FLUSH_DELAY = 0.05
 FLUSH_BYTES = 64 * 1024
+# Seconds between a worker's metrics reports (a scrape also asks for a fresh one).
+REPORT_INTERVAL = 5.0
 
 LEVELS = {level.name: level for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error,
                                           LogLevel.critical)}
@@ -113,6 +120,8 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.number = number
         self.name = f"smtp-worker-{number}"
         self.started_at = pool.clock.seconds()
+        self.reported_at: float | None = None      # its last metrics report
+        self._metrics_waiters: dict[int, defer.Deferred] = {}
         self.ended = defer.Deferred()
         self._out = _Lines(self._request, lambda: self._broken("request line too long"))
         self._err = _Lines(self._log_line, lambda: None)
@@ -125,20 +134,47 @@ class WorkerProcess(protocol.ProcessProtocol):
         self._err.dataReceived(data)
 
     def processEnded(self, reason):
+        waiters, self._metrics_waiters = self._metrics_waiters, {}
+        for waiter in waiters.values():
+            waiter.callback(None)
         self.ended.callback(reason.value)
         self.pool.worker_ended(self, reason.value)
 
     # requests
     def _request(self, line: bytes) -> None:
         try:
+            if line.startswith(b"metrics ") and len(line) > metrics_module.MAX_SNAPSHOT_BYTES:
+                log.error("{worker}: metrics report of {size} bytes ignored", worker=self.name, size=len(line))
+                return
             verb, value = decode(line)
-            handler = {"queued": self._queued, "delivered": self._delivered, "auth": self._auth}[verb]
+            handler = {"queued": self._queued, "delivered": self._delivered, "auth": self._auth,
+                       "metrics": self._metrics}[verb]
             handler(value)
         except Exception:
             log.failure("{worker}: bad request {line!r}", worker=self.name, line=line[:200])
 
     def _queued(self, envelope) -> None:
         self.pool.runner.add(envelope)
+
+    def _metrics(self, report) -> None:
+        """{"snapshot": ..., "id": n (when it answers our request)}: its latest
+        counts since it started (mailgw/metrics.py merges them)."""
+        snapshot = metrics_module.Values.from_json(report["snapshot"])
+        self.pool.metrics.set_remote(self, snapshot)
+        self.reported_at = self.pool.clock.seconds()
+        waiter = self._metrics_waiters.pop(report.get("id"), None)
+        if waiter is not None:
+            waiter.callback(None)
+
+    def request_metrics(self) -> defer.Deferred:
+        """Ask for a report now; fires when it is in (or the worker is gone)."""
+        if self.transport is None or self.ended.called:
+            return defer.succeed(None)
+        self.pool.metrics_requests += 1
+        number = self.pool.metrics_requests
+        waiter = self._metrics_waiters[number] = defer.Deferred()
+        self._send("metrics", {"id": number})
+        return waiter
 
     def _delivered(self, addresses) -> None:
         if self.pool.mail_store is not None:
@@ -209,8 +245,12 @@ class SMTPWorkers(service.Service):
     ports, as (listener name, fd, address family) ) and keeps them running."""
 
     def __init__(self, *, reactor, clock, count: int, config_path, sockets, checker, runner, spool,
-                 mail_store=None, threadpool=None, python=sys.executable):
+                 mail_store=None, threadpool=None, python=sys.executable, metrics=None):
         self.reactor = reactor
+        # mailgw_worker_restarts_total; the workers' reports are merged in here.
+        self.metrics = metrics_module.registry_or_default(metrics)
+        self.metrics.declare(metrics_module.WORKER_RESTARTS)
+        self.metrics_requests = 0
         self.clock = clock
         self.count = count
         self.config_path = config_path
@@ -273,11 +313,14 @@ class SMTPWorkers(service.Service):
     def worker_ended(self, worker: WorkerProcess, reason) -> None:
         if self.workers.get(worker.number) is worker:
             del self.workers[worker.number]
+        # Its counts stay (its last report), its gauges go; its successor starts at zero.
+        self.metrics.retire_remote(worker)
         # Its last `queued` lines may not have arrived: look for entries the runner does not know.
         self._adopt_unknown_entries()
         if not self.running:
             return
         delay = self._restart_later(worker.number, ran=self.clock.seconds() - worker.started_at)
+        self.metrics.inc(metrics_module.WORKER_RESTARTS)
         log.error("{worker} exited ({reason}); starting it again in {delay:.1f} s", worker=worker.name,
                   reason=str(reason), delay=delay)
 
@@ -309,6 +352,10 @@ class SMTPWorkers(service.Service):
         d.addCallback(adopt)
         d.addErrback(lambda failure: log_failure(log, failure, "spool scan after a worker exited failed"))
         return d
+
+    def request_metrics(self) -> defer.Deferred:
+        """A fresh report from every live worker (before a scrape)."""
+        return defer.DeferredList([worker.request_metrics() for worker in list(self.workers.values())])
 
     def stopService(self):
         super().stopService()
@@ -347,6 +394,8 @@ class MasterLink(protocol.Protocol):
         self.connected_to_master = False
         self._write_closed = False
         self._lost = False
+        # Requests from the main process: verb -> handler(value) (WorkerMetricsReporter's "metrics").
+        self.handlers: dict = {}
 
     def connectionMade(self):
         self.connected_to_master = True
@@ -403,6 +452,13 @@ class MasterLink(protocol.Protocol):
             self.transport.writeSequence(self._held)
         self._held, self._held_bytes = [], 0
 
+    def send_now(self, verb: str, value) -> None:
+        """Write a line at once, after whatever `send` holds."""
+        if not self.connected_to_master:
+            return
+        self.flush()
+        self.transport.write(encode(verb, value))
+
     def request(self, verb: str, value: dict) -> defer.Deferred:
         if not self.connected_to_master:
             return defer.fail(TemporaryError(454, "4.7.0", "Authentication service unavailable, try again later"))
@@ -418,6 +474,10 @@ class MasterLink(protocol.Protocol):
     def _answer(self, line: bytes) -> None:
         try:
             verb, answer = decode(line)
+            handler = self.handlers.get(verb)
+            if handler is not None:
+                handler(answer)
+                return
             if verb == "reload":
                 if self.on_reload is not None:
                     self.on_reload()
@@ -427,6 +487,43 @@ class MasterLink(protocol.Protocol):
             log.error("bad answer from the main process: {line!r}", line=line[:200])
             return
         d.callback(answer)
+
+
+class WorkerMetricsReporter(service.Service):
+    """The worker's side of `metrics`: a snapshot of its registry every
+    `interval` seconds, one when the main process asks (answered with its
+    id), and one as it stops."""
+
+    def __init__(self, link: MasterLink, *, clock, metrics=None, interval: float = REPORT_INTERVAL):
+        self.link = link
+        self.clock = clock
+        self.metrics = metrics_module.registry_or_default(metrics)
+        self.interval = interval
+        self._loop = None
+        link.handlers["metrics"] = self._asked
+
+    def _report(self, **extra) -> dict:
+        return dict(extra, snapshot=self.metrics.snapshot())
+
+    def _asked(self, request) -> None:
+        self.link.send_now("metrics", self._report(id=request.get("id") if isinstance(request, dict) else None))
+
+    def send(self) -> None:
+        self.link.send("metrics", self._report())
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self.send)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.send()
+        self.link.flush()
 
 
 @implementer(ICredentialsChecker)

@@ -55,6 +55,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailgw import metrics as metrics_module
 from mailgw.errors import LoginsRefused
 
 UNKNOWN_CLIENT = "unknown"
@@ -197,8 +198,11 @@ class PasswordChecker:
                  log: Logger | None = None, cache_ttl: float = 60.0,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
                  failure_expiry: float = DEFAULT_FAILURE_EXPIRY,
-                 lockout_failures: int = 0, lockout_time: float = 900.0):
+                 lockout_failures: int = 0, lockout_time: float = 900.0, metrics=None):
         self._userdb = userdb
+        # mailgw_logins_total{result}: success, failure, lockout (refused, locked out).
+        self.metrics = metrics_module.registry_or_default(metrics)
+        self.metrics.declare(metrics_module.LOGINS, metrics_module.LOCKOUTS)
         self._lockout_failures = lockout_failures
         self._lockout_time = lockout_time
         self._locked_out: OrderedDict[str, float] = OrderedDict()      # client key -> until
@@ -266,6 +270,7 @@ class PasswordChecker:
 
         if address is None:
             await self._fail(client, client_key, username, reason)
+        self.metrics.inc(metrics_module.LOGINS, "success")
         self._client_failures.reset(client_key)
         self._log.info("authenticated {address} from {client}", address=address, client=client)
         return address
@@ -316,6 +321,7 @@ class PasswordChecker:
             return
         self._log.warn("login for {username} from {client} refused: locked out for {left:.0f} s more",
                        username=_loggable(username), client=client, left=until - now)
+        self.metrics.inc(metrics_module.LOGINS, "lockout")
         raise LoginsRefused()
 
     def _lock_out(self, client: str, client_key: str, now: float) -> None:
@@ -325,10 +331,12 @@ class PasswordChecker:
         self._locked_out.pop(client_key, None)
         self._locked_out[client_key] = now + self._lockout_time
         self._client_failures.reset(client_key)
+        self.metrics.inc(metrics_module.LOCKOUTS)
         self._log.warn("{client}: {count} failed logins in a row, refusing its logins for {seconds:.0f} s",
                        client=client, count=self._lockout_failures, seconds=self._lockout_time)
 
     async def _fail(self, client: str, client_key: str, username: str | None, reason: str):
+        self.metrics.inc(metrics_module.LOGINS, "failure")
         now = self._reactor.seconds()
         until = self._client_failures.record_failure(client_key, now)
         if self._lockout_failures and self._client_failures.count(client_key, now) >= self._lockout_failures:

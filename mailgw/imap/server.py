@@ -108,10 +108,11 @@ class IMAPFactory(ListenerFactory):
     process; each factory makes its own otherwise."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
-                 tls_context=None, implicit_tls: bool = False, message_cache: MessageCache | None = None):
+                 tls_context=None, implicit_tls: bool = False, message_cache: MessageCache | None = None,
+                 metrics=None):
         limits = config.imap if config.imap is not None else default_limits(config)
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=limits,
-                         tls_context=tls_context, implicit_tls=implicit_tls)
+                         tls_context=tls_context, implicit_tls=implicit_tls, metrics=metrics)
         self.cache = message_cache if message_cache is not None else MessageCache()
 
     def make_protocol(self):
@@ -190,11 +191,13 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
         if code:
             line += b" [" + code + b"]"
         self._write(line + b" " + text.encode("utf-8", "replace") + b"\r\n")
+        self.count_reply(status)
         if status == "BAD":
             self.count_error()
 
     def _untagged_bad(self, text: str) -> None:
         self._write(b"* BAD " + text.encode("utf-8", "replace") + b"\r\n")
+        self.count_reply("BAD")
         self.count_error()
 
     def _capabilities(self) -> bytes:
@@ -405,8 +408,10 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
         try:
             tag = reader.tag()
         except ParseError:
+            self.count_command("other")
             self._untagged_bad("Missing or invalid tag")
             return
+        entry = None
         try:
             reader.sp()
             name = reader.keyword()
@@ -420,10 +425,13 @@ class IMAPServer(MailboxCommands, SelectedCommands, LineSession):
             entry = _COMMANDS.find(name)
             if entry is None:
                 raise ParseError(f"Unknown command {name[:40]}")
+            self.count_command("UID " + name if uid else name)
             handler, states = entry
             if self.state not in states:
                 raise ParseError(f"{name} is not valid in the {self.state} state")
         except ParseError as error:
+            if entry is None:
+                self.count_command("other")
             self._tagged(tag, "BAD", str(error))
             return
         label = "UID " + name if uid else name

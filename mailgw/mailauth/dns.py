@@ -23,6 +23,8 @@ import socket
 from twisted.internet import defer
 from twisted.names import dns, error
 
+from mailgw import metrics as metrics_module
+
 DEFAULT_TIMEOUT = 5.0
 
 _LOOKUPS = {
@@ -64,11 +66,13 @@ class MailDNS:
     """`query(name, rtype)` -> Deferred of the values above; `txt(name)` ->
     Deferred[list[bytes]] with each record's strings joined (DKIM, DMARC)."""
 
-    def __init__(self, resolver, *, clock, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, resolver, *, clock, timeout: float = DEFAULT_TIMEOUT, metrics=None):
         self.resolver = resolver
         self.clock = clock
         self.timeout = timeout
         self.queries = 0                 # for tests and metrics
+        # mailgw_dns_query_seconds{type}, mailgw_dns_query_errors_total{type}
+        self.metrics = metrics_module.registry_or_default(metrics)
 
     def query(self, name: str, rtype: str, *, timeout: float | None = None) -> defer.Deferred:
         return self._lookup(name, rtype, timeout).addCallback(lambda found: found[0])
@@ -116,8 +120,14 @@ class MailDNS:
             if failure.check(error.DNSNameError, error.AuthoritativeDomainError):
                 message = failure.value.args[0] if failure.value.args else None
                 return [], [], list(message.authority) if isinstance(message, dns.Message) else []
+            self.metrics.inc(metrics_module.DNS_ERRORS, rtype)
             raise TempDNSError(f"{rtype} {name}: {failure.getErrorMessage() or failure.type.__name__}")
-        return d.addCallbacks(answered, failed)
+        started = self.clock.seconds()
+
+        def timed(result):
+            self.metrics.observe(metrics_module.DNS_QUERY_SECONDS, self.clock.seconds() - started, rtype)
+            return result
+        return d.addBoth(timed).addCallbacks(answered, failed)
 
     def txt(self, name: str, *, timeout: float | None = None) -> defer.Deferred:
         d = self.query(name, "TXT", timeout=timeout)

@@ -147,11 +147,11 @@ class POP3Factory(ListenerFactory):
     """One per POP3 listener (pop3 with STLS, pop3s)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
-                 tls_context=None, implicit_tls: bool = False):
+                 tls_context=None, implicit_tls: bool = False, metrics=None):
         if config.pop3 is None:
             raise ValueError("config.pop3 is missing: load the config with mailgw.config.load()")
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.pop3,
-                         tls_context=tls_context, implicit_tls=implicit_tls)
+                         tls_context=tls_context, implicit_tls=implicit_tls, metrics=metrics)
 
     def make_protocol(self):
         return MailgwPOP3(self)
@@ -213,6 +213,16 @@ class MailgwPOP3(LineSession):
         self.close(None if reply is None else _line(reply))
 
     # -- replies --------------------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        # Every send is one reply (a status line, maybe with its lines and
+        # "."), or a SASL continuation ("+ "), which is not counted.
+        if not self.closing:
+            if data.startswith(b"+OK"):
+                self.count_reply("+OK")
+            elif data.startswith(b"-ERR"):
+                self.count_reply("-ERR")
+        super().send(data)
+
     def _send_line(self, text: str) -> None:
         self.send(text.encode("utf-8") + b"\r\n")
 
@@ -252,6 +262,8 @@ class MailgwPOP3(LineSession):
     # -- commands -----------------------------------------------------------------
     def _command(self, line: bytes):
         verb, _, rest = line.partition(b" ")
+        known = verb.upper().decode("ascii", "replace")
+        self.count_command(known if COMMANDS.find(known) is not None else "other")
         if len(line) + 2 > (SASL_LINE_LIMIT if verb.upper() == b"AUTH" else self.limits.max_command_line):
             return self.reply(LINE_TOO_LONG)          # RFC 2449 §4
         if b"\0" in line or b"\r" in line:

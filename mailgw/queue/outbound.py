@@ -192,6 +192,12 @@ class RelayTransport:
         host = self._route(domain)
         return f"[{host.host}]:{host.port}" if host is not None else domain.lower()
 
+    def destination_class(self, domain: str) -> str:
+        """For metrics: "route" ([[queue.routes]]), "smarthost" or "mx"."""
+        if self._routes.get(domain.lower().rstrip(".")) is not None:
+            return "route"
+        return "smarthost" if self._queue.smarthost is not None else "mx"
+
     def _route(self, domain: str) -> RelayHost | None:
         return self._routes.get(domain.lower().rstrip(".")) or self._queue.smarthost
 

@@ -28,6 +28,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from mailgw import metrics as metrics_module
 from mailgw.config_types import Config
 from mailgw.errors import MailError, log_failure
 from mailgw.mailauth.stages import SUBMISSION, Origin
@@ -67,8 +68,10 @@ class _Attempt:
 class QueueRunner(service.Service):
     log = Logger()
 
-    def __init__(self, *, config: Config, spool, transport, store, router, clock, read_message):
+    def __init__(self, *, config: Config, spool, transport, store, router, clock, read_message, metrics=None):
         self.config = config
+        # mailgw_deliveries_total{outcome,destination}, mailgw_dsn_sent_total{type}.
+        self.metrics = metrics_module.registry_or_default(metrics)
         self.queue = config.queue
         self.spool = spool
         self.transport = transport
@@ -314,6 +317,7 @@ class QueueRunner(service.Service):
     def _log_result(self, envelope, entry, result: RecipientResult, relay, now, status) -> None:
         # One line per recipient per attempt, in the shape Postfix admins grep.
         self.counters[status] += 1
+        self.metrics.inc(metrics_module.DELIVERIES, status, self._destination_class(entry.address))
         # orig_to: the address the client gave, when an alias or SRS led here (Postfix's orig_to=).
         orig = f", orig_to=<{entry.orig_to}>" if entry.orig_to else ""
         self.log.info(
@@ -321,6 +325,17 @@ class QueueRunner(service.Service):
             queue_id=envelope.id, to=entry.address, orig=orig, relay=relay or "none",
             delay=now - envelope.arrival, dsn=result.enhanced, status=status,
             reply=result.diagnostic or result.text)
+
+    def _destination_class(self, address: str) -> str:
+        """route, smarthost or mx (the transport's `destination_class`)."""
+        classify = getattr(self.transport, "destination_class", None)
+        return classify(_domain_of(address)) if classify is not None else "mx"
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest message in the queue arrived (0: empty)."""
+        if not self.envelopes:
+            return 0.0
+        return max(0.0, self.clock.seconds() - min(envelope.arrival for envelope in self.envelopes.values()))
 
     def _forget(self, queue_id: str) -> None:
         self.envelopes.pop(queue_id, None)
@@ -362,6 +377,7 @@ class QueueRunner(service.Service):
         forward that failed), else through the queue with the null sender <>."""
         sender = envelope.sender
         self.counters[f"notice_{kind}"] += 1
+        self.metrics.inc(metrics_module.DSN_SENT, kind)
         remote = [sender]
         work = []
         if self.router.is_local_domain(sender.rpartition("@")[2].lower()):

@@ -38,11 +38,12 @@ from typing import Callable, Collection, Mapping, NamedTuple
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task
-from twisted.internet.interfaces import IPushProducer, ITLSTransport
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ITLSTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailgw import metrics
 from mailgw.auth import sasl
 from mailgw.errors import LoginsRefused
 from mailgw.session.info import SessionInfo
@@ -117,8 +118,14 @@ class _OutputBackpressure:
         self.session._wake_writers()
 
 
+@implementer(IHandshakeListener)
 class LineSession(protocol.Protocol):
-    """One client connection. See the module docstring for what it owns."""
+    """One client connection. See the module docstring for what it owns.
+
+    Metrics (mailgw/metrics.py, the factory's registry): connections admitted
+    and open per listener, commands and replies (the protocol calls
+    `count_command` and `count_reply`), TLS handshakes by version and those
+    that never completed."""
 
     log = Logger()
     protocol_name = "line"
@@ -138,6 +145,9 @@ class LineSession(protocol.Protocol):
         self.limits = factory.limits
         self.portal = factory.portal
         self.clock = factory.clock
+        self.metrics = metrics.registry_or_default(getattr(factory, "metrics", None))
+        self._metrics_protocol = self.protocol_name.lower()
+        self._tls_pending = False       # a handshake started and not completed
         self.session: SessionInfo | None = None
         self.user: str | None = None
         self.closing = False
@@ -233,12 +243,17 @@ class LineSession(protocol.Protocol):
             client_ip = ipaddress.ip_address("0.0.0.0")
         factory = self.factory
         self.session = SessionInfo(factory.listener, client_ip, self.transport, tls=factory.implicit_tls)
+        self._tls_pending = bool(factory.implicit_tls)
+        labels = (factory.listener.name, self._metrics_protocol)
         if not factory.admit(client_ip):
+            self.metrics.inc(metrics.CONNECTIONS_OVER_LIMIT, *labels)
             self.log.warn("connection limit: refusing {client} on {listener}",
                           client=client_ip, listener=factory.listener.name)
             self.close(self.refusal())
             return
         self._admitted = True
+        self.metrics.inc(metrics.CONNECTIONS, *labels)
+        self.metrics.add(metrics.CONNECTIONS_OPEN, 1, *labels)
         factory.session_started(self)
         self.can_starttls = (ITLSTransport.providedBy(self.transport)
                              and factory.tls_context is not None and not factory.implicit_tls)
@@ -264,10 +279,35 @@ class LineSession(protocol.Protocol):
         self._idle_timer = None
         self._wake_writers()
         self.connection_ended()
+        if self.session is not None:
+            labels = (self.factory.listener.name, self._metrics_protocol)
+            if self._tls_pending:
+                self._tls_pending = False
+                self.metrics.inc(metrics.TLS_FAILURES, *labels)
+            if self._admitted:
+                self.metrics.add(metrics.CONNECTIONS_OPEN, -1, *labels)
         if self._admitted:
             self._admitted = False
             self.factory.release(self.session.client_ip)
             self.factory.session_ended(self)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: Twisted's TLS layer finished the handshake
+        (implicit TLS or after STARTTLS)."""
+        self._tls_pending = False
+        try:
+            version = self.transport.getHandle().get_protocol_version_name()
+        except Exception:       # not an OpenSSL connection (tests)
+            version = "unknown"
+        self.metrics.inc(metrics.TLS_HANDSHAKES, self.factory.listener.name, self._metrics_protocol, version)
+
+    def count_command(self, verb: str) -> None:
+        """One command received; `verb` from the protocol's command table, or "other"."""
+        self.metrics.inc(metrics.COMMANDS, self._metrics_protocol, verb)
+
+    def count_reply(self, kind: str) -> None:
+        """One reply sent: its class ("2xx", "+OK", "NO"...)."""
+        self.metrics.inc(metrics.REPLIES, self._metrics_protocol, kind)
 
     def _session_expired(self) -> None:
         self.close(self.session_expired())
@@ -560,6 +600,7 @@ class LineSession(protocol.Protocol):
         # CVE-2011-0411: what the client pipelined in the clear is never executed inside TLS.
         self.discard_input()
         self.release_output()           # the go-ahead leaves in the clear, before the handshake
+        self._tls_pending = True
         self.transport.startTLS(self.factory.tls_context)
         self.session.tls = True
         self.tls_started()

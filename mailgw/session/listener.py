@@ -7,6 +7,8 @@ from collections import Counter
 
 from twisted.internet import defer, protocol
 
+from mailgw import metrics as metrics_module
+
 
 class ConnectionLimits:
     """Open connections of one listener, in total and per client address.
@@ -49,8 +51,9 @@ class ListenerFactory(protocol.ServerFactory):
     noisy = False       # the listener service logs what it listens on
 
     def __init__(self, *, config, listener, portal, clock, limits, tls_context=None,
-                 implicit_tls: bool = False, exempt=()):
+                 implicit_tls: bool = False, exempt=(), metrics=None):
         self.config = config
+        self.metrics = metrics_module.registry_or_default(metrics)     # its sessions count here
         self.limits = limits
         self.listener = listener
         self.portal = portal

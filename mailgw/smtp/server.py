@@ -25,12 +25,15 @@ through the avatar the portal returns.
 from __future__ import annotations
 
 import base64
+import functools
+import re
 
 from twisted.cred import credentials
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.mail import smtp
 
+from mailgw import metrics
 from mailgw.auth import sasl
 from mailgw.config_types import ROLE_RELAY, Config, ListenerConfig
 from mailgw.errors import MailError
@@ -60,6 +63,33 @@ _EXTENSION_ALLOWANCE = {"MAIL": 26 + 100 + 500 + 14 + 9 + 9, "RCPT": 500}
 # RFC 4954 §4: an AUTH command (and each SASL response) may be up to 12288 octets.
 _SASL_LINE_LIMIT = 12288
 
+# Refusals are counted by their name in mailgw/smtp/codes.py (lower case):
+# the exact reply, a template's text with its fields filled in, or the one
+# named reply with that code and enhanced code; else "other".
+_NAMED = {value: name.lower() for name, value in vars(codes).items()
+          if isinstance(value, Reply) and name.isupper()}
+_TEMPLATES = [(reply.code, reply.enhanced, re.compile(re.sub(r"\\\{\w+\\\}", ".*", re.escape(reply.text)), re.S), name)
+              for reply, name in _NAMED.items() if "{" in reply.text]
+_BY_CODE: dict = {}
+for _reply, _name in _NAMED.items():
+    _BY_CODE.setdefault((_reply.code, _reply.enhanced), []).append(_name)
+del _reply, _name
+
+
+@functools.lru_cache(maxsize=256)
+def refusal_reason(reply: Reply) -> str:
+    """The metrics label of a refusal: its name in mailgw/smtp/codes.py."""
+    reply = Reply(*reply)
+    name = _NAMED.get(reply)
+    if name is not None:
+        return name
+    for code, enhanced, pattern, name in _TEMPLATES:
+        if code == reply.code and enhanced == reply.enhanced and pattern.fullmatch(reply.text):
+            return name
+    names = _BY_CODE.get((reply.code, reply.enhanced), ())
+    return names[0] if len(names) == 1 else "other"
+
+
 _SASL_USERNAME = base64.b64encode(b"Username:").decode()
 _SASL_PASSWORD = base64.b64encode(b"Password:").decode()
 
@@ -88,10 +118,12 @@ class SMTPFactory(ListenerFactory):
     """One per SMTP listener (relay, submission, submissions)."""
 
     def __init__(self, *, config: Config, listener: ListenerConfig, portal, clock,
-                 new_queue_id, tls_context=None, implicit_tls: bool = False, mail_dns=None, screen=None):
+                 new_queue_id, tls_context=None, implicit_tls: bool = False, mail_dns=None, screen=None,
+                 metrics=None):
         # Trusted networks count towards the total only (see ConnectionLimits).
         super().__init__(config=config, listener=listener, portal=portal, clock=clock, limits=config.smtp,
-                         tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks)
+                         tls_context=tls_context, implicit_tls=implicit_tls, exempt=config.trusted_networks,
+                         metrics=metrics)
         self.new_queue_id = new_queue_id
         # MailDNS for the client's reverse DNS ([checks] reverse_dns); None: not looked up.
         checks = config.checks
@@ -236,6 +268,12 @@ class MailgwSMTP(LineSession):
         self.close(self._format(reply))
 
     # -- replies ----------------------------------------------------------
+    def send(self, data: bytes) -> None:
+        # Every send is one reply (multi-line EHLO and 220- included): counted by class.
+        if not self.closing and data[:1].isdigit():
+            self.count_reply(data[:1].decode() + "xx")
+        super().send(data)
+
     def _send_line(self, text: str) -> None:
         # RFC 5321 §2.4: replies are ASCII; anything else would be a bug, sent as "?".
         self.send(text.encode("ascii", "replace") + b"\r\n")
@@ -254,6 +292,9 @@ class MailgwSMTP(LineSession):
         self.send(self._format(reply, **fields))
         if reply.code >= 400 and reply.code != 421:
             if self._stage is not None:
+                self.metrics.inc(metrics.MESSAGES_REFUSED, self.factory.listener.name,
+                                 "message" if self._stage == END_OF_MESSAGE else self._stage.lower(),
+                                 refusal_reason(reply))
                 self._log_reject(reply, reply.text.format(**fields) if fields else reply.text)
             self.count_error()
 
@@ -347,6 +388,8 @@ class MailgwSMTP(LineSession):
     # -- commands -----------------------------------------------------------
     def _command(self, line: bytes):
         head, _, argument = line.lstrip(b" \t").partition(b" ")
+        verb = head.upper().decode("ascii", "replace")
+        self.count_command(verb if verb in _VERBS else "other")
         self._stage = _LOGGED_STAGES.get(head.upper())
         self._stage_argument = argument.decode("utf-8", "replace") if self._stage else ""
         # RFC 5321 §2.3.8: CR and LF only as a pair; NUL nowhere. Bare ones in an
@@ -565,6 +608,7 @@ class MailgwSMTP(LineSession):
             auth=self.user or "-", sender=transaction.sender or "", size=size,
             to=",".join(f"<{rcpt.recipient}>" for rcpt in recipients),
             tls=self.session.tls_details or "no")
+        self.metrics.inc(metrics.MESSAGES_ACCEPTED, self.factory.listener.name)
         self.reply(codes.QUEUED, queue_id=queue_id)
 
     # -- STARTTLS (RFC 3207) ------------------------------------------------
@@ -706,3 +750,4 @@ COMMANDS = CommandTable({
     "STARTTLS": (MailgwSMTP.do_STARTTLS, _ANY),
     "AUTH": (MailgwSMTP.do_AUTH, _ANY),
 })
+_VERBS = COMMANDS.verbs()

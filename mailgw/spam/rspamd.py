@@ -26,6 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from mailgw import metrics as metrics_module
 from mailgw.twisted_wall import quiet_http_pool
 
 # rspamd's actions, strongest first (rspamd's metric actions).
@@ -216,8 +217,10 @@ class RspamdClient:
 
     def __init__(self, *, reactor, url: str, controller_url: str = "", password: str = "",
                  timeout: float = 15.0, hostname: str = "localhost", agent=None, max_connections: int = 64,
-                 clock=None):
+                 clock=None, metrics=None):
         self.reactor = reactor
+        # mailgw_rspamd_scan_seconds; the plain counters below are read as a metrics source.
+        self.metrics = metrics_module.registry_or_default(metrics)
         self.clock = clock or reactor           # the timeouts' clock (tests pass a task.Clock)
         self.url = url.rstrip("/")
         self.controller_url = controller_url.rstrip("/")
@@ -242,11 +245,16 @@ class RspamdClient:
     def check(self, message: bytes, envelope: ScanEnvelope) -> defer.Deferred:
         """Deferred[Scan]; fails with RspamdUnavailable."""
         self.scans += 1
+        started = self.clock.seconds()
         headers = request_headers(envelope, hostname=self.hostname)
         d = self._post(self.url + "/checkv2", headers, message)
         d.addCallback(lambda result: parse_scan(result[1]))
         d.addErrback(self._failed)
-        return d
+
+        def timed(result):
+            self.metrics.observe(metrics_module.RSPAMD_SCAN_SECONDS, self.clock.seconds() - started)
+            return result
+        return d.addBoth(timed)
 
     # -- learning ---------------------------------------------------------
     def learn(self, kind: str, message: bytes, *, user: str | None = None) -> defer.Deferred:

@@ -464,6 +464,23 @@ class Quota:
             "over": _over(used_bytes, used_messages, bytes_limit, messages_limit, 0, 0),
         }
 
+    def totals(self, addresses) -> tuple[int, int, int]:
+        """(octets, messages, mailboxes) of these users' mailboxes together,
+        for metrics: `usage` of each (a stat and the new lines of its
+        maildirsize; a listing the first time). Blocking: call it in a thread."""
+        octets = messages = mailboxes = 0
+        for address in addresses:
+            try:
+                if not self._user_dir(address).is_dir():
+                    continue
+                used_octets, used_messages = self.usage(address)
+            except (ValueError, OSError):
+                continue
+            octets += used_octets
+            messages += used_messages
+            mailboxes += 1
+        return octets, messages, mailboxes
+
     # -- internals ---------------------------------------------------------------------
 
     def _user_dir(self, address: str) -> Path:
