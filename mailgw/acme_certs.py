@@ -278,7 +278,8 @@ def select_acme_alpn(connection, offered: list[bytes]) -> bytes:
     alert (pyOpenSSL turns an exception here into SSL_TLSEXT_ERR_ALERT_FATAL)."""
     if ACME_TLS_ALPN in offered:
         return ACME_TLS_ALPN
-    raise _NoAcmeProtocol("ALPN acme-tls/1 not offered")
+    # The args of an OpenSSL error queue, which twisted.protocols.tls reads: [(library, function, reason)].
+    raise _NoAcmeProtocol([("SSL routines", "select_acme_alpn", "no application protocol: acme-tls/1 not offered")])
 
 
 def tls_alpn01_certificate(name: str, key_authorization: str, *, now: datetime.datetime | None = None):

@@ -125,6 +125,11 @@ def defined(name: str) -> Metric | None:
     return _CATALOG.get(name)
 
 
+def catalog() -> list[Metric]:
+    """Every metric defined so far (the modules define theirs at import)."""
+    return list(_CATALOG.values())
+
+
 # -- the metrics of mailgw's own components (each module increments its own) ------------------
 # Connections and sessions (mailgw/session/core.py): every protocol.
 CONNECTIONS = Counter("mailgw_connections_total", "Connections admitted, per listener.", ("listener", "protocol"))

@@ -380,15 +380,9 @@ def watch_workers(registry, workers: Callable[[], object], clock) -> None:
     registry.add_preparer("workers", prepare)
 
 
-def attach(parts, *, reactor, threadpool, registry=None) -> None:
-    """The main process (tap.ServerParts `parts`, which keeps the site for
-    every config): register its components with the registry (once per
-    process) and give `parts` the http role's Site as `parts.ops_site`."""
-    parts.ops_site = site_for_parts(parts, reactor=reactor, threadpool=threadpool, registry=registry)
-
-
 def site_for_parts(parts, config=None, *, reactor=None, threadpool=None, registry=None) -> OpsSite:
-    """`attach`'s work, returning the Site."""
+    """The http role's Site for the main process (tap.ServerParts `parts`, which
+    keeps it for every config); registers its components with the registry."""
     registry = metrics_module.registry_or_default(registry)
     reactor = parts.reactor if reactor is None else reactor
     threadpool = parts.io_pool if threadpool is None else threadpool

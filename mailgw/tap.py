@@ -22,7 +22,7 @@ from mailgw import config as config_module
 from mailgw.auth.checkers import PasswordChecker
 from mailgw.realm import MailRealm
 from mailgw.auth.userdb import UserFile
-from mailgw.config_types import ROLE_ACME_HTTP, ROLE_ACME_TLS, SMTP_ROLES, Config
+from mailgw.config_types import ROLE_ACME_HTTP, ROLE_ACME_TLS, ROLE_HTTP, SMTP_ROLES, Config
 from mailgw.imap.message import MessageCache
 from mailgw.store.mailbox import MailStore
 from mailgw.durable import DurableWriter
@@ -37,7 +37,7 @@ from mailgw.routing.dispatch import build_router
 from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
-from mailgw import acme_certs, pidfile, sd_notify, tls
+from mailgw import acme_certs, metrics, ops_http, pidfile, sd_notify, tls
 from mailgw.iopool import IOThreadPool
 from mailgw.dualstack import IPv6ListenerService, wildcard_port
 from mailgw.reload import ReloadRefused, Reloader, check_new_config
@@ -246,6 +246,7 @@ class ServerParts:
         self.pop3_locks = None
         self.acme = None                      # mailgw.acme_certs.CertificateManager with [tls] acme
         self.acme_factories: dict[str, object] = {}
+        self.ops_site = None                  # the http role's Site (mailgw/ops_http.py), made on first use
 
     def configure(self, config: Config) -> None:
         """Build the config's parts (not the listeners: `open_listeners`)."""
@@ -294,17 +295,17 @@ class ServerParts:
     def _factory(self, config: Config, listener):
         if listener.role in (ROLE_ACME_HTTP, ROLE_ACME_TLS):
             # One manager for the process (its settings are restart-only): the same factory each reload.
-            if listener.role == ROLE_ACME_HTTP:
-                return self.acme_factories.setdefault(listener.role, acme_certs.http01_site(self.acme))
-            return self.acme_factories.setdefault(listener.role, acme_certs.tls_alpn01_factory(self.acme))
-        if listener.role == "http" and getattr(self, "ops_site", None) is None:
-            from mailgw import ops_http     # /metrics, /healthz, /readyz: one Site for the process
-            ops_http.attach(self, reactor=self.reactor, threadpool=self.io_pool)     # sets self.ops_site
-            from mailgw import metrics      # every mailgw_ metric has its HELP/TYPE from the first scrape on
-            metrics.DEFAULT.declare(*metrics._CATALOG.values())
+            if listener.role not in self.acme_factories:
+                make = acme_certs.http01_site if listener.role == ROLE_ACME_HTTP else acme_certs.tls_alpn01_factory
+                self.acme_factories[listener.role] = make(self.acme)
+            return self.acme_factories[listener.role]
+        if listener.role == ROLE_HTTP and self.ops_site is None:
+            # /metrics, /healthz, /readyz: one Site for the process, whatever the reloads.
+            self.ops_site = ops_http.site_for_parts(self, reactor=self.reactor, threadpool=self.io_pool)
+            # Every mailgw_ metric has its HELP and TYPE from the first scrape on.
+            metrics.DEFAULT.declare(*metrics.catalog())
         return listener_factory(config, listener, portal=self.portal, clock=self.reactor, tls_options=self.tls_context,
-                                imap_cache=self.imap_cache, mail_dns=self.mail_dns,
-                                ops_site=getattr(self, "ops_site", None))
+                                imap_cache=self.imap_cache, mail_dns=self.mail_dns, ops_site=self.ops_site)
 
     def open_listeners(self, config: Config) -> None:
         """Bind and start every listener of the config (at start-up)."""
