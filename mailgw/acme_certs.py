@@ -426,7 +426,7 @@ class CertificateManager(service.Service):
         self.next_attempt = None
         if self._busy is not None or not self.running:
             return
-        status = certificate_status(_read(self.tls_config.certificate), self.names, self._clock.seconds())
+        status = self._status()
         self.not_after = status.not_after
         if self._forced:
             self._start("a renewal was asked for (retry)")
@@ -489,8 +489,15 @@ class CertificateManager(service.Service):
                 log.failure("acme: on_installed failed")
         self._finish(True, self._delay_after_install())
 
+    def _status(self) -> CertificateStatus:
+        try:
+            pem = _read(self.tls_config.certificate)
+        except OSError as error:     # EACCES and the like: order one, the install reports what is wrong
+            return CertificateStatus(f"the certificate cannot be read: {error.strerror}", None, None)
+        return certificate_status(pem, self.names, self._clock.seconds())
+
     def _delay_after_install(self) -> float:
-        status = certificate_status(_read(self.tls_config.certificate), self.names, self._clock.seconds())
+        status = self._status()
         if status.due or status.renew_at is None:
             # Installed but due at once (a CA issuing very short lifetimes): back off, do not spin.
             return backoff_delay(1, self.retry_initial, self.retry_max)
@@ -684,7 +691,7 @@ class _Account:
             return self.client.new_order(csr_pem)
         except messages.Error as error:
             # The CA forgot the saved account (a test CA restarted, an account deactivated): register again.
-            if not self.from_file or error.code not in ("accountDoesNotExist", "unauthorized", "malformed"):
+            if not self.from_file or error.code not in ("accountDoesNotExist", "unauthorized"):
                 raise
         self.net.account = None
         self._register()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from twisted.internet import defer, protocol, reactor, task
+from twisted.logger import capturedLogs
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -114,7 +115,9 @@ class PebbleTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_first_certificate_by_http01(self):
-        manager, tls = yield self.first_certificate()
+        with capturedLogs() as events:
+            manager, tls = yield self.first_certificate()
+        self.assertEqual(len([event for event in events if "using account" in event.get("log_format", "")]), 1)
         leaf = self.assert_acme_certificate(tls)
         self.assertEqual((manager.orders, manager.renewals, manager.failures), (1, 1, 0))
         self.assertEqual(self.installed, [tls.certificate.read_bytes()])
@@ -133,7 +136,10 @@ class PebbleTests(unittest.TestCase):
         account_key = (tls.certificate.parent / "account-key.pem").read_bytes()
         account = (tls.certificate.parent / "account.json").read_bytes()
         first_key = tls.private_key.read_bytes()
-        self.assertTrue((yield self.bounded(manager.renew_now())), manager.last_error)
+        with capturedLogs() as events:
+            self.assertTrue((yield self.bounded(manager.renew_now())), manager.last_error)
+        # The saved account was used: no new registration (that logs "acme: using account ...").
+        self.assertEqual([event for event in events if "using account" in event.get("log_format", "")], [])
         second = self.assert_acme_certificate(tls)
         self.assertNotEqual(first.serial_number, second.serial_number)
         self.assertNotEqual(first_key, tls.private_key.read_bytes())     # a new key per order

@@ -17,11 +17,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import defer, task
+from twisted.internet import defer, protocol, task
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnectionCreator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.test import iosim
 from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
 
 from mailgw import acme_certs
 from mailgw.acme_certs import (ACME_IDENTIFIER_OID, ACME_TLS_ALPN, AcmeFailure, CertificateManager, _Installed,
@@ -579,3 +583,62 @@ def test_deferreds_of_renew_now_are_plain(tmp_path):
     d = manager.renew_now()
     assert isinstance(d, defer.Deferred) and d.called and d.result is False
     manager.stopService()
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientCreator:
+    def __init__(self, name, protocols):
+        self.name, self.protocols = name, protocols
+
+    def clientConnectionForTLS(self, tls_protocol):
+        return client_connection(self.name, self.protocols)
+
+
+@implementer(IHandshakeListener)
+class ClientProbe(protocol.Protocol):
+    handshake_done = False
+    lost = None
+    peer = None
+
+    def handshakeCompleted(self):
+        self.handshake_done = True
+        self.peer = self.transport.getPeerCertificate().to_cryptography()
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+@pytest.mark.parametrize("protocols, completes", [([ACME_TLS_ALPN], True), ([b"h2"], False)])
+def test_the_listener_factory_completes_the_handshake_then_closes(validation, protocols, completes):
+    manager, _, certificate = validation
+    server_factory = tls_alpn01_factory(manager)
+    client_probe = ClientProbe()
+    client_factory = TLSMemoryBIOFactory(ClientCreator(b"mx.example.test", protocols), True,
+                                         protocol.Factory.forProtocol(lambda: client_probe))
+    _, _, pump = iosim.connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None), greet=False)
+    pump.flush()
+    assert client_probe.handshake_done is completes
+    assert client_probe.lost is not None             # closed by the server either way
+    if completes:
+        assert client_probe.peer == certificate
+
+
+def test_a_client_without_alpn_is_cut_off_after_the_handshake(validation):
+    # No ALPN extension at all: OpenSSL never calls the ALPN callback, so the
+    # handshake completes with the validation certificate; the probe aborts at once.
+    manager, _, _ = validation
+    server_factory = tls_alpn01_factory(manager)
+    server_protocols = []
+
+    def server():
+        built = server_factory.buildProtocol(None)
+        server_protocols.append(built)
+        return built
+    client_probe = ClientProbe()
+    client_factory = TLSMemoryBIOFactory(ClientCreator(b"mx.example.test", None), True,
+                                         protocol.Factory.forProtocol(lambda: client_probe))
+    _, _, pump = iosim.connectedServerAndClient(server, lambda: client_factory.buildProtocol(None), greet=False)
+    pump.flush()
+    assert client_probe.lost is not None
+    assert server_protocols[0].transport.disconnected or server_protocols[0].transport.disconnecting
