@@ -22,7 +22,6 @@ from twisted.internet.interfaces import IHandshakeListener, IOpenSSLClientConnec
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
@@ -34,6 +33,7 @@ from mailgw.acme_certs import (ACME_IDENTIFIER_OID, ACME_TLS_ALPN, AcmeFailure, 
                                tls_alpn01_factory)
 from mailgw.config_types import TLSConfig
 from mailgw.tls import ensure_certificate
+from threadless import ImmediatePool, ThreadlessClock
 
 NAMES = ("mx.example.test", "mail.example.test")
 DAY = 86400.0
@@ -41,23 +41,6 @@ START = 1_900_000_000.0          # the clock's "now" (2030), Unix time
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-class ImmediateReactor:
-    """callFromThread at once: with SynchronousPool, deferToThreadPool fires before it returns."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-class SynchronousPool:
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
 
 class HeldPool:
     """Runs a call only when the test says so: an order that is still running."""
@@ -70,7 +53,7 @@ class HeldPool:
 
     def run_next(self):
         on_result, f = self.calls.pop(0)
-        SynchronousPool().callInThreadWithCallback(on_result, f)
+        ImmediatePool().callInThreadWithCallback(on_result, f)
 
 
 class CA:
@@ -106,7 +89,7 @@ def make_manager(tmp_path, *, pool=None, obtain=None, **kwargs):
     clock = task.Clock()
     clock.advance(START)
     tls = tls_config(tmp_path)
-    manager = CertificateManager(tls, reactor=ImmediateReactor(), clock=clock, threadpool=pool or SynchronousPool(),
+    manager = CertificateManager(tls, reactor=ThreadlessClock(), clock=clock, threadpool=pool or ImmediatePool(),
                                  **kwargs)
     if obtain is not None:
         manager._obtain = obtain          # the order: tested against pebble in tests/e2e
@@ -331,8 +314,8 @@ def test_the_constructor_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="none given"):
         make_manager(tmp_path, challenges=())
     with pytest.raises(ValueError, match="acme_names"):
-        CertificateManager(tls_config(tmp_path, names=()), reactor=ImmediateReactor(), clock=task.Clock(),
-                           threadpool=SynchronousPool())
+        CertificateManager(tls_config(tmp_path, names=()), reactor=ThreadlessClock(), clock=task.Clock(),
+                           threadpool=ImmediatePool())
 
 
 # --- which challenge -------------------------------------------------------------------------------
