@@ -67,7 +67,7 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from mailgw.config_types import TLSConfig
-from mailgw.durable import fsync_directory
+from mailgw.durable import fsync_directory, write_private, write_private_tmp
 
 log = Logger()
 
@@ -171,28 +171,6 @@ def dns_names(certificate: x509.Certificate) -> set[str]:
 
 # --- files ------------------------------------------------------------------------------------------
 
-def _write_tmp(path: Path, data: bytes) -> Path:
-    """`data` in PATH.tmp, mode 0600 (even over a stale tmp of another mode), fsynced."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with `data`, mode 0600 (blocking)."""
-    tmp = _write_tmp(path, data)
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
 def install_certificate(certificate_path: Path, key_path: Path, key_pem: bytes, chain_pem: bytes) -> None:
     """Write the key, then the chain, each 0600 and atomically (blocking).
     Both are complete on disk before either is renamed into place, and the
@@ -200,8 +178,8 @@ def install_certificate(certificate_path: Path, key_path: Path, key_pem: bytes, 
     between two system calls (and the reloader retries on a mismatch)."""
     directory = certificate_path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_tmp = _write_tmp(key_path, key_pem)
-    certificate_tmp = _write_tmp(certificate_path, chain_pem)
+    key_tmp = write_private_tmp(key_path, key_pem)
+    certificate_tmp = write_private_tmp(certificate_path, chain_pem)
     os.replace(key_tmp, key_path)
     os.replace(certificate_tmp, certificate_path)
     fsync_directory(directory)

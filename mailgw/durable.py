@@ -565,3 +565,27 @@ def _checked_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ValueError(f"not a plain file name: {name!r}")
     return name
+
+
+# -- small private files (TLS keys, the ACME account): blocking, for start-up and threads --
+
+def write_private_tmp(path: Path, data: bytes) -> Path:
+    """`data` in PATH.tmp, mode 0600 (even over a stale tmp of another mode), fsynced."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, mode 0600 (blocking)."""
+    tmp = write_private_tmp(path, data)
+    os.replace(tmp, path)
+    fsync_directory(path.parent)

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailgw.config_types import TLSConfig
+from mailgw.durable import write_private
 
 log = Logger()
 
@@ -51,23 +52,12 @@ def ensure_certificate(tls: TLSConfig, hostname: str, *, now: datetime.datetime 
         .sign(key, hashes.SHA256())
     )
     tls.private_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _write_private(tls.private_key, key.private_bytes(
+    write_private(tls.private_key, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    _write_private(tls.certificate, certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(tls.certificate, certificate.public_bytes(serialization.Encoding.PEM))
     log.info("generated a self-signed certificate for {hostname} at {path}; "
              "configure [tls] certificate/private_key for a real one",
              hostname=hostname, path=str(tls.certificate))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def check_files(tls: TLSConfig) -> list[str]:
