@@ -97,8 +97,11 @@ class Reloader(service.Service):
     request while one runs waits for it and then runs, so a SIGHUP after
     an edit is never lost."""
 
-    def __init__(self, *, config: Config, reactor, load_config, apply, check=check_new_config, notify=None):
+    def __init__(self, *, config: Config, reactor, load_config, apply, check=check_new_config, notify=None,
+                 run_in_thread=None):
         self.reactor = reactor
+        # f -> Deferred of f() off the reactor thread (tap: the I/O pool); None: inline (tests).
+        self._run_in_thread = run_in_thread if run_in_thread is not None else (lambda f: f())
         self.config = config
         self._load_config = load_config
         self._apply = apply
@@ -130,24 +133,66 @@ class Reloader(service.Service):
         done = defer.Deferred()
 
         def run(_):
-            result = self._reload_now(why)
-            done.callback(result)
-            return None
+            d = self._reload_now(why)
+            d.addCallback(done.callback)
+            return d.addErrback(lambda failure: None)
 
         self._tail.addCallback(run)
         return done
 
-    def _reload_now(self, why: str) -> dict:
-        from mailgw import config as config_module
-
+    def _reload_now(self, why: str) -> defer.Deferred:
         log.info("reloading the configuration ({why})", why=why)
         if self._notify is not None:
             self._notify.reloading()
+        # Reading and checking the files (config, users, aliases, keys, TLS) is
+        # file I/O: in the thread pool. The switch itself is the reactor's.
+        d = defer.maybeDeferred(self._run_in_thread, self._read_and_check)
+        d.addCallback(self._switch)
+        d.addErrback(self._broken, "reading and checking the new configuration")
+        d.addCallback(self._report)
+        return d
+
+    def _read_and_check(self):
+        """(the new Config, None) or (None, the refusal); blocking."""
+        from mailgw import config as config_module
+
+        path = self.config.source
         try:
-            result = self._attempt(config_module)
-        finally:
-            if self._notify is not None:
-                self._notify.ready()
+            new = self._load_config(path)
+        except config_module.ConfigError as error:
+            return None, _refused(list(error.errors))
+        except OSError as error:
+            return None, _refused([f"cannot read {path}: {error.strerror}"])
+        problems = restart_only_changes(self.config, new)
+        try:
+            problems += self._check(new)
+        except Exception as error:      # a check that breaks is a refusal, never a half reload
+            log.failure("reload: checking the new configuration failed")
+            problems.append(f"checking the new configuration failed: {error}")
+        return (None, _refused(problems)) if problems else (new, None)
+
+    def _switch(self, checked) -> dict:
+        new, refusal = checked
+        if refusal is not None:
+            return refusal
+        try:
+            changes = self._apply(new)
+        except ReloadRefused as error:
+            return _refused(error.errors)
+        except Exception:
+            log.failure("reload: applying the new configuration failed")
+            return _refused(["applying the new configuration failed (see the server log); "
+                             "the server may run partly on the new settings: restart it"])
+        self.config = new
+        return {"ok": True, "errors": [], "changes": changes}
+
+    def _broken(self, failure, what: str) -> dict:
+        log.failure("reload: {what} failed", failure, what=what)
+        return _refused([f"{what} failed (see the server log)"])
+
+    def _report(self, result: dict) -> dict:
+        if self._notify is not None:
+            self._notify.ready()
         if result["ok"]:
             self.reloads += 1
             log.info("reload done: {changes}", changes="; ".join(result["changes"]) or "nothing changed")
@@ -157,33 +202,9 @@ class Reloader(service.Service):
                 log.error("reload refused, nothing changed: {error}", error=line)
         return result
 
-    def _attempt(self, config_module) -> dict:
-        path = self.config.source
-        try:
-            new = self._load_config(path)
-        except config_module.ConfigError as error:
-            return {"ok": False, "errors": list(error.errors), "changes": []}
-        except OSError as error:
-            return {"ok": False, "errors": [f"cannot read {path}: {error.strerror}"], "changes": []}
-        problems = restart_only_changes(self.config, new)
-        try:
-            problems += self._check(new)
-        except Exception as error:      # a check that breaks is a refusal, never a half reload
-            log.failure("reload: checking the new configuration failed")
-            problems.append(f"checking the new configuration failed: {error}")
-        if problems:
-            return {"ok": False, "errors": problems, "changes": []}
-        try:
-            changes = self._apply(new)
-        except ReloadRefused as refusal:
-            return {"ok": False, "errors": refusal.errors, "changes": []}
-        except Exception:
-            log.failure("reload: applying the new configuration failed")
-            return {"ok": False, "errors": ["applying the new configuration failed (see the server log); "
-                                            "the server may run partly on the new settings: restart it"],
-                    "changes": []}
-        self.config = new
-        return {"ok": True, "errors": [], "changes": changes}
+
+def _refused(errors: list[str]) -> dict:
+    return {"ok": False, "errors": list(errors), "changes": []}
 
 
 def reload_main(argv: list[str]) -> int:

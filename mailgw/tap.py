@@ -15,6 +15,7 @@ from twisted.application import service
 from twisted.cred.checkers import AllowAnonymousAccess
 from twisted.cred.portal import Portal
 from twisted.internet import protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -203,7 +204,8 @@ def build(config: Config, reactor, *, port_offset: int = 0, twistd_options=None)
                                     runner=parts.runner, spool=spool, mail_store=mail_store, threadpool=io_pool)
         parts.workers.setServiceParent(top)
     top.reloader = Reloader(config=config, reactor=reactor, load_config=config_module.load, apply=parts.reconfigure,
-                            check=parts.check, notify=sd_notify.Notifier())
+                            check=parts.check, notify=sd_notify.Notifier(),
+                            run_in_thread=lambda f: deferToThreadPool(reactor, io_pool, f))
     top.reloader.setServiceParent(top)
     if parts.acme is not None:
         parts.acme.setServiceParent(top)        # after the listeners: the CA may call back at once
