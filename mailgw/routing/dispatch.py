@@ -49,6 +49,7 @@ class Router:
         self.resolver = resolver if resolver is not None else Resolver.static(config, userdb)
         self.quota = quota                # IQuota or None (no limits)
         self.srs = srs                    # SRS or None: forwards keep their sender
+        self.sieve = None                 # mailgw.sieve.delivery.SieveStage or None (no filters)
         # The checks and modifiers stages (mailgw.mailauth.stages.AuthenticationStage);
         # None: messages go from resolution straight to their targets.
         self.stages = stages
@@ -118,7 +119,20 @@ def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None) -> Rou
     srs = srs_module.SRS(srs_module.load_secret(config.data_dir), routing.srs_domain,
                          clock=reactor.seconds, max_age_days=routing.srs_max_age)
     resolver = Resolver.from_config(config, userdb, clock=reactor, srs=srs)
-    return Router(config, userdb, resolver, quota=quota, srs=srs)
+    router = Router(config, userdb, resolver, quota=quota, srs=srs)
+    router.sieve = build_sieve(config)
+    return router
+
+
+def build_sieve(config: Config):
+    """The Sieve stage over <data_dir>/sieve (mailgw.sieve.delivery)."""
+    from mailgw.sieve.delivery import SieveStage
+    from mailgw.sieve.interpreter import compile_script
+    from mailgw.sieve.scripts import ScriptStore
+
+    root = config.data_dir / "sieve"
+    store = ScriptStore(root, check=compile_script)
+    return SieveStage(store, root, delimiter=config.recipient_delimiter or "+")
 
 
 class Dispatcher:
@@ -128,6 +142,8 @@ class Dispatcher:
 
     def __init__(self, *, router: Router, store, spool, clock):
         self.router = router
+        # The Sieve stage (mailgw.sieve.delivery.SieveStage) or None: from the router.
+        self.sieve = getattr(router, "sieve", None)
         self.store = store
         self.spool = spool
         self.clock = clock
@@ -177,6 +193,8 @@ class Dispatcher:
         started = self.clock.seconds()
         sender = transaction.mail_from.sender
         sender_text = str(sender) if sender else ""
+        redirects: list = []            # (the RCPT, the address) of Sieve redirects
+        sieved: dict = {}               # (mailbox, folder) -> the Sieve plan its copy followed
         if transaction.local:
             # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
             boxes = []
@@ -188,22 +206,33 @@ class Dispatcher:
                     filed[(mailbox, target_folder)] = \
                         self.router.resolver.folder_for(mailbox, quarantine) or quarantine
                     target_folder = filed[(mailbox, target_folder)]
+                plan = self.sieve.plan(mailbox, target_folder, message, sender_text) \
+                    if self.sieve is not None else None
+                if plan is not None:
+                    # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
+                    boxes.extend(mailbox if f is None else (mailbox, f) for f in plan.folders)
+                    first = transaction.local[(mailbox, target_folder)][0]
+                    redirects.extend((first, address) for address in plan.redirects)
+                    sieved[(mailbox, target_folder)] = plan
+                    continue
                 boxes.append(mailbox if target_folder is None else (mailbox, target_folder))
-            work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
+            if boxes:
+                work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
         # The spool keeps the SMTP wire form (docs/spool-format.md).
         wire = None
-        if transaction.remote or transaction.forwards:
+        forwards = transaction.forwards + redirects
+        if transaction.remote or forwards:
             wire = message.replace(b"\n", b"\r\n") if lf else message
         if transaction.remote:
             recipients = [_spool_recipient(rcpt, str(rcpt.recipient)) for rcpt in transaction.remote]
             work.append(self._enqueue(transaction, queue_id, wire, recipients, sender_text, client))
-        if transaction.forwards:
-            # A forward leaves with an SRS sender of ours (so its bounce comes
+        if forwards:
+            # A forward (an alias's or a Sieve redirect) leaves with an SRS sender of ours (so its bounce comes
             # back to us and on to the original sender, never to the alias's
             # owner): its own spool entry when direct remote recipients keep
             # the original sender.
             forward_id = new_queue_id(self.clock.seconds()) if transaction.remote else queue_id
-            recipients = [_spool_recipient(rcpt, address) for rcpt, address in transaction.forwards]
+            recipients = [_spool_recipient(rcpt, address) for rcpt, address in forwards]
             work.append(self._enqueue(transaction, forward_id, wire, recipients,
                                       self.router.forward_sender(sender_text), client))
         done = defer.DeferredList(work, consumeErrors=True)
@@ -211,7 +240,7 @@ class Dispatcher:
         def settle(results):
             failures = [result for ok, result in results if not ok]
             if not failures:
-                self._log_local(transaction, queue_id, started, filed if quarantine else None)
+                self._log_local(transaction, queue_id, started, filed if quarantine else None, sieved)
                 return queue_id
             for ok, result in results:
                 if ok and isinstance(result, list):
@@ -239,7 +268,7 @@ class Dispatcher:
         return None
 
     def _log_local(self, transaction: Transaction, queue_id: str, started: float,
-                   quarantined: dict | None = None) -> None:
+                   quarantined: dict | None = None, sieved: dict | None = None) -> None:
         # One line per mailbox, in the queue runner's shape (queue/runner.py _log_result).
         delay = self.clock.seconds() - started
         for mailbox, folder in sorted(transaction.local, key=_target_order):
@@ -250,6 +279,12 @@ class Dispatcher:
             where = "maildir" if folder is None else f"maildir folder {folder}"
             if quarantined is not None:
                 where += ", quarantined"
+            plan = (sieved or {}).get((mailbox, folder))
+            if plan is not None:
+                where = ", ".join(["sieve: " + ", ".join(
+                    ["maildir" if f is None else f"folder {f}" for f in plan.folders] +
+                    [f"redirect to <{a}>" for a in plan.redirects])] + plan.notes) \
+                    if plan.folders or plan.redirects else ", ".join(plan.notes)
             self.log.info("{queue_id}: to=<{to}>{orig}, relay=local, delay={delay:.2f}, dsn=2.0.0, "
                           "status=sent (delivered to {where})",
                           queue_id=queue_id, to=mailbox, orig=orig, delay=delay, where=where)

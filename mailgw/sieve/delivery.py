@@ -1,0 +1,128 @@
+"""The Sieve stage of local delivery: for each local target, the global
+"before" scripts, the user's active script and the global "after" scripts
+decide where the copy goes (design.md §5: after the checks and modifiers,
+before the store).
+
+    Dispatcher._write -> SieveStage.plan(mailbox, folder, message, sender)
+                      -> Plan(folders to store into, addresses to redirect to)
+
+Scripts are compiled once and cached by (path, mtime, size, inode), so a
+script edited or re-uploaded is picked up by the next delivery and an
+unchanged one costs a stat. A script that no longer compiles, and every
+run-time error, give the implicit keep (RFC 5228 §2.10.6), logged once per
+script version.
+
+Not done yet (docs/sieve.md): imap4flags flags are not stored with the
+copy, reject/ereject and vacation are not carried out (the mail is kept and
+that is logged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from mailgw.sieve import interpreter
+from mailgw.sieve.interpreter import Discard, FileInto, Keep, Limits, Redirect, Reject
+from mailgw.sieve.message import SieveMessage
+from mailgw.sieve.scripts import ScriptStore, ScriptStoreError
+from mailgw.store.names import folder_dirname
+
+GLOBAL_DIRECTORY = ".global"        # under <data_dir>/sieve: a domain directory never starts with "."
+BEFORE = "before.sieve"
+AFTER = "after.sieve"
+_CACHE_SIZE = 4096
+
+
+@dataclass
+class Plan:
+    folders: list = field(default_factory=list)      # folder names; None is the target's own folder
+    redirects: list = field(default_factory=list)    # addresses
+    notes: list = field(default_factory=list)        # what the log line should say
+
+
+class SieveStage:
+    log = Logger()
+
+    def __init__(self, store: ScriptStore, root: Path, *, limits: Limits = Limits(), delimiter: str = "+"):
+        self.store = store
+        self.root = Path(root)
+        self.limits = limits
+        self.delimiter = delimiter
+        self._cache: dict[Path, tuple[tuple, interpreter.Script | None]] = {}
+
+    def _compiled(self, path: Path | None) -> interpreter.Script | None:
+        if path is None:
+            return None
+        try:
+            key = ScriptStore.stat_key(path)
+        except OSError:
+            return None
+        known = self._cache.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            script = interpreter.compile_script(path.read_bytes(), name=path.name)
+        except (OSError, ValueError) as error:
+            # Uploads are checked, so this is a script changed behind our back:
+            # ignored (keep), and said once per version of the file.
+            self.log.warn("sieve: {path} is not usable, ignored: {error}", path=str(path), error=str(error))
+            script = None
+        if len(self._cache) >= _CACHE_SIZE:
+            self._cache.clear()
+        self._cache[path] = (key, script)
+        return script
+
+    def scripts_for(self, mailbox: str) -> list[interpreter.Script]:
+        global_dir = self.root / GLOBAL_DIRECTORY
+        try:
+            personal = self.store.active_path(mailbox)
+        except (ValueError, OSError, ScriptStoreError):
+            personal = None
+        found = [self._compiled(global_dir / BEFORE), self._compiled(personal), self._compiled(global_dir / AFTER)]
+        return [script for script in found if script is not None]
+
+    def plan(self, mailbox: str, folder: str | None, message: bytes, sender: str,
+             original_recipient: str | None = None) -> Plan | None:
+        """Where `mailbox`'s copy goes; None when no script applies (the
+        caller stores as before). Never raises for a script's sake."""
+        scripts = self.scripts_for(mailbox)
+        if not scripts:
+            return None
+        envelope = interpreter.Envelope(sender=sender, recipient=mailbox, original_recipient=original_recipient,
+                                        delimiter=self.delimiter)
+        try:
+            outcome = interpreter.run(scripts, SieveMessage.from_bytes(message), envelope, limits=self.limits)
+        except Exception:
+            # RFC 5228 §2.10.6: whatever happens, the mail is not lost.
+            self.log.failure("sieve: run failed for {mailbox}, kept", mailbox=mailbox)
+            return Plan(folders=[folder], notes=["sieve failed, kept"])
+        plan = Plan()
+        if outcome.failed is not None:
+            self.log.warn("sieve: script error for {mailbox}, kept: {why}", mailbox=mailbox, why=outcome.failed)
+            plan.notes.append("sieve error, kept")
+        for action in outcome.actions:
+            if isinstance(action, Keep):
+                plan.folders.append(folder)
+            elif isinstance(action, FileInto):
+                try:
+                    canonical, _ = folder_dirname(action.mailbox)
+                except ValueError:
+                    # RFC 5228 §4.1: a mailbox that cannot be filed into gives the keep.
+                    plan.notes.append(f"sieve fileinto {action.mailbox!r} refused, kept")
+                    plan.folders.append(folder)
+                    continue
+                plan.folders.append(None if canonical == "INBOX" else canonical)
+            elif isinstance(action, Redirect):
+                plan.redirects.append(action.address)
+            elif isinstance(action, Reject):
+                # Not carried out yet: keeping is the safe side (nothing lost).
+                plan.folders.append(folder)
+                plan.notes.append("sieve reject not supported yet, kept")
+            elif isinstance(action, Discard):
+                pass
+        plan.folders = list(dict.fromkeys(plan.folders))
+        if not plan.folders and not plan.redirects:
+            plan.notes.append("discarded by sieve")
+        return plan

@@ -1,0 +1,130 @@
+"""Sieve at local delivery (mailgw.sieve.delivery through routing.dispatch):
+an SMTP transaction for a user with an active script files, discards or
+redirects the copy; a broken script keeps it (RFC 5228 §2.10.6)."""
+from __future__ import annotations
+
+import pytest
+from twisted.logger import Logger
+
+from mailgw.durable import DurableWriter
+from mailgw.routing.dispatch import Router
+from mailgw.sieve.delivery import AFTER, BEFORE, GLOBAL_DIRECTORY, SieveStage
+from mailgw.sieve.interpreter import compile_script
+from mailgw.sieve.scripts import ScriptStore
+from mailgw.store.maildir import MaildirStore
+from smtp_harness import FakeUserDB, Session, make_config
+from threadless import ImmediatePool, ThreadlessClock
+
+
+class QuietWriter(DurableWriter):
+    def __init__(self):
+        super().__init__(reactor=ThreadlessClock(), threadpool=ImmediatePool())
+        self.log = Logger(observer=lambda event: None)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    root = tmp_path / "sieve"
+    scripts = ScriptStore(root, check=compile_script)
+    store = MaildirStore(tmp_path / "mail", writer=QuietWriter(), hostname="mx.example.test")
+    config = make_config()
+    router = Router(config, FakeUserDB())
+    router.sieve = SieveStage(scripts, root)
+
+    def deliver(subject=b"hi", to="alice@example.test"):
+        s = Session(store=store, router=router, config=config)
+        s.ehlo()
+        assert s.last("MAIL FROM:<carol@elsewhere.test>").startswith("250 ")
+        assert s.last(f"RCPT TO:<{to}>").startswith("250 ")
+        assert s.last("DATA").startswith("354 ")
+        reply = s.send(b"Subject: " + subject + b"\r\nX-Spam: yes\r\n\r\nbody\r\n.\r\n")[0]
+        assert reply.startswith("250 2.0.0"), reply
+        return s
+
+    def files(folder=""):
+        base = tmp_path / "mail" / "example.test" / "alice"
+        directory = base / folder / "new" if folder else base / "new"
+        return sorted(directory.iterdir()) if directory.exists() else []
+
+    def activate(text, user="alice@example.test"):
+        scripts.put(user, "main", text)
+        scripts.set_active(user, "main")
+
+    return type("Rig", (), {"deliver": staticmethod(deliver), "files": staticmethod(files),
+                            "activate": staticmethod(activate), "root": root, "store": store})
+
+
+def test_without_a_script_mail_goes_to_inbox(rig):
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+def test_fileinto_files_into_the_folder(rig):
+    rig.activate('require "fileinto"; if header :contains "subject" "report" { fileinto "Reports"; }')
+    rig.deliver(b"weekly report")
+    rig.deliver(b"lunch")
+    assert len(rig.files(".Reports")) == 1
+    assert len(rig.files()) == 1
+
+
+def test_discard_stores_nothing_but_still_answers_250(rig):
+    rig.activate("discard;")
+    rig.deliver()
+    assert rig.files() == []
+
+
+def test_redirect_goes_to_the_spool_with_the_original_recipient(rig):
+    rig.activate('redirect "dave@remote.test";')
+    s = rig.deliver()
+    assert rig.files() == []
+    ((_, envelope, _),) = s.spool.queued
+    assert [r["address"] for r in envelope["recipients"]] == ["dave@remote.test"]
+
+
+def test_redirect_copy_keeps_a_copy(rig):
+    rig.activate('require "copy"; redirect :copy "dave@remote.test";')
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+def test_a_script_broken_on_disk_keeps_the_mail(rig):
+    rig.activate("keep;")
+    path = next((rig.root / "example.test" / "alice" / "scripts").iterdir())
+    path.write_text('if header :nope "x" { discard; }')
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+def test_a_run_time_error_keeps_the_mail(rig):
+    rig.activate("".join(f'redirect "u{i}@remote.test";' for i in range(10)))
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+def test_a_folder_name_that_cannot_exist_keeps_the_mail(rig):
+    rig.activate('require "fileinto"; fileinto "../../etc";')
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+def test_global_before_script_runs_first(rig):
+    (rig.root / GLOBAL_DIRECTORY).mkdir(parents=True)
+    (rig.root / GLOBAL_DIRECTORY / BEFORE).write_text(
+        'require "fileinto"; if exists "x-spam" { fileinto "Junk"; stop; }')
+    rig.deliver()
+    assert len(rig.files(".Junk")) == 1 and rig.files() == []
+
+
+def test_global_after_script_runs_for_users_without_a_script(rig):
+    (rig.root / GLOBAL_DIRECTORY).mkdir(parents=True)
+    (rig.root / GLOBAL_DIRECTORY / AFTER).write_text('require "fileinto"; fileinto "Late";')
+    rig.deliver()
+    assert len(rig.files(".Late")) == 1
+
+
+def test_a_changed_script_is_picked_up(rig):
+    rig.activate('require "fileinto"; fileinto "One";')
+    rig.deliver()
+    rig.activate('require "fileinto"; fileinto "Two, longer name";')
+    rig.deliver()
+    assert len(rig.files(".One")) == 1 and len(rig.files(".Two, longer name")) == 1
