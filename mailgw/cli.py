@@ -10,6 +10,7 @@
     mailgw sendmail [-t] [-i] [-f ...]    submit a message from stdin, like sendmail(1)
     mailgw dkim keygen|list|activate|remove   DKIM signing keys and the records to publish
     mailgw doctor [DOMAIN]                the DNS and TLS checks before going live
+    mailgw sieve list|show|put|activate|check   users' Sieve scripts
     mailgw --version                      the installed version
 
 Each subcommand lives next to what it manages; this module only dispatches.
@@ -49,6 +50,11 @@ commands:
   dkim activate DOMAIN SELECTOR   sign with this key from now on (rotation, docs/dkim.md)
   dkim remove DOMAIN SELECTOR     delete a key that no longer signs
   doctor [DOMAIN] [--nameserver IP[:PORT]]   MX, PTR, SPF, DKIM, DMARC and TLS checks, with fixes
+  sieve list USER            a user's Sieve scripts, the active one marked
+  sieve show USER [NAME]     print a script (the active one without NAME)
+  sieve put USER NAME [FILE] store a script (refused with line and column if it does not compile)
+  sieve activate USER NAME   the script that runs at delivery ("" for none)
+  sieve check [FILE]         compile a script and say what is wrong
 
 options:
   --version                  print the version and exit
@@ -104,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "doctor":
         from mailgw.mailauth.doctor import doctor_main
         return doctor_main(rest)
+    if command == "sieve":
+        from mailgw.sieve.admin import sieve_main
+        return sieve_main(rest)
     if command == "sendmail":
         from mailgw.sendmail import main as sendmail_main
         return sendmail_main(rest)

@@ -182,6 +182,8 @@ class ScriptStore:
         """Create root/<domain>/<local>/scripts (mode 0700); the scripts dir."""
         user_dir = self._user_dir(user)
         scripts = user_dir / SCRIPTS_DIR
+        # The data directory itself may not exist yet (an admin command before the first start).
+        self._root.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
         for path in (self._root, user_dir.parent, user_dir, scripts):
             try:
                 os.mkdir(path, DIRECTORY_MODE)

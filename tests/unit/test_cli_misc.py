@@ -12,6 +12,7 @@ import pytest
 from mailgw import cli
 from mailgw.auth import admin as users_admin
 from mailgw.config import check_main
+from mailgw.sieve import admin as sieve_admin
 from mailgw.queue import admin as queue_admin
 from mailgw.routing import admin as routing_admin
 from mailgw.store import quota_admin
@@ -34,7 +35,8 @@ def subcommands(parser: argparse.ArgumentParser) -> list[str]:
 
 @pytest.mark.parametrize("group, parser", [("users", users_admin._parser), ("queue", queue_admin._parser),
                                            ("aliases", routing_admin._aliases_parser),
-                                           ("quota", quota_admin._parser)])
+                                           ("quota", quota_admin._parser),
+                                           ("sieve", sieve_admin._parser)])
 def test_help_lists_every_subcommand(capsys, group, parser):
     assert cli.main(["--help"]) == 0
     usage = capsys.readouterr().out
