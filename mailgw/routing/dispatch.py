@@ -210,7 +210,7 @@ class Dispatcher:
                     if self.sieve is not None else None
                 if plan is not None:
                     # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
-                    boxes.extend(mailbox if f is None else (mailbox, f) for f in plan.folders)
+                    boxes.extend((mailbox, f or "INBOX", plan.flags.get(f, ())) for f in plan.folders)
                     first = transaction.local[(mailbox, target_folder)][0]
                     redirects.extend((first, address) for address in plan.redirects)
                     sieved[(mailbox, target_folder)] = plan

@@ -12,9 +12,9 @@ unchanged one costs a stat. A script that no longer compiles, and every
 run-time error, give the implicit keep (RFC 5228 §2.10.6), logged once per
 script version.
 
-Not done yet (docs/sieve.md): imap4flags flags are not stored with the
-copy, reject/ereject and vacation are not carried out (the mail is kept and
-that is logged).
+imap4flags: the system flags of each copy are stored with it (keywords
+are not yet). Not done yet (docs/sieve.md): reject/ereject and vacation are
+not carried out (the mail is kept and that is logged).
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ _CACHE_SIZE = 4096
 
 @dataclass
 class Plan:
-    folders: list = field(default_factory=list)      # folder names; None is the target's own folder
+    folders: list = field(default_factory=list)      # folder names; None is INBOX
+    flags: dict = field(default_factory=dict)        # folder -> imap4flags flags of that copy
     redirects: list = field(default_factory=list)    # addresses
     notes: list = field(default_factory=list)        # what the log line should say
 
@@ -105,6 +106,7 @@ class SieveStage:
         for action in outcome.actions:
             if isinstance(action, Keep):
                 plan.folders.append(folder)
+                plan.flags[folder] = action.flags
             elif isinstance(action, FileInto):
                 try:
                     canonical, _ = folder_dirname(action.mailbox)
@@ -113,7 +115,9 @@ class SieveStage:
                     plan.notes.append(f"sieve fileinto {action.mailbox!r} refused, kept")
                     plan.folders.append(folder)
                     continue
-                plan.folders.append(None if canonical == "INBOX" else canonical)
+                target = None if canonical == "INBOX" else canonical
+                plan.folders.append(target)
+                plan.flags[target] = action.flags
             elif isinstance(action, Redirect):
                 plan.redirects.append(action.address)
             elif isinstance(action, Reject):

@@ -35,7 +35,7 @@ from zope.interface import implementer
 
 from mailgw.durable import DurableWriter
 from mailgw.interfaces import ILocalStore
-from mailgw.store.maildir_name import delivery_name, escape_hostname, unique_base
+from mailgw.store.maildir_name import FLAG_LETTERS, INFO, delivery_name, escape_hostname, unique_base
 from mailgw.store.names import folder_dirname
 
 # Lower-case only: "Alice" and "alice" must not become two mailboxes.
@@ -126,17 +126,21 @@ class MaildirStore:
     def deliver(self, mailboxes, message: bytes, lf: bool = False, return_path: str | None = None) -> Deferred:
         """Store `message` (CRLF; or already LF-only when `lf`, which saves a
         pass over big messages) in new/ of every mailbox, all or nothing.
-        A mailbox is an address (its INBOX) or an (address, folder) pair
-        (subaddress filing, routing.resolver); one copy per distinct pair.
+        A mailbox is an address (its INBOX), an (address, folder) pair
+        (subaddress filing, routing.resolver) or an (address, folder, flags)
+        triple (Sieve's imap4flags: the system flags go into the name's info,
+        which the folder keeps when it moves the file to cur/); one copy per
+        distinct target.
         With `return_path` (the envelope sender, "" for <>), each copy starts
         with Return-Path: and Delivered-To: its mailbox, so copies differ.
         Fires with the stored paths (one per distinct mailbox)."""
-        targets = [(box, None) if isinstance(box, str) else (box[0], box[1] if box[1] != "INBOX" else None)
+        targets = [(box, None, "") if isinstance(box, str) else
+                   (box[0], box[1] if box[1] != "INBOX" else None, _info(box[2] if len(box) > 2 else ()))
                    for box in mailboxes]
         targets = list(dict.fromkeys(targets))
-        addresses = list(dict.fromkeys(address for address, _ in targets))
+        addresses = list(dict.fromkeys(address for address, _, _ in targets))
         try:
-            directories = [self._mailbox_directories(address, folder) for address, folder in targets]
+            directories = [self._mailbox_directories(address, folder) for address, folder, _ in targets]
             if return_path is not None and not _HEADER_SAFE.fullmatch(return_path):
                 raise ValueError(f"unsafe return path: {return_path!r}")
         except ValueError:
@@ -150,15 +154,15 @@ class MaildirStore:
             stored, wire_size = message.replace(b"\r\n", b"\n"), len(message)
         if return_path is None:
             name = self._new_name(len(stored), wire_size)
-            writes = [(new, tmp, name, stored) for _, new, tmp in directories]
+            writes = [(new, tmp, name + info, stored) for (_, _, info), (_, new, tmp) in zip(targets, directories)]
         else:
             writes = []
-            for (address, _), (_, new, tmp) in zip(targets, directories):
+            for (address, _, info), (_, new, tmp) in zip(targets, directories):
                 # RFC 5321 §4.4: the final delivery adds Return-Path; Delivered-To (RFC 9228: a bare addr-spec)
                 # as Postfix's local(8), so a forwarding loop can be seen.
                 header = f"Return-Path: <{return_path}>\nDelivered-To: {address}\n".encode("utf-8")
                 data = header + stored
-                writes.append((new, tmp, self._new_name(len(data), wire_size + len(header) + 2), data))
+                writes.append((new, tmp, self._new_name(len(data), wire_size + len(header) + 2) + info, data))
 
         missing = [path for path in paths if path not in self._ready]
         if missing:
@@ -178,7 +182,7 @@ class MaildirStore:
         d.addErrback(forget)
         if self._quota is not None:
             per_address: dict[str, list[int]] = {}    # address -> [octets, messages]
-            for (address, _), (_, _, _, data) in zip(targets, writes):
+            for (address, _, _), (_, _, _, data) in zip(targets, writes):
                 totals = per_address.setdefault(address, [0, 0])
                 totals[0] += len(data)
                 totals[1] += 1
@@ -251,3 +255,10 @@ class MaildirStore:
         # deliveries within one (the clock may repeat or go back).
         return delivery_name(unique_base(self._clock(), self._pid, next(self._counter), self._host),
                              size, wire_size)
+
+
+def _info(flags) -> str:
+    """The Maildir info of the system flags among `flags` ("" for none).
+    Keywords have no letter of their own here (docs/store-format.md §3)."""
+    letters = "".join(sorted({FLAG_LETTERS[flag] for flag in flags if flag in FLAG_LETTERS}))
+    return INFO + letters if letters else ""

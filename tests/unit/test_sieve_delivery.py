@@ -128,3 +128,14 @@ def test_a_changed_script_is_picked_up(rig):
     rig.activate('require "fileinto"; fileinto "Two, longer name";')
     rig.deliver()
     assert len(rig.files(".One")) == 1 and len(rig.files(".Two, longer name")) == 1
+
+
+def test_imap4flags_system_flags_are_stored_with_the_copy(rig):
+    rig.activate('require ["imap4flags", "fileinto"]; addflag "\\\\Seen"; fileinto :flags "\\\\Flagged $Work" "Work";'
+                 ' keep;')
+    rig.deliver()
+    (inbox,) = rig.files()
+    (work,) = rig.files(".Work")
+    assert inbox.name.endswith(":2,S")
+    assert work.name.endswith(":2,F")     # keywords are not stored yet (docs/sieve.md)
+
