@@ -206,7 +206,9 @@ class Dispatcher:
                     filed[(mailbox, target_folder)] = \
                         self.router.resolver.folder_for(mailbox, quarantine) or quarantine
                     target_folder = filed[(mailbox, target_folder)]
-                plan = self.sieve.plan(mailbox, target_folder, message, sender_text) \
+                rcpts = transaction.local[(mailbox, target_folder)]
+                plan = self.sieve.plan(mailbox, target_folder, message, sender_text,
+                                       user_addresses=[str(r.recipient) for r in rcpts]) \
                     if self.sieve is not None else None
                 if plan is not None:
                     # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
@@ -241,6 +243,7 @@ class Dispatcher:
             failures = [result for ok, result in results if not ok]
             if not failures:
                 self._log_local(transaction, queue_id, started, filed if quarantine else None, sieved)
+                self._send_vacations(sieved)
                 return queue_id
             for ok, result in results:
                 if ok and isinstance(result, list):
@@ -249,6 +252,21 @@ class Dispatcher:
                     self.spool.discard(result)
             return failures[0]          # the first error becomes the reply
         return done.addCallback(settle)
+
+    def _send_vacations(self, sieved: dict) -> None:
+        """Sieve vacation replies go out once the message is committed, through
+        local submission: resolved, signed and queued as any message."""
+        if not any(plan.vacations for plan in sieved.values()):
+            return
+        from mailgw.routing.submit import LocalSubmission
+        config = self.router.config
+        submitter = LocalSubmission(router=self.router, store=self.store, spool=self.spool, clock=self.clock,
+                                    hostname=config.hostname, max_size=config.smtp.max_message_size,
+                                    max_recipients=config.smtp.max_recipients)
+        for (mailbox, _), plan in sieved.items():
+            if plan.vacations:
+                self.sieve.send_vacations(mailbox, plan, submitter.submit, hostname=config.hostname,
+                                          now=self.clock.seconds())
 
     def header_sender_refused(self, user: str, message: bytes) -> MailError | None:
         """RFC 5322 §3.6.2: the From: (and Sender:) of an authenticated user's

@@ -24,9 +24,10 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailgw.sieve import interpreter
-from mailgw.sieve.interpreter import Discard, FileInto, Keep, Limits, Redirect, Reject
+from mailgw.sieve.interpreter import Discard, FileInto, Keep, Limits, Redirect, Reject, Vacation
 from mailgw.sieve.message import SieveMessage
 from mailgw.sieve.scripts import ScriptStore, ScriptStoreError
+from mailgw.sieve.vacation import VacationTracker, compose
 from mailgw.store.names import folder_dirname
 
 GLOBAL_DIRECTORY = ".global"        # under <data_dir>/sieve: a domain directory never starts with "."
@@ -41,6 +42,7 @@ class Plan:
     flags: dict = field(default_factory=dict)        # folder -> imap4flags flags of that copy
     redirects: list = field(default_factory=list)    # addresses
     notes: list = field(default_factory=list)        # what the log line should say
+    vacations: list = field(default_factory=list)    # interpreter.Vacation, sent after the commit
 
 
 class SieveStage:
@@ -52,6 +54,7 @@ class SieveStage:
         self.limits = limits
         self.delimiter = delimiter
         self._cache: dict[Path, tuple[tuple, interpreter.Script | None]] = {}
+        self.vacations = VacationTracker(self.root)
 
     def _compiled(self, path: Path | None) -> interpreter.Script | None:
         if path is None:
@@ -85,16 +88,18 @@ class SieveStage:
         return [script for script in found if script is not None]
 
     def plan(self, mailbox: str, folder: str | None, message: bytes, sender: str,
-             original_recipient: str | None = None) -> Plan | None:
+             original_recipient: str | None = None, user_addresses=()) -> Plan | None:
         """Where `mailbox`'s copy goes; None when no script applies (the
         caller stores as before). Never raises for a script's sake."""
         scripts = self.scripts_for(mailbox)
         if not scripts:
             return None
         envelope = interpreter.Envelope(sender=sender, recipient=mailbox, original_recipient=original_recipient,
-                                        delimiter=self.delimiter)
+                                        delimiter=self.delimiter,
+                                        user_addresses=frozenset(a.lower() for a in (mailbox, *user_addresses)))
         try:
-            outcome = interpreter.run(scripts, SieveMessage.from_bytes(message), envelope, limits=self.limits)
+            parsed = SieveMessage.from_bytes(message)
+            outcome = interpreter.run(scripts, parsed, envelope, limits=self.limits)
         except Exception:
             # RFC 5228 §2.10.6: whatever happens, the mail is not lost.
             self.log.failure("sieve: run failed for {mailbox}, kept", mailbox=mailbox)
@@ -124,9 +129,35 @@ class SieveStage:
                 # Not carried out yet: keeping is the safe side (nothing lost).
                 plan.folders.append(folder)
                 plan.notes.append("sieve reject not supported yet, kept")
+            elif isinstance(action, Vacation):
+                plan.vacations.append((action, parsed))
             elif isinstance(action, Discard):
                 pass
         plan.folders = list(dict.fromkeys(plan.folders))
         if not plan.folders and not plan.redirects:
             plan.notes.append("discarded by sieve")
         return plan
+
+    def send_vacations(self, mailbox: str, plan: Plan, submit, *, hostname: str, now: float) -> None:
+        """After the commit: each vacation reply not already sent to this
+        sender within its period goes to `submit(sender, recipients, message,
+        origin=...)` (routing.submit.LocalSubmission) with the null sender
+        (RFC 3834 §3.3: so that nothing answers the answer). Best effort:
+        the original is delivered whatever happens here."""
+        for action, parsed in plan.vacations:
+            try:
+                if not self.vacations.claim(mailbox, action.handle, action.reply_to, action.seconds, now):
+                    self.log.info("sieve: vacation to <{to}> for {mailbox} not sent: replied within the period",
+                                  to=action.reply_to, mailbox=mailbox)
+                    continue
+                reply = compose(action, mailbox, parsed, hostname=hostname, now=now)
+                d = submit("", [action.reply_to], reply, origin={"login": f"sieve vacation of {mailbox}"})
+            except Exception:
+                self.log.failure("sieve: vacation reply for {mailbox} failed", mailbox=mailbox)
+                continue
+            d.addCallbacks(
+                lambda queue_id, to=action.reply_to: self.log.info(
+                    "sieve: vacation reply to <{to}> for {mailbox} queued as {queue_id}",
+                    to=to, mailbox=mailbox, queue_id=queue_id),
+                lambda failure: self.log.failure("sieve: vacation reply for {mailbox} refused", failure,
+                                                 mailbox=mailbox))

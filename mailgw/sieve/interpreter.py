@@ -13,7 +13,7 @@ nesting never grows Python's stack, and every step counts against
 time gives `Outcome.failed` with the reason and only an implicit keep:
 RFC 5228 §2.10.6, a failed script never loses the mail.
 
-Not here yet (docs/sieve.md): vacation, date/currentdate, index, include.
+Not here yet (docs/sieve.md): date/currentdate, index, include.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from mailgw.sieve.message import split_subaddress
 SUPPORTED_EXTENSIONS = (
     "fileinto", "mailbox", "reject", "ereject", "envelope", "imap4flags", "variables",
     "relational", "subaddress", "body", "regex", "copy", "comparator-i;ascii-numeric",
+    "vacation", "vacation-seconds",
 )
 COMPARATORS = {"i;octet", "i;ascii-casemap", "i;ascii-numeric"}
 MATCH_TYPES = {"is", "contains", "matches"}
@@ -78,12 +79,28 @@ class Discard:
 
 
 @dataclass(frozen=True)
+class Vacation:
+    """RFC 5230: a reply to send, if the durable record (mailgw.sieve.vacation)
+    says this sender has not had one for this handle within `seconds`.
+    The interpreter has already applied the rules that need no state."""
+    reply_to: str               # the envelope sender
+    reason: str
+    seconds: int
+    handle: str
+    subject: str | None = None
+    from_: str | None = None
+    mime: bool = False
+
+
+@dataclass(frozen=True)
 class Envelope:
     sender: str                 # "" for <>
     recipient: str              # the address delivered to (after alias resolution)
     original_recipient: str | None = None
     auth: str | None = None
     delimiter: str = "+"        # RFC 5233: the recipient delimiter of our domains
+    # RFC 5230 §4.5: the user's own addresses (aliases included), lower-case.
+    user_addresses: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -93,11 +110,17 @@ class Limits:
     max_steps: int = 100_000
     max_seconds: float = 1.0
     max_variable_size: int = 4096   # RFC 5229 §6: at least 1000 octets per variable
+    # RFC 5230 §4.1 / RFC 6131 §2: the period between replies to one sender is
+    # kept within these bounds (Pigeonhole: sieve_vacation_min_period 1d, max 60d,
+    # default 7d); :seconds may go lower, down to vacation_min_seconds.
+    vacation_default_days: int = 7
+    vacation_max_days: int = 60
+    vacation_min_seconds: int = 0
 
 
 @dataclass
 class Outcome:
-    actions: list = field(default_factory=list)     # Keep/FileInto/Redirect/Reject/Discard, in order
+    actions: list = field(default_factory=list)     # Keep/FileInto/Redirect/Reject/Vacation, in order
     failed: str | None = None                       # why the run gave up (then: implicit keep only)
 
     @property
@@ -139,7 +162,7 @@ _MATCH = {"is": None, "contains": None, "matches": None, "regex": None, "value":
           "count": "relation", "comparator": "string"}
 _ADDR_PARTS = {part: None for part in ADDRESS_PARTS}
 _GROUPS = (frozenset({"is", "contains", "matches", "regex", "value", "count"}), frozenset(ADDRESS_PARTS),
-           frozenset(BODY_TRANSFORMS))
+           frozenset(BODY_TRANSFORMS), frozenset({"days", "seconds"}))
 TESTS = {
     "true": _Signature((), {}),
     "false": _Signature((), {}),
@@ -164,9 +187,12 @@ COMMANDS = {
     "addflag": _Signature(("strings",), {}, "imap4flags", optional_first=True),
     "removeflag": _Signature(("strings",), {}, "imap4flags", optional_first=True),
     "set": _Signature(("string", "string"), {m: None for m in VARIABLE_MODIFIERS}, "variables"),
+    "vacation": _Signature(("string",), {"days": "number", "seconds": "number", "subject": "string",
+                                         "from": "string", "addresses": "strings", "mime": None,
+                                         "handle": "string"}, "vacation"),
 }
 # Tags that need an extension of their own.
-TAG_EXTENSIONS = {"copy": "copy", "create": "mailbox", "flags": "imap4flags", "regex": "regex",
+TAG_EXTENSIONS = {"seconds": "vacation-seconds", "copy": "copy", "create": "mailbox", "flags": "imap4flags", "regex": "regex",
                   "value": "relational", "count": "relational", "user": "subaddress", "detail": "subaddress"}
 CONTROL = {"if", "elsif", "else", "require"}
 
@@ -328,6 +354,10 @@ def _tag_value(node, tag: str):
     return None
 
 
+_VALUE_TAGS = frozenset({"comparator", "value", "count", "flags", "days", "seconds", "subject", "from",
+                         "addresses", "handle"})
+
+
 def _tags(node) -> dict:
     found = {}
     arguments = node.arguments
@@ -336,8 +366,7 @@ def _tags(node) -> dict:
         argument = arguments[i]
         if isinstance(argument, Tag):
             following = arguments[i + 1] if i + 1 < len(arguments) else None
-            takes = argument.name in ("comparator", "value", "count", "flags") or \
-                (argument.name == "content" and node.name == "body")
+            takes = argument.name in _VALUE_TAGS or (argument.name == "content" and node.name == "body")
             found[argument.name] = following if takes else True
             i += 2 if takes else 1
         else:
@@ -352,8 +381,7 @@ def _positional(node) -> list:
     while i < len(arguments):
         argument = arguments[i]
         if isinstance(argument, Tag):
-            takes = argument.name in ("comparator", "value", "count", "flags") or \
-                (argument.name == "content" and node.name == "body")
+            takes = argument.name in _VALUE_TAGS or (argument.name == "content" and node.name == "body")
             i += 2 if takes else 1
         else:
             out.append(argument)
@@ -489,6 +517,57 @@ class _Run:
                 self.flags = _apply_flags(name, self.flags, flags)
         elif name == "set":
             self.set_variable(command, tags, args)
+        elif name == "vacation":
+            self.vacation(tags, self.expand(args[0].values[0]))
+
+    def vacation(self, tags, reason: str) -> None:
+        """RFC 5230 §4.5-§4.6 and RFC 3834 §2: the rules that need no state; a
+        message that fails one gets no reply (and the script goes on)."""
+        if any(isinstance(a, Vacation) for a in self.actions):
+            raise SieveRuntimeError("vacation more than once")   # RFC 5230 §4.7
+        limits = self.limits
+        if "seconds" in tags:
+            seconds = max(limits.vacation_min_seconds, tags["seconds"].value)
+        else:
+            days = tags["days"].value if "days" in tags else limits.vacation_default_days
+            seconds = max(1, days) * 86400
+        seconds = min(seconds, limits.vacation_max_days * 86400)
+        subject = self.expand(tags["subject"].values[0]) if "subject" in tags else None
+        from_ = self.expand(tags["from"].values[0]) if "from" in tags else None
+        mime = "mime" in tags
+        # RFC 5230 §4.2: without :handle, the same reply text is the same handle.
+        handle = self.expand(tags["handle"].values[0]) if "handle" in tags else \
+            "\0".join([reason, subject or "", from_ or "", "mime" if mime else ""])
+        sender = self.envelope.sender
+        if not self.should_reply(sender, tags):
+            return
+        self.add(Vacation(sender, reason, seconds, handle, subject, from_, mime))
+
+    def should_reply(self, sender: str, tags) -> bool:
+        if not sender:
+            return False            # RFC 5230 §4.6: never to the null sender
+        mine = {a.lower() for a in self.envelope.user_addresses} | {self.envelope.recipient.lower()}
+        if "addresses" in tags:
+            mine |= {self.expand(a).lower() for a in tags["addresses"].values}
+        local = sender.rpartition("@")[0].lower()
+        if sender.lower() in mine:
+            return False            # RFC 5230 §4.6: not to ourselves
+        if local in ("mailer-daemon", "listserv", "majordomo", "postmaster") or \
+                local.startswith("owner-") or local.endswith("-request"):
+            return False            # RFC 5230 §4.6: not to list and system addresses
+        message = self.message
+        for value in message.headers("auto-submitted"):
+            if value.strip().split(";")[0].strip().lower() != "no":
+                return False        # RFC 3834 §2: never answer an automatic message
+        for value in message.headers("precedence"):
+            if value.strip().lower() in ("bulk", "list", "junk"):
+                return False
+        if any(name.lower().startswith("list-") for name in message.raw_header_names):
+            return False            # RFC 2369/2919: a list message
+        # RFC 5230 §4.5: only when one of the user's addresses is a recipient in the header.
+        seen = {a.all.lower() for h in ("to", "cc", "bcc", "resent-to", "resent-cc")
+                for a in message.addresses(h)}
+        return bool(seen & mine)
 
     def flag_argument(self, tags) -> frozenset:
         value = tags.get("flags")

@@ -31,13 +31,13 @@ def rig(tmp_path):
     router = Router(config, FakeUserDB())
     router.sieve = SieveStage(scripts, root)
 
-    def deliver(subject=b"hi", to="alice@example.test"):
+    def deliver(subject=b"hi", to="alice@example.test", headers=b"", sender="carol@elsewhere.test"):
         s = Session(store=store, router=router, config=config)
         s.ehlo()
-        assert s.last("MAIL FROM:<carol@elsewhere.test>").startswith("250 ")
+        assert s.last(f"MAIL FROM:<{sender}>").startswith("250 ")
         assert s.last(f"RCPT TO:<{to}>").startswith("250 ")
         assert s.last("DATA").startswith("354 ")
-        reply = s.send(b"Subject: " + subject + b"\r\nX-Spam: yes\r\n\r\nbody\r\n.\r\n")[0]
+        reply = s.send(headers + b"Subject: " + subject + b"\r\nX-Spam: yes\r\n\r\nbody\r\n.\r\n")[0]
         assert reply.startswith("250 2.0.0"), reply
         return s
 
@@ -139,3 +139,39 @@ def test_imap4flags_system_flags_are_stored_with_the_copy(rig):
     assert inbox.name.endswith(":2,S")
     assert work.name.endswith(":2,F")     # keywords are not stored yet (docs/sieve.md)
 
+
+
+VACATION = 'require "vacation"; vacation :days 1 :subject "Away" "I am away until Monday.";'
+TO_ALICE = b"To: Alice <alice@example.test>\r\nMessage-ID: <m1@elsewhere.test>\r\n"
+
+
+def replies(session):
+    return [(envelope, message) for _, envelope, message in session.spool.queued
+            if envelope["sender"] == ""]
+
+
+def test_vacation_answers_once_per_sender_per_period(rig):
+    rig.activate(VACATION)
+    first = rig.deliver(headers=TO_ALICE)
+    ((envelope, message),) = replies(first)
+    assert [r["address"] for r in envelope["recipients"]] == ["carol@elsewhere.test"]
+    assert b"\r\nAuto-Submitted: auto-replied" in message
+    assert b"\r\nSubject: Away\r\n" in message and b"\r\nIn-Reply-To: <m1@elsewhere.test>\r\n" in message
+    assert message.rstrip().endswith(b"I am away until Monday.")
+    assert replies(rig.deliver(headers=TO_ALICE)) == []          # the same sender, within the day
+    assert len(replies(rig.deliver(headers=TO_ALICE, sender="dave@elsewhere.test"))) == 1
+    assert len(rig.files()) == 3                                  # vacation keeps every message
+
+
+@pytest.mark.parametrize("headers, sender", [
+    (TO_ALICE + b"List-Id: <list.elsewhere.test>\r\n", "carol@elsewhere.test"),
+    (TO_ALICE + b"Precedence: bulk\r\n", "carol@elsewhere.test"),
+    (TO_ALICE + b"Auto-Submitted: auto-generated\r\n", "carol@elsewhere.test"),
+    (TO_ALICE, ""),
+    (TO_ALICE, "owner-list@elsewhere.test"),
+    (b"To: someone@elsewhere.test\r\n", "carol@elsewhere.test"),   # alice only in Bcc
+])
+def test_vacation_never_answers(rig, headers, sender):
+    rig.activate(VACATION)
+    assert replies(rig.deliver(headers=headers, sender=sender)) == []
+    assert len(rig.files()) == 1

@@ -290,3 +290,28 @@ def test_deep_nesting_does_not_recurse_in_python():
     depth = 60
     script = "if true {" * depth + "discard;" + "}" * depth
     assert actions(script) == []
+
+
+def test_vacation_period_and_handle():
+    from mailgw.sieve.interpreter import Vacation
+    envelope = Envelope(sender="alice@example.org", recipient="bob@example.com",
+                        user_addresses=frozenset({"me@example.com"}))
+    (vacation, keep) = actions('require "vacation"; vacation :days 3 :handle "h" "away";', envelope=envelope)
+    assert vacation == Vacation("alice@example.org", "away", 3 * 86400, "h") and keep == Keep()
+    (vacation, _) = actions('require ["vacation", "vacation-seconds"]; vacation :seconds 30 "away";',
+                            envelope=envelope)
+    assert vacation.seconds == 30
+    (vacation, _) = actions('require "vacation"; vacation :days 365 "x";', envelope=envelope)
+    assert vacation.seconds == 60 * 86400                       # clamped to the maximum
+    with pytest.raises(SieveSyntaxError):
+        compile_script('require "vacation"; vacation :seconds 30 "away";')     # needs vacation-seconds
+    with pytest.raises(SieveSyntaxError):
+        compile_script('require ["vacation", "vacation-seconds"]; vacation :days 1 :seconds 3 "x";')
+
+
+def test_vacation_addresses_make_a_recipient_mine():
+    envelope = Envelope(sender="alice@example.org", recipient="nobody@example.com")
+    assert actions('require "vacation"; vacation "x";', envelope=envelope) == [Keep()]
+    (vacation, _) = actions('require "vacation"; vacation :addresses ["carol@example.net"] "x";',
+                            envelope=envelope)
+    assert vacation.reply_to == "alice@example.org"

@@ -1,0 +1,2 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+redirect "carol@example.net";

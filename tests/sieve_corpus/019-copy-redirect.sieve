@@ -1,0 +1,3 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require "copy";
+redirect :copy "archive@example.net";

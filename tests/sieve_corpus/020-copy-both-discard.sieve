@@ -1,0 +1,5 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto", "copy"];
+fileinto :copy "Archive";
+redirect :copy "a@example.net";
+discard;

@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto"];
+if header :contains "subject" "" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

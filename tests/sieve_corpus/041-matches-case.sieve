@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto"];
+if header :matches "x-mixed" "mixed*case" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto", "relational", "comparator-i;ascii-numeric"];
+if header :value "gt" :comparator "i;ascii-numeric" "x-spam-score" "5" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

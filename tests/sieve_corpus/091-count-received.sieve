@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto", "relational", "comparator-i;ascii-numeric"];
+if header :count "eq" :comparator "i;ascii-numeric" "received" "2" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=customer@example.com message=messages/multipart.eml
+require ["fileinto", "body"];
+if body :content "text" :contains "<b>order</b>" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

@@ -1,0 +1,7 @@
+# envelope: from=alice@example.org to=customer@example.com message=messages/multipart.eml
+require ["fileinto", "body"];
+if body :text :matches "*Tracking code: TRK-????.*" {
+  fileinto "yes";
+} else {
+  fileinto "no";
+}

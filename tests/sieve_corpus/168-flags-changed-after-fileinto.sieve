@@ -1,0 +1,6 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto", "imap4flags"];
+addflag "early";
+fileinto "A";
+setflag "late";
+keep;

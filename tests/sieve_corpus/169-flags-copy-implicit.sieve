@@ -1,0 +1,4 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require ["fileinto", "imap4flags", "copy"];
+setflag "\\Seen";
+fileinto :copy :flags "x" "Archive";

@@ -1,0 +1,4 @@
+# envelope: from=alice@example.org to=bob+lists@example.com message=messages/plain.eml
+require "imap4flags";
+addflag "a";
+removeflag "a";
