@@ -212,9 +212,16 @@ class SieveMessage:
         for n, part in enumerate(self._parsed().walk()):
             if n >= MAX_PARTS or budget <= 0:
                 break
-            if part.is_multipart():
-                continue
             ctype = part.get_content_type().lower()
+            if part.is_multipart():
+                # RFC 5173 §5.2: a multipart that matches is searched in its
+                # prologue and epilogue (the text outside its body parts).
+                if transform == "content" and any(_type_matches(w, ctype) for w in wanted):
+                    text = "\n".join(t for t in (part.preamble, part.epilogue) if t)[:budget]
+                    if text:
+                        budget -= len(text)
+                        out.append(text)
+                continue
             if transform == "text":
                 if part.get_content_maintype().lower() != "text":
                     continue

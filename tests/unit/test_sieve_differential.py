@@ -35,11 +35,6 @@ INTENDED_DIFFERENCES: dict[str, str] = {
 KNOWN_BUGS: dict[str, str] = {
     "022-mailboxexists-inbox": "RFC 5490 `mailbox` is advertised but its `mailboxexists` test is "
                                "missing: compile_script refuses the script",
-    "118-body-content-empty-type": "body :content \"\" skips multipart parts, so their prologue "
-                                   "and epilogue are never searched (RFC 5173 §5.2)",
-    "119-body-content-multipart-preamble": "body :content \"multipart\" never matches: multipart "
-                                           "parts are skipped instead of searching their prologue "
-                                           "and epilogue (RFC 5173 §5.2)",
 }
 
 
