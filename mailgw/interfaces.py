@@ -183,3 +183,9 @@ class IFolder(Interface):
 
     def unsubscribe(listener):
         """Stop calling listener."""
+
+
+class ISieveAccount(Interface):
+    """The ManageSieve avatar (RFC 5804): whose scripts the session manages."""
+
+    address = Attribute("the logged-in user's canonical address, str, lower-cased")

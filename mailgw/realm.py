@@ -11,6 +11,7 @@ from twisted.mail import imap4, pop3, smtp
 from zope.interface import implementer
 
 from mailgw.imap.mailbox import IMAPAccount
+from mailgw.interfaces import ISieveAccount
 from mailgw.pop3.maildrop import Maildrop, MaildropLocks
 from mailgw.smtp.inbound import Router, SMTPDelivery
 
@@ -46,6 +47,11 @@ class MailRealm:
             account = IMAPAccount(self._mailbox(avatarId, "IMAP"), learner=self.learner,
                                   junk_folder=self.junk_folder)
             return imap4.IAccount, account, account.logout
+        if ISieveAccount in interfaces:
+            if avatarId is ANONYMOUS:
+                raise UnauthorizedLogin("ManageSieve has no anonymous access")
+            address = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else str(avatarId)
+            return ISieveAccount, _SieveAccount(address.lower()), lambda: None
         raise NotImplementedError(f"no avatar for {interfaces!r}")
 
     def _mailbox(self, avatarId, protocol: str):
@@ -55,3 +61,11 @@ class MailRealm:
         if self.mail_store is None:
             raise NotImplementedError(f"no mail store configured for {protocol}")
         return self.mail_store.mailbox(avatarId)
+
+
+@implementer(ISieveAccount)
+class _SieveAccount:
+    """ManageSieve's avatar: only whose scripts; the server holds the ScriptStore."""
+
+    def __init__(self, address: str):
+        self.address = address

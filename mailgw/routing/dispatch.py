@@ -198,7 +198,9 @@ class Dispatcher:
         if transaction.local:
             # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
             boxes = []
-            for mailbox, target_folder in sorted(transaction.local, key=_target_order):
+            for key in sorted(transaction.local, key=_target_order):
+                mailbox, target_folder = key
+                rcpts = transaction.local[key]
                 if quarantine is not None:
                     # A quarantine verdict (DMARC p=quarantine) sends the copy to that
                     # folder: the user's own spelling of it if there is one, else it is
@@ -206,16 +208,14 @@ class Dispatcher:
                     filed[(mailbox, target_folder)] = \
                         self.router.resolver.folder_for(mailbox, quarantine) or quarantine
                     target_folder = filed[(mailbox, target_folder)]
-                rcpts = transaction.local[(mailbox, target_folder)]
                 plan = self.sieve.plan(mailbox, target_folder, message, sender_text,
                                        user_addresses=[str(r.recipient) for r in rcpts]) \
                     if self.sieve is not None else None
                 if plan is not None:
                     # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
                     boxes.extend((mailbox, f or "INBOX", plan.flags.get(f, ())) for f in plan.folders)
-                    first = transaction.local[(mailbox, target_folder)][0]
-                    redirects.extend((first, address) for address in plan.redirects)
-                    sieved[(mailbox, target_folder)] = plan
+                    redirects.extend((rcpts[0], address) for address in plan.redirects)
+                    sieved[key] = plan
                     continue
                 boxes.append(mailbox if target_folder is None else (mailbox, target_folder))
             if boxes:
