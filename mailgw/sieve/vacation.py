@@ -15,16 +15,15 @@ between a reply may be missing, never sent twice.
 from __future__ import annotations
 
 import hashlib
-import os
 from email.header import Header
 from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mailgw.durable import write_private
 from mailgw.store.maildir import split_mailbox_address
 
 RECORDS = "vacation"
-MAX_RECORDS_SCAN = 10_000
 
 
 class VacationTracker:
@@ -48,17 +47,7 @@ class VacationTracker:
         if until > now:
             return False
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = directory / f".{key}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{now + seconds:.0f}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        write_private(path, f"{now + seconds:.0f}\n".encode("ascii"))
         return True
 
 
