@@ -262,6 +262,7 @@ class ServerParts:
                                  lockout_failures=smtp.auth_lockout_failures, lockout_time=smtp.auth_lockout_time)
         self.quota.reconfigure(config.quota, check_interval=config.routing.check_interval)
         router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        router.local_submission = LocalSubmission
         # One resolver for every lookup: MX, SPF, DKIM, DMARC, reverse DNS.
         resolver = build_resolver(config)
         self.mail_dns = MailDNS(resolver, clock=reactor, timeout=config.dns.timeout)

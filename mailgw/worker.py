@@ -28,6 +28,7 @@ from mailgw.realm import MailRealm
 from mailgw.mailauth.dns import MailDNS
 from mailgw.mailauth.stages import build_resolver, build_stages
 from mailgw.routing.dispatch import build_router
+from mailgw.routing.submit import LocalSubmission
 from mailgw.store.maildir import MaildirStore
 from mailgw.store.quota import Quota
 from mailgw.iopool import IOThreadPool
@@ -130,6 +131,7 @@ class WorkerParts:
             else:
                 self.userdb.refresh_now()
         router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        router.local_submission = LocalSubmission
         mail_dns = MailDNS(build_resolver(config), clock=reactor, timeout=config.dns.timeout)
         router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor,
                                      threadpool=self.io_pool)

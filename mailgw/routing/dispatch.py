@@ -50,6 +50,9 @@ class Router:
         self.quota = quota                # IQuota or None (no limits)
         self.srs = srs                    # SRS or None: forwards keep their sender
         self.sieve = None                 # mailgw.sieve.delivery.SieveStage or None (no filters)
+        # routing.submit.LocalSubmission (the class), given by whoever builds the
+        # router: Sieve vacation replies enter through it, as `mailgw sendmail` does.
+        self.local_submission = None
         # The checks and modifiers stages (mailgw.mailauth.stages.AuthenticationStage);
         # None: messages go from resolution straight to their targets.
         self.stages = stages
@@ -258,9 +261,12 @@ class Dispatcher:
         local submission: resolved, signed and queued as any message."""
         if not any(plan.vacations for plan in sieved.values()):
             return
-        from mailgw.routing.submit import LocalSubmission
+        make_submission = self.router.local_submission
+        if make_submission is None:
+            self.log.warn("sieve: vacation replies not sent: no local submission on this router")
+            return
         config = self.router.config
-        submitter = LocalSubmission(router=self.router, store=self.store, spool=self.spool, clock=self.clock,
+        submitter = make_submission(router=self.router, store=self.store, spool=self.spool, clock=self.clock,
                                     hostname=config.hostname, max_size=config.smtp.max_message_size,
                                     max_recipients=config.smtp.max_recipients)
         for (mailbox, _), plan in sieved.items():

@@ -8,6 +8,7 @@ from twisted.logger import Logger
 
 from mailgw.durable import DurableWriter
 from mailgw.routing.dispatch import Router
+from mailgw.routing.submit import LocalSubmission
 from mailgw.sieve.delivery import AFTER, BEFORE, GLOBAL_DIRECTORY, SieveStage
 from mailgw.sieve.interpreter import compile_script
 from mailgw.sieve.scripts import ScriptStore
@@ -30,6 +31,7 @@ def rig(tmp_path):
     config = make_config()
     router = Router(config, FakeUserDB())
     router.sieve = SieveStage(scripts, root)
+    router.local_submission = LocalSubmission
 
     def deliver(subject=b"hi", to="alice@example.test", headers=b"", sender="carol@elsewhere.test"):
         s = Session(store=store, router=router, config=config)
