@@ -24,7 +24,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from mailgw.sieve import interpreter
-from mailgw.sieve.interpreter import Discard, FileInto, Keep, Limits, Redirect, Reject, Vacation
+from mailgw.sieve.interpreter import FileInto, Keep, Limits, Redirect, Reject, Vacation
 from mailgw.sieve.message import SieveMessage
 from mailgw.sieve.scripts import ScriptStore, ScriptStoreError
 from mailgw.sieve.vacation import VacationTracker, compose
@@ -131,8 +131,6 @@ class SieveStage:
                 plan.notes.append("sieve reject not supported yet, kept")
             elif isinstance(action, Vacation):
                 plan.vacations.append((action, parsed))
-            elif isinstance(action, Discard):
-                pass
         plan.folders = list(dict.fromkeys(plan.folders))
         if not plan.folders and not plan.redirects:
             plan.notes.append("discarded by sieve")

@@ -31,12 +31,8 @@ SUPPORTED_EXTENSIONS = (
     "relational", "subaddress", "body", "regex", "copy", "comparator-i;ascii-numeric",
     "vacation", "vacation-seconds",
 )
-COMPARATORS = {"i;octet", "i;ascii-casemap", "i;ascii-numeric"}
-MATCH_TYPES = {"is", "contains", "matches"}
-EXTENSION_MATCH_TYPES = {"regex": "regex", "value": "relational", "count": "relational"}
-RELATIONS = {"gt", "ge", "lt", "le", "eq", "ne"}
-ADDRESS_PARTS = {"localpart": None, "domain": None, "all": None, "user": "subaddress", "detail": "subaddress"}
-BODY_TRANSFORMS = {"raw", "text", "content"}
+ADDRESS_PARTS = ("localpart", "domain", "all", "user", "detail")
+MATCH_TAGS = ("is", "contains", "matches", "regex", "value", "count")
 VARIABLE_MODIFIERS = {  # RFC 5229 §4.1: precedence, highest applied last
     "lower": 40, "upper": 40, "lowerfirst": 30, "upperfirst": 30, "quotewildcard": 20, "length": 10,
 }
@@ -71,11 +67,6 @@ class Redirect:
 class Reject:
     reason: str
     extended: bool = False      # ereject (RFC 5429 §2.1): refuse in the protocol where possible
-
-
-@dataclass(frozen=True)
-class Discard:
-    pass
 
 
 @dataclass(frozen=True)
@@ -123,16 +114,15 @@ class Outcome:
     actions: list = field(default_factory=list)     # Keep/FileInto/Redirect/Reject/Vacation, in order
     failed: str | None = None                       # why the run gave up (then: implicit keep only)
 
-    @property
-    def kept(self) -> bool:
-        return any(isinstance(a, Keep) for a in self.actions)
-
 
 @dataclass(frozen=True)
 class Script:
     name: str
     commands: tuple
     required: frozenset
+    # id(command or test) -> (tags, positional arguments), split once by the
+    # checker against the signature, so a run never parses an argument list.
+    arguments: dict = field(default_factory=dict, compare=False)
 
 
 # -- compiling ----------------------------------------------------------------------
@@ -140,9 +130,9 @@ class Script:
 def compile_script(text: str | bytes, *, name: str = "script", max_size: int = 1 << 20) -> Script:
     """The checked script, or SieveSyntaxError with the line and column."""
     commands = grammar.parse(text, max_size=max_size)
-    required: set[str] = set()
-    _Checker(required).block(commands, top=True)
-    return Script(name, commands, frozenset(required))
+    checker = _Checker()
+    checker.block(commands, top=True)
+    return Script(name, commands, frozenset(checker.required), checker.split)
 
 
 def _error(node, message: str) -> SieveSyntaxError:
@@ -154,15 +144,15 @@ class _Signature:
     positional: tuple           # "string" | "strings" | "number" per positional argument
     tags: dict                  # tag -> None (flag) | "string" | "strings" | "number" | "relation"
     extension: str | None = None
-    groups: tuple = ()          # mutually exclusive tag groups (match type, address part...)
     optional_first: bool = False    # RFC 5232 §3: [<variablename>] before the flag list
 
 
 _MATCH = {"is": None, "contains": None, "matches": None, "regex": None, "value": "relation",
           "count": "relation", "comparator": "string"}
 _ADDR_PARTS = {part: None for part in ADDRESS_PARTS}
-_GROUPS = (frozenset({"is", "contains", "matches", "regex", "value", "count"}), frozenset(ADDRESS_PARTS),
-           frozenset(BODY_TRANSFORMS), frozenset({"days", "seconds"}))
+# Tags of which one command or test may carry only one.
+_GROUPS = (frozenset(MATCH_TAGS), frozenset(ADDRESS_PARTS), frozenset({"raw", "text", "content"}),
+           frozenset({"days", "seconds"}))
 TESTS = {
     "true": _Signature((), {}),
     "false": _Signature((), {}),
@@ -194,12 +184,12 @@ COMMANDS = {
 # Tags that need an extension of their own.
 TAG_EXTENSIONS = {"seconds": "vacation-seconds", "copy": "copy", "create": "mailbox", "flags": "imap4flags", "regex": "regex",
                   "value": "relational", "count": "relational", "user": "subaddress", "detail": "subaddress"}
-CONTROL = {"if", "elsif", "else", "require"}
 
 
 class _Checker:
-    def __init__(self, required: set):
-        self.required = required
+    def __init__(self):
+        self.required: set[str] = set()
+        self.split: dict[int, tuple[dict, list]] = {}
 
     def block(self, commands, *, top: bool = False) -> None:
         stack = [(list(commands), top, 0)]
@@ -280,6 +270,7 @@ class _Checker:
         self.need(signature.extension, node)
         arguments = list(node.arguments)
         seen: set[str] = set()
+        tags: dict = {}             # tag -> its value node, or True for a flag tag
         positional = []
         i = 0
         while i < len(arguments):
@@ -296,18 +287,19 @@ class _Checker:
                         raise _error(argument, f"tag :{argument.name} conflicts with :{min(seen & group)}")
                 seen.add(argument.name)
                 self.need(TAG_EXTENSIONS.get(argument.name), argument)
-                if node.name == "body" and argument.name in ("raw", "text", "content"):
-                    pass
                 kind = signature.tags[argument.name]
+                tags[argument.name] = True
                 if kind is not None:
                     i += 1
                     if i >= len(arguments):
                         raise _error(argument, f"tag :{argument.name} needs a value")
                     self.value(arguments[i], kind, argument)
+                    tags[argument.name] = arguments[i]
                 i += 1
                 continue
             positional.append(argument)
             i += 1
+        self.split[id(node)] = (tags, list(positional))
         if signature.optional_first and len(positional) == len(signature.positional) + 1:
             self.need("variables", node)
             self.value(positional.pop(0), "strings", node)
@@ -316,20 +308,23 @@ class _Checker:
                                f"got {len(positional)}")
         for argument, kind in zip(positional, signature.positional):
             self.value(argument, kind, node)
-        if "comparator" in seen:
-            comparator = _tag_value(node, "comparator").values[0]
-            if comparator not in COMPARATORS:
-                raise _error(node, f"unknown comparator {comparator!r}")
+        comparator = tags["comparator"].values[0] if "comparator" in tags else "i;ascii-casemap"
+        if "comparator" in tags:
+            match_type = next((m for m in MATCH_TAGS if m in tags), "is")
+            try:
+                # RFC 5228 §2.7.3: an unknown comparator, or one that cannot do the match type, is an error.
+                matching.check_comparator(comparator, "is" if match_type == "count" else match_type)
+            except ValueError as error:
+                raise _error(tags["comparator"], str(error)) from None
             if comparator == "i;ascii-numeric":
                 self.need("comparator-i;ascii-numeric", node)
         if "regex" in seen:
-            comparator = _tag_value(node, "comparator")
             keys = positional[-1].values
             for key in keys:
                 if "${" in key and "variables" in self.required:
                     continue        # expanded at run time, checked then
                 try:
-                    matching.check_regex(key, comparator.values[0] if comparator else "i;ascii-casemap")
+                    matching.check_regex(key, comparator)
                 except ValueError as error:
                     raise _error(positional[-1], f"bad regex {key!r}: {error}") from None
 
@@ -342,51 +337,8 @@ class _Checker:
                 raise _error(argument, f"{node.name} expects a string")
             if kind in ("string", "relation") and argument.is_list and len(argument.values) != 1:
                 raise _error(argument, f"{node.name} expects one string, not a list")
-            if kind == "relation" and argument.values[0].lower() not in RELATIONS:
+            if kind == "relation" and argument.values[0].lower() not in matching.RELATIONS:
                 raise _error(argument, f"unknown relation {argument.values[0]!r}")
-
-
-def _tag_value(node, tag: str):
-    arguments = node.arguments
-    for i, argument in enumerate(arguments):
-        if isinstance(argument, Tag) and argument.name == tag and i + 1 < len(arguments):
-            return arguments[i + 1]
-    return None
-
-
-_VALUE_TAGS = frozenset({"comparator", "value", "count", "flags", "days", "seconds", "subject", "from",
-                         "addresses", "handle"})
-
-
-def _tags(node) -> dict:
-    found = {}
-    arguments = node.arguments
-    i = 0
-    while i < len(arguments):
-        argument = arguments[i]
-        if isinstance(argument, Tag):
-            following = arguments[i + 1] if i + 1 < len(arguments) else None
-            takes = argument.name in _VALUE_TAGS or (argument.name == "content" and node.name == "body")
-            found[argument.name] = following if takes else True
-            i += 2 if takes else 1
-        else:
-            i += 1
-    return found
-
-
-def _positional(node) -> list:
-    out = []
-    arguments = node.arguments
-    i = 0
-    while i < len(arguments):
-        argument = arguments[i]
-        if isinstance(argument, Tag):
-            takes = argument.name in _VALUE_TAGS or (argument.name == "content" and node.name == "body")
-            i += 2 if takes else 1
-        else:
-            out.append(argument)
-            i += 1
-    return out
 
 
 # -- running ------------------------------------------------------------------------
@@ -423,6 +375,7 @@ class _Run:
         self.variables: dict[str, str] = {}
         self.match_variables: tuple[str, ...] = ()
         self.required: frozenset = frozenset()
+        self.arguments: dict = {}
         self.redirects = 0
 
     def outcome(self) -> Outcome:
@@ -440,6 +393,7 @@ class _Run:
 
     def execute(self, script: Script) -> None:
         self.required = script.required
+        self.arguments = script.arguments
         self.variables = {}
         self.match_variables = ()
         stack = [iter(script.commands)]
@@ -478,8 +432,7 @@ class _Run:
 
     def action(self, command: Command) -> None:
         name = command.name
-        tags = _tags(command)
-        args = _positional(command)
+        tags, args = self.arguments[id(command)]
         if name == "keep":
             self.add(Keep(self.flag_argument(tags)))
             self.implicit_keep = False
@@ -671,8 +624,7 @@ class _Run:
             return True
         if name == "false":
             return False
-        tags = _tags(test)
-        args = _positional(test)
+        tags, args = self.arguments[id(test)]
         if name == "exists":
             return all(self.message.headers(h) for h in self.expanded(args[0].values))
         if name == "size":

@@ -315,3 +315,11 @@ def test_vacation_addresses_make_a_recipient_mine():
     (vacation, _) = actions('require "vacation"; vacation :addresses ["carol@example.net"] "x";',
                             envelope=envelope)
     assert vacation.reply_to == "alice@example.org"
+
+
+def test_a_comparator_that_cannot_do_the_match_type_is_refused_at_compile_time():
+    # RFC 5228 §2.7.3 / RFC 4790 §9.1: i;ascii-numeric has no substring match.
+    with pytest.raises(SieveSyntaxError) as raised:
+        compile_script('require "comparator-i;ascii-numeric";\n'
+                       'if header :contains :comparator "i;ascii-numeric" "x" "1" { keep; }')
+    assert (raised.value.line, raised.value.column) == (2, 33)     # at the comparator's name
