@@ -261,7 +261,7 @@ class ServerParts:
         self.checker.reconfigure(self.userdb, failure_delay=smtp.auth_failure_delay, max_delay=smtp.auth_max_delay,
                                  lockout_failures=smtp.auth_lockout_failures, lockout_time=smtp.auth_lockout_time)
         self.quota.reconfigure(config.quota, check_interval=config.routing.check_interval)
-        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota, threadpool=self.io_pool)
         router.local_submission = LocalSubmission
         # One resolver for every lookup: MX, SPF, DKIM, DMARC, reverse DNS.
         resolver = build_resolver(config)

@@ -130,7 +130,7 @@ class WorkerParts:
                 self.userdb = UserFile(config.users_file, threadpool=self.io_pool, reactor=reactor)
             else:
                 self.userdb.refresh_now()
-        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota)
+        router = build_router(config, self.userdb, reactor=reactor, quota=self.quota, threadpool=self.io_pool)
         router.local_submission = LocalSubmission
         mail_dns = MailDNS(build_resolver(config), clock=reactor, timeout=config.dns.timeout)
         router.stages = build_stages(config, router=router, mail_dns=mail_dns, reactor=reactor,

@@ -113,7 +113,7 @@ class Transaction:
         return tuple(dict.fromkeys(str(rcpt.recipient) for rcpt in rcpts))
 
 
-def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None) -> Router:
+def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None, threadpool=None) -> Router:
     """The production Router: the alias file, SRS with the data directory's
     secret, and the quota. The main process and each SMTP worker build one."""
     from mailgw.routing import srs as srs_module
@@ -123,19 +123,24 @@ def build_router(config: Config, userdb: IUserDB, *, reactor, quota=None) -> Rou
                          clock=reactor.seconds, max_age_days=routing.srs_max_age)
     resolver = Resolver.from_config(config, userdb, clock=reactor, srs=srs)
     router = Router(config, userdb, resolver, quota=quota, srs=srs)
-    router.sieve = build_sieve(config)
+    router.sieve = build_sieve(config, reactor=reactor, threadpool=threadpool)
     return router
 
 
-def build_sieve(config: Config):
-    """The Sieve stage over <data_dir>/sieve (mailgw.sieve.delivery)."""
+def build_sieve(config: Config, *, reactor, threadpool=None):
+    """The Sieve stage over <data_dir>/sieve (mailgw.sieve.delivery); its
+    file I/O and script runs in `threadpool` (inline without one)."""
+    from twisted.internet.threads import deferToThreadPool
+
     from mailgw.sieve.delivery import SieveStage
     from mailgw.sieve.interpreter import compile_script
     from mailgw.sieve.scripts import ScriptStore
 
     root = config.data_dir / "sieve"
     store = ScriptStore(root, check=compile_script)
-    return SieveStage(store, root, delimiter=config.recipient_delimiter or "+")
+    run_in_thread = None if threadpool is None else \
+        (lambda f, *args: deferToThreadPool(reactor, threadpool, f, *args))
+    return SieveStage(store, root, delimiter=config.recipient_delimiter or "+", run_in_thread=run_in_thread)
 
 
 class Dispatcher:
@@ -191,38 +196,55 @@ class Dispatcher:
 
     def _write(self, transaction: Transaction, message: bytes, queue_id: str, *, lf: bool,
                client: EnvelopeClient | dict, quarantine: str | None = None):
-        work = []
-        filed: dict = {}            # (mailbox, folder) -> the folder a quarantined copy went to
         started = self.clock.seconds()
+        filed: dict = {}            # (mailbox, folder) -> the folder a quarantined copy went to
+        targets = []                # (key in transaction.local, mailbox, the folder it goes to, its RCPTs)
+        for key in sorted(transaction.local, key=_target_order):
+            mailbox, folder = key
+            if quarantine is not None:
+                # A quarantine verdict (DMARC p=quarantine) sends the copy to that
+                # folder: the user's own spelling of it if there is one, else it is
+                # made (as Dovecot's autocreate does for Junk).
+                folder = filed[key] = self.router.resolver.folder_for(mailbox, quarantine) or quarantine
+            targets.append((key, mailbox, folder, transaction.local[key]))
+        if self.sieve is None or not targets:
+            return self._write_targets(transaction, message, queue_id, lf, client, targets, {}, started,
+                                       filed if quarantine else None)
+        sender = str(transaction.mail_from.sender) if transaction.mail_from.sender else ""
+        d = self.sieve.plans([(key, mailbox, folder, [str(r.recipient) for r in rcpts])
+                              for key, mailbox, folder, rcpts in targets], message, sender)
+
+        def unfiltered(failure):
+            # RFC 5228 §2.10.6: whatever went wrong, the mail is delivered (unfiltered).
+            self.log.failure("{queue_id}: sieve stage failed, delivering without filters", failure,
+                             queue_id=queue_id)
+            return {}
+        d.addErrback(unfiltered)
+        return d.addCallback(lambda plans: self._write_targets(transaction, message, queue_id, lf, client,
+                                                               targets, plans, started,
+                                                               filed if quarantine else None))
+
+    def _write_targets(self, transaction: Transaction, message: bytes, queue_id: str, lf: bool,
+                       client: EnvelopeClient | dict, targets: list, plans: dict, started: float,
+                       quarantined: dict | None):
+        work = []
         sender = transaction.mail_from.sender
         sender_text = str(sender) if sender else ""
         redirects: list = []            # (the RCPT, the address) of Sieve redirects
-        sieved: dict = {}               # (mailbox, folder) -> the Sieve plan its copy followed
-        if transaction.local:
+        sieved: dict = {}               # key -> the Sieve plan its copy followed
+        boxes = []
+        for key, mailbox, folder, rcpts in targets:
+            plan = plans.get(key)
+            if plan is not None:
+                # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
+                boxes.extend((mailbox, f or "INBOX", plan.flags.get(f, ())) for f in plan.folders)
+                redirects.extend((rcpts[0], address) for address in plan.redirects)
+                sieved[key] = plan
+            else:
+                boxes.append(mailbox if folder is None else (mailbox, folder))
+        if boxes:
             # RFC 5321 §4.4: the delivering MTA records the reverse-path as Return-Path.
-            boxes = []
-            for key in sorted(transaction.local, key=_target_order):
-                mailbox, target_folder = key
-                rcpts = transaction.local[key]
-                if quarantine is not None:
-                    # A quarantine verdict (DMARC p=quarantine) sends the copy to that
-                    # folder: the user's own spelling of it if there is one, else it is
-                    # made (as Dovecot's autocreate does for Junk).
-                    filed[(mailbox, target_folder)] = \
-                        self.router.resolver.folder_for(mailbox, quarantine) or quarantine
-                    target_folder = filed[(mailbox, target_folder)]
-                plan = self.sieve.plan(mailbox, target_folder, message, sender_text,
-                                       user_addresses=[str(r.recipient) for r in rcpts]) \
-                    if self.sieve is not None else None
-                if plan is not None:
-                    # The Sieve stage (mailgw.sieve.delivery) decided where this copy goes.
-                    boxes.extend((mailbox, f or "INBOX", plan.flags.get(f, ())) for f in plan.folders)
-                    redirects.extend((rcpts[0], address) for address in plan.redirects)
-                    sieved[key] = plan
-                    continue
-                boxes.append(mailbox if target_folder is None else (mailbox, target_folder))
-            if boxes:
-                work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
+            work.append(self.store.deliver(boxes, message, lf=lf, return_path=sender_text))
         # The spool keeps the SMTP wire form (docs/spool-format.md).
         wire = None
         forwards = transaction.forwards + redirects
@@ -245,7 +267,7 @@ class Dispatcher:
         def settle(results):
             failures = [result for ok, result in results if not ok]
             if not failures:
-                self._log_local(transaction, queue_id, started, filed if quarantine else None, sieved)
+                self._log_local(transaction, queue_id, started, quarantined, sieved)
                 self._send_vacations(sieved)
                 return queue_id
             for ok, result in results:

@@ -3,7 +3,7 @@
 decide where the copy goes (design.md §5: after the checks and modifiers,
 before the store).
 
-    Dispatcher._write -> SieveStage.plan(mailbox, folder, message, sender)
+    Dispatcher._write -> SieveStage.plans(targets, message, sender)   (in the I/O pool)
                       -> Plan(folders to store into, addresses to redirect to)
 
 Scripts are compiled once and cached by (path, mtime, size, inode), so a
@@ -13,14 +13,16 @@ run-time error, give the implicit keep (RFC 5228 §2.10.6), logged once per
 script version.
 
 imap4flags: the system flags of each copy are stored with it (keywords
-are not yet). Not done yet (docs/sieve.md): reject/ereject and vacation are
-not carried out (the mail is kept and that is logged).
+are not yet). Vacation replies go out after the commit (`send_vacations`).
+Not done yet (docs/sieve.md): reject/ereject are not carried out (the mail
+is kept and that is logged).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.sieve import interpreter
@@ -48,8 +50,12 @@ class Plan:
 class SieveStage:
     log = Logger()
 
-    def __init__(self, store: ScriptStore, root: Path, *, limits: Limits = Limits(), delimiter: str = "+"):
+    def __init__(self, store: ScriptStore, root: Path, *, limits: Limits = Limits(), delimiter: str = "+",
+                 run_in_thread=None):
         self.store = store
+        # run_in_thread(f, *args) -> Deferred: the I/O pool in the server (script
+        # stats, reads, compiles and runs, vacation records); None runs inline (tests).
+        self.run_in_thread = run_in_thread or defer.maybeDeferred
         self.root = Path(root)
         self.limits = limits
         self.delimiter = delimiter
@@ -87,10 +93,30 @@ class SieveStage:
         found = [self._compiled(global_dir / BEFORE), self._compiled(personal), self._compiled(global_dir / AFTER)]
         return [script for script in found if script is not None]
 
-    def plan(self, mailbox: str, folder: str | None, message: bytes, sender: str,
+    def plans(self, targets, message: bytes, sender: str):
+        """Fires with {key: Plan or None} for `targets`, (key, mailbox, folder,
+        the addresses it was sent to) each, worked out in the thread pool:
+        finding and reading scripts is file I/O and running them is CPU work,
+        neither belongs on the reactor. The message is parsed once, and only
+        when some target has a script."""
+        return self.run_in_thread(self._plans_now, list(targets), message, sender)
+
+    def _plans_now(self, targets, message: bytes, sender: str) -> dict:
+        parsed = []
+
+        def parse():
+            if not parsed:
+                parsed.append(SieveMessage.from_bytes(message))
+            return parsed[0]
+        return {key: self.plan(mailbox, folder, parse, sender, user_addresses=addresses)
+                for key, mailbox, folder, addresses in targets}
+
+    def plan(self, mailbox: str, folder: str | None, message, sender: str,
              original_recipient: str | None = None, user_addresses=()) -> Plan | None:
         """Where `mailbox`'s copy goes; None when no script applies (the
-        caller stores as before). Never raises for a script's sake."""
+        caller stores as before). `message`: the bytes, or a callable giving
+        the parsed SieveMessage. Blocking (see `plans`); never raises for a
+        script's sake."""
         scripts = self.scripts_for(mailbox)
         if not scripts:
             return None
@@ -98,7 +124,7 @@ class SieveStage:
                                         delimiter=self.delimiter,
                                         user_addresses=frozenset(a.lower() for a in (mailbox, *user_addresses)))
         try:
-            parsed = SieveMessage.from_bytes(message)
+            parsed = message() if callable(message) else SieveMessage.from_bytes(message)
             outcome = interpreter.run(scripts, parsed, envelope, limits=self.limits)
         except Exception:
             # RFC 5228 §2.10.6: whatever happens, the mail is not lost.
@@ -143,19 +169,23 @@ class SieveStage:
         (RFC 3834 §3.3: so that nothing answers the answer). Best effort:
         the original is delivered whatever happens here."""
         for action, parsed in plan.vacations:
-            try:
-                if not self.vacations.claim(mailbox, action.handle, action.reply_to, action.seconds, now):
-                    self.log.info("sieve: vacation to <{to}> for {mailbox} not sent: replied within the period",
-                                  to=action.reply_to, mailbox=mailbox)
-                    continue
-                reply = compose(action, mailbox, parsed, hostname=hostname, now=now)
-                d = submit("", [action.reply_to], reply, origin={"login": f"sieve vacation of {mailbox}"})
-            except Exception:
-                self.log.failure("sieve: vacation reply for {mailbox} failed", mailbox=mailbox)
-                continue
-            d.addCallbacks(
-                lambda queue_id, to=action.reply_to: self.log.info(
-                    "sieve: vacation reply to <{to}> for {mailbox} queued as {queue_id}",
-                    to=to, mailbox=mailbox, queue_id=queue_id),
-                lambda failure: self.log.failure("sieve: vacation reply for {mailbox} refused", failure,
-                                                 mailbox=mailbox))
+            # The record is a small fsynced file: written in the thread pool.
+            d = self.run_in_thread(self._claim_and_compose, mailbox, action, parsed, hostname, now)
+            d.addCallback(self._submit_vacation, mailbox, action, submit)
+            d.addErrback(lambda failure: self.log.failure("sieve: vacation reply for {mailbox} failed", failure,
+                                                          mailbox=mailbox))
+
+    def _claim_and_compose(self, mailbox: str, action, parsed, hostname: str, now: float) -> bytes | None:
+        if not self.vacations.claim(mailbox, action.handle, action.reply_to, action.seconds, now):
+            return None
+        return compose(action, mailbox, parsed, hostname=hostname, now=now)
+
+    def _submit_vacation(self, reply: bytes | None, mailbox: str, action, submit):
+        if reply is None:
+            self.log.info("sieve: vacation to <{to}> for {mailbox} not sent: replied within the period",
+                          to=action.reply_to, mailbox=mailbox)
+            return None
+        d = submit("", [action.reply_to], reply, origin={"login": f"sieve vacation of {mailbox}"})
+        return d.addCallback(lambda queue_id: self.log.info(
+            "sieve: vacation reply to <{to}> for {mailbox} queued as {queue_id}",
+            to=action.reply_to, mailbox=mailbox, queue_id=queue_id))

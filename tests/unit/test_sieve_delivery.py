@@ -4,6 +4,7 @@ redirects the copy; a broken script keeps it (RFC 5228 §2.10.6)."""
 from __future__ import annotations
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from mailgw.durable import DurableWriter
@@ -30,7 +31,12 @@ def rig(tmp_path):
     store = MaildirStore(tmp_path / "mail", writer=QuietWriter(), hostname="mx.example.test")
     config = make_config()
     router = Router(config, FakeUserDB())
-    router.sieve = SieveStage(scripts, root)
+    threaded = []                   # what went through run_in_thread (the I/O pool in the server)
+
+    def run_in_thread(f, *args):
+        threaded.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+    router.sieve = SieveStage(scripts, root, run_in_thread=run_in_thread)
     router.local_submission = LocalSubmission
 
     def deliver(subject=b"hi", to="alice@example.test", headers=b"", sender="carol@elsewhere.test"):
@@ -53,7 +59,8 @@ def rig(tmp_path):
         scripts.set_active(user, "main")
 
     return type("Rig", (), {"deliver": staticmethod(deliver), "files": staticmethod(files),
-                            "activate": staticmethod(activate), "root": root, "store": store})
+                            "activate": staticmethod(activate), "root": root, "store": store,
+                            "threaded": threaded, "router": router})
 
 
 def test_without_a_script_mail_goes_to_inbox(rig):
@@ -177,3 +184,50 @@ def test_vacation_never_answers(rig, headers, sender):
     rig.activate(VACATION)
     assert replies(rig.deliver(headers=headers, sender=sender)) == []
     assert len(rig.files()) == 1
+
+
+def test_scripts_are_found_and_run_in_the_thread_pool_and_vacation_records_written_there(rig):
+    rig.activate(VACATION)
+    rig.deliver(headers=TO_ALICE)
+    assert rig.threaded == ["_plans_now", "_claim_and_compose"]
+
+
+def test_the_message_is_parsed_once_for_all_its_local_targets(rig, monkeypatch):
+    from mailgw.sieve import delivery
+    rig.activate("keep;")
+    rig.activate("keep;", user="bob@example.test")
+    parsed = []
+    real = delivery.SieveMessage.from_bytes
+    monkeypatch.setattr(delivery.SieveMessage, "from_bytes", lambda data: parsed.append(1) or real(data))
+    s = Session(store=rig.store, router=rig.router, config=rig.router.config)
+    s.ehlo()
+    assert s.last("MAIL FROM:<carol@elsewhere.test>").startswith("250 ")
+    for to in ("alice@example.test", "bob@example.test"):
+        assert s.last(f"RCPT TO:<{to}>").startswith("250 ")
+    assert s.last("DATA").startswith("354 ")
+    assert s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")[0].startswith("250 2.0.0")
+    assert parsed == [1]
+
+
+def test_a_failing_sieve_stage_delivers_unfiltered(rig):
+    rig.activate("discard;")
+    rig.router.sieve.run_in_thread = lambda f, *args: defer.fail(RuntimeError("pool gone"))
+    rig.deliver()
+    assert len(rig.files()) == 1
+
+
+@pytest.mark.parametrize("mime, reason, head_end", [
+    (False, "away\nsoon", b"Content-Transfer-Encoding: 8bit\r\n\r\naway\r\nsoon\r\n"),
+    # RFC 5230 §4.3 :mime: the reason brings its own entity headers.
+    (True, "Content-Type: text/plain\r\n\r\nhi", b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nhi\r\n"),
+])
+def test_vacation_reply_text(mime, reason, head_end):
+    from mailgw.sieve.interpreter import Vacation
+    from mailgw.sieve.message import SieveMessage
+    from mailgw.sieve.vacation import compose
+    original = SieveMessage.from_bytes(b"Subject: Lunch?\r\nMessage-ID: <q@x.test>\r\n\r\nbody\r\n")
+    reply = compose(Vacation("carol@x.test", reason, 86400, "h", mime=mime), "alice@example.test", original,
+                    hostname="mx.example.test", now=1.7e9)
+    assert reply.endswith(head_end)
+    assert b"\r\nSubject: Auto: Lunch?\r\n" in reply and b"\r\nIn-Reply-To: <q@x.test>\r\n" in reply
+    assert reply.count(b"Content-Type:") == 1
