@@ -24,12 +24,12 @@ from mailgw.interfaces import ISieveAccount
 from mailgw.session.core import CommandTable, LineSession, LoginFailed, LoginUnavailable
 from mailgw.session.listener import ListenerFactory
 from mailgw.sieve import scripts as scripts_module
-from mailgw.sieve.interpreter import SUPPORTED_EXTENSIONS, compile_script
+from mailgw.sieve.interpreter import SUPPORTED_EXTENSIONS, Limits, compile_script
 
 NONAUTH, AUTH, SASL = "nonauth", "auth", "sasl"
 IMPLEMENTATION = "mailgw"
-# RFC 5804 §1.7: MAXREDIRECTS, the redirects one script may do.
-MAX_REDIRECTS = 4
+# RFC 5804 §1.7: MAXREDIRECTS, the redirects one script may do (the interpreter's limit).
+MAX_REDIRECTS = Limits().max_redirects
 # Room beyond max_script_size for a literal (a name, a SASL response).
 LITERAL_SLACK = 16 * 1024
 # Server strings longer than this (or with CR/LF) go out as literals.

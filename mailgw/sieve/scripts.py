@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from mailgw.durable import fsync_directory
 from mailgw.store.maildir import split_mailbox_address
 
 FILE_MODE = 0o600
@@ -79,14 +80,6 @@ def _decode_name(encoded: str) -> str | None:
     return name if _encode_name(name) == encoded else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_text(path: Path) -> str:
     """The file's text; FileNotFoundError if absent. Never follows a symlink."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -95,7 +88,11 @@ def _read_text(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """tmp file in the same directory, fsync, rename over `path`, fsync dir."""
+    """tmp file in the same directory, fsync, rename over `path`, fsync dir.
+    Not durable.write_private: its tmp name is fixed (PATH.tmp), and the admin
+    command and the server may write one user's script at the same time from
+    two processes (the per-user lock is per process), so each write here has
+    its own O_EXCL tmp name and removes it on failure."""
     directory = path.parent
     tmp = directory / f".tmp-{secrets.token_hex(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
@@ -114,7 +111,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_directory(directory)
 
 
 class ScriptStore:
@@ -191,7 +188,7 @@ class ScriptStore:
                 pass
             else:
                 os.chmod(path, DIRECTORY_MODE)  # whatever the umask
-                _fsync_dir(path.parent)
+                fsync_directory(path.parent)
         return scripts
 
     def _names(self, user: str) -> dict[str, str]:
@@ -296,7 +293,7 @@ class ScriptStore:
                     os.unlink(user_dir / ACTIVE_FILE)
                 except FileNotFoundError:
                     return
-                _fsync_dir(user_dir)
+                fsync_directory(user_dir)
                 return
             if name not in self._names(user):
                 self._check_name(name)
@@ -313,7 +310,7 @@ class ScriptStore:
             if self._active_name(user) == name:
                 raise ActiveScriptError(f"script {name!r} is active")
             os.unlink(path)
-            _fsync_dir(path.parent)
+            fsync_directory(path.parent)
 
     def rename(self, user: str, old: str, new: str) -> None:
         """RFC 5804 §2.11.1 RENAMESCRIPT; the active pointer follows."""
@@ -331,8 +328,8 @@ class ScriptStore:
                 os.link(old_path, new_path, follow_symlinks=False)
             except FileExistsError:
                 raise ExistsError(f"script {new!r} exists") from None
-            _fsync_dir(new_path.parent)
+            fsync_directory(new_path.parent)
             if self._active_name(user) == old:
                 _write_atomic(self._user_dir(user) / ACTIVE_FILE, new.encode("utf-8"))
             os.unlink(old_path)
-            _fsync_dir(old_path.parent)
+            fsync_directory(old_path.parent)

@@ -72,15 +72,13 @@ def compose(action, user: str, message, *, hostname: str, now: float) -> bytes:
         lines.append(f"In-Reply-To: {message_id}")
         lines.append(f"References: {message_id}")
     lines.append("MIME-Version: 1.0")
-    if action.mime:
-        # RFC 5230 §4.3 :mime: the reason is a MIME entity, headers included.
-        head = "\r\n".join(lines)
-        body = action.reason.replace("\r\n", "\n").replace("\n", "\r\n")
-        return (head + "\r\n" + body + ("" if body.endswith("\r\n") else "\r\n")).encode("utf-8")
-    lines.append("Content-Type: text/plain; charset=utf-8")
-    lines.append("Content-Transfer-Encoding: 8bit")
+    if not action.mime:
+        lines += ["Content-Type: text/plain; charset=utf-8", "Content-Transfer-Encoding: 8bit", ""]
+    # RFC 5230 §4.3 :mime: the reason is a MIME entity, its own headers first.
     body = action.reason.replace("\r\n", "\n").replace("\n", "\r\n")
-    return ("\r\n".join(lines) + "\r\n\r\n" + body + ("" if body.endswith("\r\n") else "\r\n")).encode("utf-8")
+    if not body.endswith("\r\n"):
+        body += "\r\n"
+    return ("\r\n".join(lines) + "\r\n" + body).encode("utf-8")
 
 
 def _header(name: str, value: str) -> str:
